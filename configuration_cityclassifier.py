@@ -1,0 +1,87 @@
+"""Configuration of CityClassifier: a CLIP vision tower with city96's CityClassifiers head on top."""
+
+from transformers import CLIPVisionConfig, PretrainedConfig
+
+ARCHES = ("class", "score")
+TILE_COMBINES = ("mean", "median", "max", "min")
+
+# The standard image-classification pipeline renormalises with a softmax whenever num_labels > 1,
+# which would change the original's max/min/median scores; this routes the task to our subclass.
+CUSTOM_PIPELINES = {
+    "image-classification": {
+        "impl": "modeling_cityclassifier.CityClassifierImageClassificationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "type": "image",
+    }
+}
+
+
+class CityClassifierConfig(PretrainedConfig):
+    """Holds the backbone's `CLIPVisionConfig`, the head sizes and how tile scores are combined.
+
+    Args:
+        vision_config: a `CLIPVisionConfig` or its dict; `projection_dim` is the head's input size.
+        arch: "class" (softmax over `num_labels` outputs) or "score" (one output, (tanh(z) + 1) / 2).
+        head_hidden_size: width of the head's residual block (1024 in every released model).
+        head_dropout: dropout before the head's LeakyReLU (0.1 in the original).
+        tile_combine: how per-tile probabilities become one row: "mean", "median", "max" or "min".
+        label_loss_weights: per-label cross-entropy weights, indexed like `id2label`.
+    """
+
+    model_type = "cityclassifier"
+    sub_configs = {"vision_config": CLIPVisionConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        arch="class",
+        head_hidden_size=1024,
+        head_dropout=0.1,
+        tile_combine="mean",
+        label_loss_weights=None,
+        **kwargs,
+    ):
+        if arch not in ARCHES:
+            raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+        if tile_combine not in TILE_COMBINES:
+            raise ValueError(f"tile_combine must be one of {TILE_COMBINES}, got {tile_combine!r}")
+        if not isinstance(head_hidden_size, int) or head_hidden_size < 1:
+            raise ValueError(f"head_hidden_size must be a positive integer, got {head_hidden_size!r}")
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout!r}")
+        if arch == "score":
+            kwargs.setdefault("id2label", {0: "score"})
+            kwargs.setdefault("problem_type", "regression")
+        elif "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["id2label"] = {0: "Pass", 1: "Chromatic Aberration"}
+        kwargs.setdefault("custom_pipelines", CUSTOM_PIPELINES)
+        super().__init__(**kwargs)
+        if not getattr(self, "label2id", None):
+            self.label2id = {name: int(i) for i, name in self.id2label.items()}
+
+        if vision_config is None:
+            vision_config = CLIPVisionConfig(projection_dim=768)
+        elif isinstance(vision_config, dict):
+            vision_config = CLIPVisionConfig(**vision_config)
+        self.vision_config = vision_config
+        self.arch = arch
+        self.head_hidden_size = head_hidden_size
+        self.head_dropout = head_dropout
+        self.tile_combine = tile_combine
+
+        if arch == "score" and self.num_labels != 1:
+            raise ValueError(f"id2label must have exactly one label for arch='score', got {self.num_labels}")
+        if arch == "class" and self.num_labels < 2:
+            raise ValueError(f"id2label must have at least two labels for arch='class', got {self.num_labels}")
+        if label_loss_weights is None:
+            label_loss_weights = [1.0] * self.num_labels
+        label_loss_weights = [float(w) for w in label_loss_weights]
+        if len(label_loss_weights) != self.num_labels or min(label_loss_weights) <= 0:
+            raise ValueError(
+                f"label_loss_weights must hold {self.num_labels} positive numbers (one per label), "
+                f"got {label_loss_weights}"
+            )
+        self.label_loss_weights = label_loss_weights
+
+
+__all__ = ["CityClassifierConfig"]

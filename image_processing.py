@@ -1,0 +1,144 @@
+"""CityClassifier's image processor: the original's five-crop tiling, then CLIP preprocessing per tile."""
+
+from typing import TypedDict
+
+import numpy as np
+import PIL.Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+NUM_TILES = 5
+
+
+class CityClassifierImageProcessorKwargs(TypedDict, total=False):
+    tiling: bool
+    tile_resize_limit: int
+    size: dict
+    crop_size: dict
+    resample: int
+    rescale_factor: float
+    image_mean: list
+    image_std: list
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB, as `Image.convert("RGB")` does, except 16/32-bit integer images, which
+    are scaled to 8 bits (convert would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            pixels = pixels / 257  # 0..65535 -> 0..255
+        image = PIL.Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def tile_views(image, crop, resize_limit, tiling=True):
+    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops.
+
+    Tiling applies when min(w, h) > 2*crop. Above `resize_limit` on the long edge the image is
+    first resized so that its SHORT edge is `resize_limit` (torchvision's resize on PIL: bilinear,
+    antialiased), which upscales very wide images, as the released scores do.
+    """
+    tile = 2 * crop
+    w, h = image.size
+    if not tiling or min(w, h) <= tile:
+        return [image]
+    if max(w, h) > resize_limit:
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(resize_limit * long / short)
+        size = (resize_limit, new_long) if w <= h else (new_long, resize_limit)
+        image = image.resize(size, PIL.Image.BILINEAR)
+        w, h = image.size
+    top, left = int(round((h - tile) / 2.0)), int(round((w - tile) / 2.0))
+    boxes = [(0, 0), (w - tile, 0), (0, h - tile), (w - tile, h - tile), (left, top)]  # torchvision five_crop order
+    return [image.crop((x, y, x + tile, y + tile)) for x, y in boxes]
+
+
+class CityClassifierImageProcessor(BaseImageProcessor):
+    """Turns images into `pixel_values` of shape (batch, tiles, 3, crop, crop) plus a `tile_mask`.
+
+    With tiling on, every image gets 5 tile slots so that images of any size batch together; an
+    image too small to tile fills slot 0 and `tile_mask` marks the rest as padding. Each view is
+    preprocessed exactly as `CLIPImageProcessor` does (bicubic resize of the short edge, centre
+    crop, rescale, normalise, in float32).
+    """
+
+    model_input_names = ["pixel_values", "tile_mask"]
+    valid_kwargs = CityClassifierImageProcessorKwargs
+
+    def __init__(
+        self,
+        tiling=True,
+        tile_resize_limit=1536,
+        size=None,
+        crop_size=None,
+        resample=PIL.Image.BICUBIC,
+        rescale_factor=1 / 255,
+        image_mean=None,
+        image_std=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.tiling = bool(tiling)
+        self.tile_resize_limit = int(tile_resize_limit)
+        self.size = dict(size or {"shortest_edge": 336})
+        self.crop_size = dict(crop_size or {"height": 336, "width": 336})
+        self.resample = int(resample)
+        self.rescale_factor = rescale_factor
+        self.image_mean = list(image_mean or OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std or OPENAI_CLIP_STD)
+        if "shortest_edge" not in self.size:
+            raise ValueError(f"size must be {{'shortest_edge': int}}, got {self.size}")
+        if self.crop_size.get("height") != self.crop_size.get("width"):
+            raise ValueError(f"crop_size must be square, got {self.crop_size}")
+
+    def clip_preprocess(self, image):
+        """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it."""
+        short_edge, crop = self.size["shortest_edge"], self.crop_size["height"]
+        w, h = image.size
+        if w <= h:
+            size = (short_edge, int(short_edge * h / w))
+        else:
+            size = (int(short_edge * w / h), short_edge)
+        image = image.resize(size, self.resample)
+        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
+        pixels = np.asarray(image)[top : top + crop, left : left + crop]
+        pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def views(self, image, tiling=None):
+        """The RGB PIL views the model sees for one image (1, or 5 when tiled)."""
+        if not isinstance(image, PIL.Image.Image):
+            image = PIL.Image.fromarray(np.asarray(image))
+        tiling = self.tiling if tiling is None else tiling
+        return tile_views(to_rgb(image), self.size["shortest_edge"], self.tile_resize_limit, tiling)
+
+    def preprocess(self, images, tiling=None, return_tensors=None, **kwargs):
+        """
+        Args:
+            images: a PIL image (any mode), an (H, W, 3) uint8 array, or a list of them.
+            tiling: overrides the saved `tiling` for this call.
+        Returns:
+            `BatchFeature` with `pixel_values` (batch, tiles, 3, crop, crop), tiles = 5 with tiling
+            and 1 without, and `tile_mask` (batch, tiles) int64.
+        """
+        if isinstance(images, (PIL.Image.Image, np.ndarray)):
+            images = [images]
+        tiling = self.tiling if tiling is None else tiling
+        slots = NUM_TILES if tiling else 1
+        crop = self.crop_size["height"]
+        pixel_values = np.zeros((len(images), slots, 3, crop, crop), dtype=np.float32)
+        tile_mask = np.zeros((len(images), slots), dtype=np.int64)
+        for i, image in enumerate(images):
+            for t, view in enumerate(self.views(image, tiling)):
+                pixel_values[i, t] = self.clip_preprocess(view)
+                tile_mask[i, t] = 1
+        return BatchFeature({"pixel_values": pixel_values, "tile_mask": tile_mask}, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs):
+        return self.preprocess(images, **kwargs)
+
+
+__all__ = ["CityClassifierImageProcessor"]

@@ -1,0 +1,220 @@
+"""CityClassifier: CLIP image embeddings, city96's PredictorModel head, and tile scores combined in the model."""
+
+from dataclasses import dataclass
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from torch import nn
+from transformers import CLIPVisionModelWithProjection, ImageClassificationPipeline, PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .configuration_cityclassifier import CityClassifierConfig
+
+
+@dataclass
+class CityClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput` plus the combined scores and what each tile saw.
+
+    Args:
+        logits: (batch, num_labels). Class models: log of the combined probabilities, so a softmax
+            gives them back when they sum to one (mean, one view). Score models: atanh(2 * score - 1).
+        scores: (batch, num_labels), the original's numbers: combined probabilities, not renormalised,
+            or the (tanh(z) + 1) / 2 score.
+        tile_scores: (batch, tiles, num_labels), per tile; NaN where `tile_mask` is 0.
+        image_embeds: (batch, tiles, projection_dim), the projected, un-normalised CLIP embeddings.
+    """
+
+    scores: torch.FloatTensor | None = None
+    tile_scores: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class CityClassifierResBlock(nn.Module):
+    """The original's residual block: ReLU(long(x) + x)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.long = nn.Sequential(
+            nn.Linear(size, size),
+            nn.LeakyReLU(0.1),
+            nn.Linear(size, size),
+            nn.LeakyReLU(0.1),
+            nn.Linear(size, size),
+        )
+
+    def forward(self, x):
+        return nn.functional.relu(self.long(x) + x)
+
+
+class CityClassifierHead(nn.Module):
+    """city96's PredictorModel without its output function; state-dict keys match the released files."""
+
+    def __init__(self, features, hidden, outputs, dropout=0.1):
+        super().__init__()
+        self.up = nn.Sequential(nn.Linear(features, hidden), CityClassifierResBlock(hidden))
+        self.down = nn.Sequential(
+            nn.Linear(hidden, 128),
+            nn.Linear(128, 64),
+            nn.Dropout(dropout),
+            nn.LeakyReLU(),
+            nn.Linear(64, 32),
+            nn.Linear(32, outputs),
+        )
+
+    def forward(self, x):
+        x = self.up(x)
+        x = self.down(x)
+        return x
+
+
+def combine_tiles(tile_scores, tile_mask, how):
+    """Combines (batch, tiles, labels) scores over the valid tiles, per label, without renormalising."""
+    valid = tile_mask.bool()[..., None]  # (batch, tiles) -> (batch, tiles, 1)
+    if how == "mean":
+        return (tile_scores.nan_to_num() * valid).sum(1) / valid.sum(1)
+    if how == "max":
+        return tile_scores.masked_fill(~valid, float("-inf")).amax(1)
+    if how == "min":
+        return tile_scores.masked_fill(~valid, float("inf")).amin(1)
+    if how == "median":
+        return tile_scores.masked_fill(~valid, float("nan")).nanmedian(1).values
+    raise ValueError(f"tile_combine must be one of mean, median, max, min, got {how!r}")
+
+
+class CityClassifierPreTrainedModel(PreTrainedModel):
+    """Weight init and loading plumbing shared by CityClassifier models."""
+
+    config_class = CityClassifierConfig
+    base_model_prefix = "cityclassifier"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["CLIPEncoderLayer"]
+    _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
+
+    def _init_weights(self, module):
+        # Only the head: the CLIP tower is a PreTrainedModel and initialises its own modules.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.vision_config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
+    """CLIP vision tower with projection, then the CityClassifiers head, one row of logits per image.
+
+    The backbone is a `CLIPVisionModelWithProjection` under `clip.` and the head holds the original's
+    state-dict keys under `head.`, so both load from their own checkpoints by a prefix alone.
+    """
+
+    def __init__(self, config: CityClassifierConfig):
+        super().__init__(config)
+        self.clip = CLIPVisionModelWithProjection(config.vision_config)
+        self.head = CityClassifierHead(
+            config.vision_config.projection_dim, config.head_hidden_size, config.num_labels, config.head_dropout
+        )
+        self.post_init()
+
+    def get_image_features(self, pixel_values):
+        """(n, 3, H, W) pixels -> (n, projection_dim) projected, un-normalised embeddings, as the original uses."""
+        return self.clip(pixel_values=pixel_values.to(self.dtype)).image_embeds
+
+    def forward(
+        self,
+        pixel_values=None,
+        tile_mask=None,
+        image_embeds=None,
+        labels=None,
+        tile_combine=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            pixel_values: (batch, tiles, 3, H, W) from `CityClassifierImageProcessor`, or (batch, 3, H, W).
+            tile_mask: (batch, tiles), 1 for real tiles and 0 for padding; all ones when omitted.
+            image_embeds: (batch, tiles, dim) or (batch, dim) precomputed embeddings, instead of pixels.
+            labels: (batch,) label ids for class models, or scores in [0, 1] for score models.
+            tile_combine: overrides `config.tile_combine` for this call.
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of pixel_values and image_embeds")
+        if image_embeds is None:
+            if pixel_values.ndim == 4:
+                pixel_values = pixel_values[:, None]  # (batch, 3, H, W) -> (batch, 1, 3, H, W)
+            batch, tiles = pixel_values.shape[:2]
+            if tile_mask is None:
+                tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
+            valid = tile_mask.bool().flatten()  # (batch*tiles,)
+            flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
+            embeds = self.get_image_features(flat[valid])  # padding tiles never reach the backbone
+            image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
+            image_embeds[valid] = embeds
+            image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
+        else:
+            if image_embeds.ndim == 2:
+                image_embeds = image_embeds[:, None]  # (batch, dim) -> (batch, 1, dim)
+            image_embeds = image_embeds.to(self.dtype)
+            if tile_mask is None:
+                tile_mask = torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
+
+        z = self.head(image_embeds).float()  # (batch, tiles, num_labels)
+        if self.config.arch == "class":
+            tile_scores = z.softmax(-1)
+        else:
+            tile_scores = (z.tanh() + 1) / 2
+        tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
+        scores = combine_tiles(tile_scores, tile_mask, tile_combine or self.config.tile_combine)
+        if self.config.arch == "class":
+            logits = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
+        else:
+            logits = (scores * 2 - 1).clamp(-1 + 1e-7, 1 - 1e-7).atanh()
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(scores.device)
+            if self.config.arch == "class":
+                weight = scores.new_tensor(self.config.label_loss_weights)
+                loss = nn.functional.nll_loss(logits, labels.long(), weight=weight)
+            else:
+                loss = nn.functional.mse_loss(scores.squeeze(-1), labels.to(scores.dtype).view(-1))
+
+        return CityClassifierOutput(
+            loss=loss, logits=logits, scores=scores, tile_scores=tile_scores, image_embeds=image_embeds
+        )
+
+
+class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
+    """The image-classification pipeline, returning the model's `scores` as the original prints them.
+
+    The stock pipeline applies a softmax to `logits` whenever num_labels > 1, which would renormalise
+    max/min/median tile combinations. With no `function_to_apply` given, this one reports `scores`.
+    It also hands images to the processor in their own mode, so 16-bit images are scaled, not clipped.
+    """
+
+    def check_model_type(self, supported_models):
+        pass  # our model class is registered with the Auto classes only when loaded as remote code
+
+    def preprocess(self, image, timeout=None):
+        if isinstance(image, str) and not image.startswith(("http://", "https://")):
+            image = PIL.ImageOps.exif_transpose(PIL.Image.open(image))
+        elif not isinstance(image, PIL.Image.Image):
+            return super().preprocess(image, timeout=timeout)
+        return self.image_processor(images=image, return_tensors="pt").to(self.model.dtype)
+
+    def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
+        if function_to_apply is not None:
+            return super().postprocess(model_outputs, function_to_apply=function_to_apply, top_k=top_k)
+        scores = model_outputs["scores"][0].float()
+        labels = self.model.config.id2label
+        results = [{"label": labels[i], "score": s.item()} for i, s in enumerate(scores)]
+        results.sort(key=lambda r: r["score"], reverse=True)
+        return results[: min(top_k, len(results))] if top_k is not None else results
+
+
+__all__ = [
+    "CityClassifierForImageClassification",
+    "CityClassifierPreTrainedModel",
+    "CityClassifierImageClassificationPipeline",
+    "CityClassifierOutput",
+]

@@ -1,0 +1,37 @@
+"""Imports the repo's remote-code files for the tools, as the package `cityclassifier`.
+
+The remote-code files import each other relatively (`from .configuration_cityclassifier import ...`)
+because that is how `trust_remote_code` loads them; a relative import needs a parent package, and
+the repo root is not one. Registering the root as the package `cityclassifier` lets the tools use
+the very same files, and `save_pretrained` still copies them and writes `auto_map` by file name.
+"""
+
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+if "cityclassifier" not in sys.modules:
+    _package = types.ModuleType("cityclassifier")
+    _package.__path__ = [str(ROOT)]
+    sys.modules["cityclassifier"] = _package
+
+from cityclassifier.configuration_cityclassifier import CityClassifierConfig  # noqa: E402
+from cityclassifier.image_processing import CityClassifierImageProcessor  # noqa: E402
+from cityclassifier.modeling_cityclassifier import (  # noqa: E402
+    CityClassifierForImageClassification,
+    CityClassifierImageClassificationPipeline,
+)
+
+CityClassifierConfig.register_for_auto_class()
+CityClassifierForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CityClassifierImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "ROOT",
+    "CityClassifierConfig",
+    "CityClassifierForImageClassification",
+    "CityClassifierImageClassificationPipeline",
+    "CityClassifierImageProcessor",
+]

@@ -1,0 +1,77 @@
+"""convert_original.py: the three released kinds convert; every bad input is one line, exit 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO, original_head_state, write_release
+
+
+def test_released_configs_become_labels_and_arch(converted):
+    ca = json.loads((converted["ca"] / "config.json").read_text())
+    comp = json.loads((converted["compression"] / "config.json").read_text())
+    score = json.loads((converted["score"] / "config.json").read_text())
+    assert ca["id2label"] == {"0": "Pass", "1": "Chromatic Aberration"} and ca["label_loss_weights"] == [1.0, 0.5]
+    assert comp["id2label"] == {"0": "Pass", "1": "JPEG", "2": "WEBP"}
+    assert comp["label_loss_weights"] == [1.0, 0.85, 0.65]
+    assert score["arch"] == "score" and len(score["id2label"]) == 1
+    assert json.loads((converted["score"] / "preprocessor_config.json").read_text())["tiling"] is False
+    assert "Chromatic Aberration" in (converted["ca"] / "README.md").read_text()
+
+
+def test_missing_config_names_classes_by_index(tmp_path, tiny_clip):
+    import convert_original
+
+    head = write_release(tmp_path, "nameless", original_head_state(16, 32, 3, 5))
+    assert convert_original.main(["--head", str(head), "--clip", str(tiny_clip), "--out", str(tmp_path / "o")]) == 0
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1", "2": "2"} and config["head_hidden_size"] == 32
+
+
+def test_float16_output(tmp_path, tiny_clip, releases):
+    import convert_original
+    from safetensors import safe_open
+
+    convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(tmp_path / "h"),
+                           "--dtype", "float16"])
+    with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("head.up.0.weight").dtype == torch.float16
+
+
+def run_convert(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "convert_original.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def bad_inputs(tmp_path):
+    wrong_keys = tmp_path / "wrong.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 16)}, str(wrong_keys))
+    not_st = tmp_path / "text.safetensors"
+    not_st.write_text("hello")
+    wide = write_release(tmp_path, "wide", original_head_state(768, 32, 2, 1))
+    return {"missing": (tmp_path / "nope.safetensors", "no such file"),
+            "not-safetensors": (not_st, "not a safetensors file"),
+            "wrong-keys": (wrong_keys, "not a CityClassifiers head"),
+            "feature-mismatch": (wide, "768-d")}
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip):
+    import convert_original
+    from toolkit import UsageError
+
+    for name, (head, message) in bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(UsageError, match=message) as error:
+            convert_original.main(["--head", str(head), "--clip", str(tiny_clip), "--out", str(out)])
+        assert str(head) in str(error.value) and "\n" not in str(error.value)
+        assert not out.exists() and not list(tmp_path.glob(f".out-{name}*"))
+    done = run_convert("--head", tmp_path / "nope.safetensors", "--clip", tiny_clip, "--out", tmp_path / "x")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith("error: ") and "nope.safetensors" in done.stderr
+    assert run_convert("--clip", tiny_clip).returncode == 2  # argparse: missing --head and --out

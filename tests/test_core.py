@@ -1,0 +1,261 @@
+"""The model package: config, save/load, pipeline through remote code, parity with the original's formulas."""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import CLIP_SIZE, REPO, make_image
+
+# ---------------------------------------------------------------------------------------------
+# An independent statement of ORIGINAL.md: PIL crops, transformers' own CLIPImageProcessor, the
+# stock CLIPVisionModelWithProjection, the head as raw tensor maths on the released state dict.
+
+
+def reference_views(image, tiling):
+    s = CLIP_SIZE
+    w, h = image.size
+    if not tiling or min(w, h) <= 2 * s:
+        return [image]
+    if max(w, h) > 1536:
+        if w < h:
+            image = image.resize((1536, int(1536 * h / w)), Image.BILINEAR)
+        else:
+            image = image.resize((int(1536 * w / h), 1536), Image.BILINEAR)
+    w, h = image.size
+    t = 2 * s
+    views = [image.crop((0, 0, t, t)), image.crop((w - t, 0, w, t)), image.crop((0, h - t, t, h)),
+             image.crop((w - t, h - t, w, h))]
+    top, left = int(round((h - t) / 2.0)), int(round((w - t) / 2.0))
+    return views + [image.crop((left, top, left + t, top + t))]
+
+
+def reference_head(state, x):
+    lin = lambda name, v: v @ state[f"{name}.weight"].double().T + state[f"{name}.bias"].double()  # noqa: E731
+    x = lin("up.0", x)
+    y = torch.nn.functional.leaky_relu(lin("up.1.long.0", x), 0.1)
+    y = torch.nn.functional.leaky_relu(lin("up.1.long.2", y), 0.1)
+    x = torch.relu(lin("up.1.long.4", y) + x)
+    x = lin("down.1", lin("down.0", x))
+    x = torch.nn.functional.leaky_relu(x, 0.01)
+    return lin("down.5", lin("down.4", x))
+
+
+def reference_scores(image, clip_dir, head_file, arch="class", combine="mean", tiling=True):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    clip = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    views = reference_views(image.convert("RGB"), tiling and arch == "class")
+    with torch.no_grad():
+        embeds = clip(**processor(views, return_tensors="pt")).image_embeds.double()
+    z = reference_head(load_file(str(head_file)), embeds).numpy()
+    if arch == "score":
+        return (np.tanh(z) + 1) / 2
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return {"mean": np.mean, "median": np.median, "max": np.max, "min": np.min}[combine](p, axis=0)
+
+
+def pipeline_scores(pipe, image, labels, **kwargs):
+    result = {r["label"]: r["score"] for r in pipe(image, top_k=None, **kwargs)}
+    return np.array([result[label] for label in labels])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    from remote_code import CityClassifierConfig
+
+    for kwargs, field in [({"arch": "regress"}, "arch"), ({"tile_combine": "avg"}, "tile_combine"),
+                          ({"label_loss_weights": [1.0]}, "label_loss_weights"),
+                          ({"head_hidden_size": 0}, "head_hidden_size"),
+                          ({"arch": "score", "id2label": {0: "a", 1: "b"}}, "id2label")]:
+        with pytest.raises(ValueError, match=field):
+            CityClassifierConfig(**kwargs)
+
+
+def test_save_and_load_round_trip(converted, tmp_path):
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
+    processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = CityClassifierForImageClassification.from_pretrained(tmp_path).eval()
+    inputs = processor([make_image(150, 90), make_image(40, 50)], return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**inputs), again(**inputs)
+    assert torch.allclose(a.scores, b.scores, atol=1e-6)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForImageClassification"].startswith("modeling_cityclassifier.")
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["auto_map"]
+    for name in ("modeling_cityclassifier.py", "configuration_cityclassifier.py", "image_processing.py"):
+        assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("size", [(50, 40), (200, 130), (130, 400), (2000, 1000), (1000, 1700)],
+                         ids=["small", "tiled", "odd-aspect", "quirk-upscale", "tall-downscale"])
+@pytest.mark.parametrize("combine", ["mean", "median", "max", "min"])
+def test_class_pipeline_matches_original_formulas(converted, tiny_clip, releases, size, combine):
+    from transformers import pipeline
+
+    for key, labels in (("ca", ["Pass", "Chromatic Aberration"]), ("compression", ["Pass", "JPEG", "WEBP"])):
+        from remote_code import CityClassifierForImageClassification
+
+        model = CityClassifierForImageClassification.from_pretrained(converted[key], tile_combine=combine)
+        pipe = pipeline("image-classification", model=model, image_processor=str(converted[key]),
+                        pipeline_class=_pipeline_class(), trust_remote_code=True)
+        image = make_image(*size, seed=size[0])
+        expected = reference_scores(image, tiny_clip, releases[key], combine=combine)
+        assert np.abs(pipeline_scores(pipe, image, labels) - expected).max() < 1e-5
+
+
+def _pipeline_class():
+    from remote_code import CityClassifierImageClassificationPipeline
+
+    return CityClassifierImageClassificationPipeline
+
+
+def test_score_model_never_tiles_and_matches(converted, tiny_clip, releases):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["score"]), trust_remote_code=True)
+    for size in [(50, 40), (300, 200)]:
+        image = make_image(*size)
+        expected = reference_scores(image, tiny_clip, releases["score"], arch="score")
+        result = pipe(image, top_k=None)
+        assert len(result) == 1 and abs(result[0]["score"] - float(expected[0, 0])) < 1e-5
+
+
+def test_tiling_off_matches_single_view(converted, tiny_clip, releases):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    image = make_image(300, 200)
+    expected = reference_scores(image, tiny_clip, releases["ca"], tiling=False)
+    pipe.image_processor.tiling = False
+    got = pipeline_scores(pipe, image, ["Pass", "Chromatic Aberration"])
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_remote_code_in_a_fresh_process(converted, tiny_clip, releases, tmp_path):
+    """Auto classes, options and pipeline from a plain folder, with the repo not importable."""
+    image_path = tmp_path / "img.png"
+    make_image(300, 200, seed=3).save(image_path)
+    script = f"""
+import json
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+folder = {str(converted['ca'])!r}
+pipe = pipeline("image-classification", model=folder, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, tile_combine="max")
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, tiling=False)
+pipe_max = pipeline("image-classification", model=model, image_processor=processor.__class__.from_pretrained(folder),
+                    pipeline_class=type(pipe))
+print(json.dumps({{"mean": pipe({str(image_path)!r}, top_k=None), "max": pipe_max({str(image_path)!r}, top_k=None),
+                  "combine": model.config.tile_combine, "tiling": processor.tiling}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["combine"] == "max" and result["tiling"] is False
+    image = Image.open(image_path)
+    for combine in ("mean", "max"):
+        got = {r["label"]: r["score"] for r in result[combine]}
+        expected = reference_scores(image, tiny_clip, releases["ca"], combine=combine)
+        assert abs(got["Chromatic Aberration"] - expected[1]) < 1e-5 and abs(got["Pass"] - expected[0]) < 1e-5
+
+
+def test_batched_equals_one_at_a_time(converted):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["compression"]), trust_remote_code=True)
+    images = [make_image(*s, seed=i) for i, s in enumerate([(40, 40), (2000, 1000), (130, 400), (70, 61), (200, 200)])]
+    one = [pipe(im, top_k=None) for im in images]
+    batched = pipe(images, top_k=None, batch_size=4)
+    for a, b in zip(one, batched):
+        assert {r["label"]: round(r["score"], 5) for r in a} == {r["label"]: round(r["score"], 5) for r in b}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_on_cpu(converted, dtype):
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"], dtype=dtype).eval()
+    inputs = CityClassifierImageProcessor.from_pretrained(converted["ca"])([make_image(200, 150)], return_tensors="pt")
+    with torch.no_grad():
+        half = model(**inputs).scores
+        full = model.float()(**inputs).scores
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).abs().max() < 0.05
+
+
+def test_labels_give_a_weighted_loss_and_embeds_path_matches(converted):
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
+    assert model.config.label_loss_weights == [1.0, 0.5]
+    inputs = CityClassifierImageProcessor.from_pretrained(converted["ca"])(
+        [make_image(50, 50), make_image(55, 45, seed=1)], tiling=False, return_tensors="pt")
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        again = model(image_embeds=out.image_embeds[:, 0], labels=labels)
+    logp = out.logits
+    w = torch.tensor([1.0, 0.5])
+    expected = -(w[labels] * logp[torch.arange(2), labels]).sum() / w[labels].sum()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(again.scores, out.scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "1"])
+def test_image_modes_are_converted_to_rgb_as_the_original(converted, tiny_clip, releases, mode):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    image = make_image(150, 100, mode=mode)
+    expected = reference_scores(image, tiny_clip, releases["ca"])
+    assert np.abs(pipeline_scores(pipe, image, ["Pass", "Chromatic Aberration"]) - expected).max() < 1e-5
+
+
+def test_sixteen_bit_and_tiny_images(converted, tiny_clip, releases):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    wide = (np.arange(150 * 100).reshape(100, 150) * 4).astype(np.uint16)
+    image16 = Image.fromarray(wide)
+    assert image16.mode.startswith("I;16")
+    as8 = Image.fromarray(np.rint(wide / 257).astype(np.uint8))  # scaled, not clipped to white
+    expected = reference_scores(as8, tiny_clip, releases["ca"])
+    assert np.abs(pipeline_scores(pipe, image16, ["Pass", "Chromatic Aberration"]) - expected).max() < 1e-5
+    one = pipe(Image.new("RGB", (1, 1), (200, 10, 10)), top_k=None)
+    assert abs(sum(r["score"] for r in one) - 1) < 1e-5
+
+
+def bomb_png(path, width=70000, height=70000):
+    """A valid PNG header claiming width x height pixels: opening it must refuse, not allocate."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_a_clear_error(converted, tmp_path):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    with pytest.raises(Image.DecompressionBombError):
+        pipe(str(bomb_png(tmp_path / "bomb.png")))

@@ -1,0 +1,53 @@
+"""Plumbing shared by the command-line tools: one-line errors, exit codes, label-folder names."""
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+LABEL_FOLDER = re.compile(r"^(\d+)(?:_.*)?$")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def run_cli(main, argv=None):
+    """Runs `main(argv)`, turning `UsageError` into `error: ...` on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def label_from_folder(name):
+    """`0_reg` -> 0, `1_chroma_synthetic` -> 1, `2` -> 2: the number before the first underscore."""
+    match = LABEL_FOLDER.match(name)
+    return int(match.group(1)) if match else None
+
+
+@contextmanager
+def atomic_output_dir(out, overwrite=False):
+    """Yields a temporary folder beside `out` that replaces `out` only when the block succeeds."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
