@@ -30,6 +30,7 @@ class CityClassifierConfig(PretrainedConfig):
 
     model_type = "cityclassifier"
     sub_configs = {"vision_config": CLIPVisionConfig}
+    keys_to_ignore_at_inference = ["tile_scores", "image_embeds"]  # Trainer keeps (logits, scores)
 
     def __init__(
         self,

@@ -33,25 +33,27 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def tile_views(image, crop, resize_limit, tiling=True):
-    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops.
-
-    Tiling applies when min(w, h) > 2*crop. Above `resize_limit` on the long edge the image is
-    first resized so that its SHORT edge is `resize_limit` (torchvision's resize on PIL: bilinear,
-    antialiased), which upscales very wide images, as the released scores do.
-    """
-    tile = 2 * crop
+def resize_for_tiling(image, resize_limit):
+    """Above `resize_limit` on the long edge, resizes so that the SHORT edge is `resize_limit`
+    (torchvision's resize on PIL: bilinear, antialiased). This upscales very wide images (2000x1000
+    becomes 3072x1536), as the released scores do."""
     w, h = image.size
-    if not tiling or min(w, h) <= tile:
+    if max(w, h) <= resize_limit:
+        return image
+    new_long = int(resize_limit * max(w, h) / min(w, h))
+    return image.resize((resize_limit, new_long) if w <= h else (new_long, resize_limit), PIL.Image.BILINEAR)
+
+
+def tile_views(image, crop, resize_limit, tiling=True):
+    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops
+    (torchvision's five_crop: four corners, then the centre) when min(w, h) > 2*crop."""
+    tile = 2 * crop
+    if not tiling or min(image.size) <= tile:
         return [image]
-    if max(w, h) > resize_limit:
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(resize_limit * long / short)
-        size = (resize_limit, new_long) if w <= h else (new_long, resize_limit)
-        image = image.resize(size, PIL.Image.BILINEAR)
-        w, h = image.size
+    image = resize_for_tiling(image, resize_limit)
+    w, h = image.size
     top, left = int(round((h - tile) / 2.0)), int(round((w - tile) / 2.0))
-    boxes = [(0, 0), (w - tile, 0), (0, h - tile), (w - tile, h - tile), (left, top)]  # torchvision five_crop order
+    boxes = [(0, 0), (w - tile, 0), (0, h - tile), (w - tile, h - tile), (left, top)]
     return [image.crop((x, y, x + tile, y + tile)) for x, y in boxes]
 
 
@@ -93,20 +95,24 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         if self.crop_size.get("height") != self.crop_size.get("width"):
             raise ValueError(f"crop_size must be square, got {self.crop_size}")
 
-    def clip_preprocess(self, image):
-        """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it."""
+    def resize_and_crop(self, view):
+        """One RGB PIL view -> (crop, crop, 3) uint8: CLIP's bicubic short-edge resize and centre crop."""
         short_edge, crop = self.size["shortest_edge"], self.crop_size["height"]
-        w, h = image.size
-        if w <= h:
-            size = (short_edge, int(short_edge * h / w))
-        else:
-            size = (int(short_edge * w / h), short_edge)
-        image = image.resize(size, self.resample)
+        w, h = view.size
+        size = (short_edge, int(short_edge * h / w)) if w <= h else (int(short_edge * w / h), short_edge)
+        view = view.resize(size, self.resample)
         top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
-        pixels = np.asarray(image)[top : top + crop, left : left + crop]
+        return np.asarray(view)[top : top + crop, left : left + crop]
+
+    def normalize_pixels(self, pixels):
+        """(H, W, 3) uint8 -> (3, H, W) float32, rescaled and normalised in CLIPImageProcessor's order."""
         pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
         pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
         return pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def clip_preprocess(self, view):
+        """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it."""
+        return self.normalize_pixels(self.resize_and_crop(view))
 
     def views(self, image, tiling=None):
         """The RGB PIL views the model sees for one image (1, or 5 when tiled)."""

@@ -93,11 +93,10 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
 
     def _init_weights(self, module):
-        # Only the head: the CLIP tower is a PreTrainedModel and initialises its own modules.
+        # Only the head (the CLIP tower is a PreTrainedModel and initialises its own modules), with
+        # PyTorch's default Linear init as the original had: a small normal init stalls its deep MLP.
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.vision_config.initializer_range)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            module.reset_parameters()
 
 
 class CityClassifierForImageClassification(CityClassifierPreTrainedModel):

@@ -1,0 +1,233 @@
+"""The scoring engine every tool shares: robust image decoding, file discovery, and batched
+multi-model inference with one backbone pass per tile for models that share backbone weights."""
+
+import hashlib
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
+
+
+class BadImage(Exception):
+    """An input that cannot be scored; its message is the one-line reason in the error column."""
+
+
+def load_image(path, max_pixels=MAX_PIXELS):
+    """Opens one file as the pipeline does (EXIF rotation applied, first frame of animations),
+    keeping its mode for the processor. Raises BadImage with a one-line reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > max_pixels:
+                    raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {max_pixels}")
+                image.seek(0)
+                image.load()
+                return ImageOps.exif_transpose(image).copy()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImage(f"decompression bomb: {first_line(error)}") from None
+    except FileNotFoundError:
+        kind = "broken symlink" if os.path.islink(path) else "file not found"
+        raise BadImage(kind) from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except IsADirectoryError:
+        raise BadImage("is a directory") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as error:
+        raise BadImage(f"cannot decode: {first_line(error)}") from None
+
+
+def first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def iter_files(paths):
+    """Yields files from PATH arguments, lazily: files as given, folders recursively (sorted, image
+    extensions only), and `@list.txt` files holding one path per line."""
+    for arg in paths:
+        arg = str(arg)
+        if arg.startswith("@"):
+            with open(arg[1:], encoding="utf-8") as listing:
+                for line in listing:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        yield line
+        elif os.path.isdir(arg):
+            yield from walk(arg)
+        else:
+            yield arg
+
+
+def walk(folder):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from walk(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            yield entry.path  # broken symlinks included: they get an error row
+
+
+def root_of(path, paths):
+    """The folder argument a discovered path came from (for --keep-structure), else its parent."""
+    for arg in paths:
+        arg = str(arg)
+        if not arg.startswith("@") and os.path.isdir(arg):
+            try:
+                Path(path).relative_to(arg)
+                return Path(arg)
+            except ValueError:
+                continue
+    return Path(path).parent
+
+
+def path_key(path):
+    """64-bit key of a path: a million done files fit in 8 MB for resume."""
+    return int.from_bytes(hashlib.blake2b(str(path).encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+@dataclass
+class ScoringModel:
+    key: str
+    model: CityClassifierForImageClassification
+    processor: CityClassifierImageProcessor
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device):
+    """auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def model_key(name, config):
+    folder = Path(name).resolve()
+    if folder.is_dir():
+        return "default" if folder == Path(__file__).resolve().parent else folder.name
+    return name.rstrip("/").split("/")[-1]
+
+
+def backbone_fingerprint(model):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.clip.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Scorer:
+    """Scores images with one or more CityClassifier models.
+
+    Models whose backbone weights and preprocessing are identical form a group that runs the
+    backbone once per tile; each model's head then reads the shared embeddings.
+    """
+
+    def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.models, self.groups = [], []
+        groups = {}
+        for name in names:
+            try:
+                model = CityClassifierForImageClassification.from_pretrained(name, dtype=self.dtype)
+                processor = CityClassifierImageProcessor.from_pretrained(name)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{name}: cannot load a CityClassifier model ({first_line(error)})") from None
+            if tiling is not None:
+                processor.tiling = tiling
+            if combine is not None:
+                model.config.tile_combine = combine
+            model.to(self.device).eval()
+            key = model_key(name, model.config)
+            if any(m.key == key for m in self.models):
+                key = f"{key}-{len(self.models)}"
+            scoring = ScoringModel(key, model, processor)
+            self.models.append(scoring)
+            signature = (backbone_fingerprint(model), repr(sorted(processor.to_dict().items())))
+            if signature not in groups:
+                groups[signature] = len(self.groups)
+                self.groups.append([])
+            self.groups[groups[signature]].append(scoring)
+
+    @property
+    def processors(self):
+        """One processor per group: what the decoding workers must produce."""
+        return [group[0].processor for group in self.groups]
+
+    def columns(self):
+        """Score columns in output order: `<model>:<label>` for each label, then `<model>:top_label`."""
+        names = []
+        for m in self.models:
+            names += [f"{m.key}:{label}" for label in m.model.config.id2label.values()] + [f"{m.key}:top_label"]
+        return names
+
+    def preprocess(self, image):
+        """PIL image -> per group (pixel_values (tiles, 3, S, S), tile_mask (tiles,)) as numpy."""
+        out = []
+        for processor in self.processors:
+            inputs = processor(image)
+            out.append((inputs["pixel_values"][0], inputs["tile_mask"][0]))
+        return out
+
+    @torch.inference_mode()
+    def score(self, grouped_inputs):
+        """grouped_inputs: per group (pixel_values (batch, tiles, 3, S, S), tile_mask (batch, tiles))
+        tensors. Returns one dict of score columns per image."""
+        rows = None
+        for group, (pixel_values, tile_mask) in zip(self.groups, grouped_inputs):
+            backbone = group[0].model
+            pixel_values = pixel_values.to(self.device, non_blocking=True)
+            tile_mask = tile_mask.to(self.device)
+            batch, tiles = tile_mask.shape
+            valid = tile_mask.bool().flatten()
+            flat = pixel_values.flatten(0, 1)[valid].to(self.dtype)  # (batch*tiles, 3, S, S), real tiles only
+            embeds = backbone.get_image_features(flat)
+            image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
+            image_embeds[valid] = embeds
+            image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
+            if rows is None:
+                rows = [{} for _ in range(batch)]
+            for m in group:
+                scores = m.model(image_embeds=image_embeds, tile_mask=tile_mask).scores.float().cpu().numpy()
+                labels = list(m.model.config.id2label.values())
+                for row, values in zip(rows, scores):
+                    for label, value in zip(labels, values):
+                        row[f"{m.key}:{label}"] = float(value)
+                    row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None
+        return rows or []

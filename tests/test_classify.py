@@ -1,0 +1,267 @@
+"""classify.py: scores equal the pipeline's, resume, every bad input, filters, shared backbones, ranks."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_image
+from test_core import bomb_png
+
+
+def run(*args):
+    import classify
+
+    return classify.main([str(a) for a in args])
+
+
+def rows_of(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Good images of several sizes in nested folders."""
+    root = tmp_path / "images"
+    for i, size in enumerate([(50, 40), (200, 130), (130, 400), (61, 70), (300, 300), (90, 45)]):
+        sub = root / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        make_image(*size, seed=i).save(sub / f"img{i}.png")
+    return root
+
+
+def exif_rotated_jpeg(path):
+    image = make_image(120, 80, seed=9)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image.save(path, exif=exif)
+
+
+def animated(path, fmt):
+    frames = [make_image(80, 60, seed=s) for s in range(3)]
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """Every awkward input the issue names; value: True if it must score, else the expected error words."""
+    root = tmp_path / "messy"
+    root.mkdir()
+    good = make_image(150, 100)
+    buffer = io.BytesIO()
+    good.save(buffer, "PNG")
+    (root / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(500))
+    (root / "notes.png").write_text("this is not an image")
+    good.convert("CMYK").save(root / "cmyk.jpg")
+    good.convert("P").save(root / "palette.png")
+    good.convert("LA").save(root / "la.png")
+    Image.fromarray((np.arange(100 * 150).reshape(100, 150) * 4).astype(np.uint16)).save(root / "sixteen.png")
+    good.convert("RGBA").save(root / "rgba.png")
+    animated(root / "anim.gif", "GIF")
+    animated(root / "anim.webp", "WEBP")
+    exif_rotated_jpeg(root / "rotated.jpg")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "one.png")
+    make_image(20000, 50).save(root / "strip.png")
+    bomb_png(root / "bomb.png")
+    os.symlink(root / "does-not-exist.png", root / "broken.png")
+    (root / "folder.png").mkdir()  # a folder with an image extension is walked, not scored
+    expected = {
+        "truncated.png": "cannot decode", "corrupt.jpg": "cannot decode", "notes.png": "not an image",
+        "bomb.png": "decompression bomb", "broken.png": "broken symlink",
+    }
+    for name in ("cmyk.jpg", "palette.png", "la.png", "sixteen.png", "rgba.png", "anim.gif", "anim.webp",
+                 "rotated.jpg", "one.png", "strip.png"):
+        expected[name] = True
+    return root, expected
+
+
+def test_scores_equal_the_pipeline(converted, folder, tmp_path):
+    from transformers import pipeline
+
+    out = tmp_path / "r.jsonl"
+    assert run(folder, "--model", converted["ca"], "--out", out, "--dtype", "float32", "--workers", 0,
+               "--batch-size", 4) == 0
+    rows = rows_of(out)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    for row in rows:
+        expected = {r["label"]: r["score"] for r in pipe(row["path"], top_k=None)}
+        for label, score in expected.items():
+            assert abs(row[f"ca:{label}"] - score) < 1e-5
+        assert row["ca:top_label"] == max(expected, key=expected.get)
+        assert (row["width"], row["height"]) == Image.open(row["path"]).size
+
+
+def test_every_bad_input_gets_an_error_row_and_the_run_goes_on(converted, messy, tmp_path, capsys):
+    root, expected = messy
+    out = tmp_path / "r.jsonl"
+    assert run(root, "--model", converted["ca"], "--out", out, "--workers", 2) == 1  # some failed
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert set(rows) == set(expected)
+    for name, want in expected.items():
+        if want is True:
+            assert rows[name]["error"] is None, (name, rows[name]["error"])
+            assert 0 <= rows[name]["ca:Pass"] <= 1
+        else:
+            assert want in rows[name]["error"] and "\n" not in rows[name]["error"], (name, rows[name]["error"])
+    assert rows["rotated.jpg"]["width"] == 80 and rows["rotated.jpg"]["height"] == 120  # EXIF applied
+    err = capsys.readouterr().err
+    assert "5 failed" in err and "error: " in err and "bomb.png" in err
+
+
+def test_missing_list_entries_and_bad_arguments(converted, folder, tmp_path):
+    from toolkit import UsageError
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'a' / 'img1.png'}\n{tmp_path / 'gone.png'}\n{folder}\n")
+    out = tmp_path / "r.jsonl"
+    assert run(f"@{listing}", "--model", converted["ca"], "--out", out, "--workers", 0) == 1
+    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
+    assert errors == {"img1.png": None, "gone.png": "file not found", folder.name: "is a directory"}
+    with pytest.raises(UsageError, match="nope"):
+        run(tmp_path / "nope", "--model", converted["ca"], "--out", out)
+    with pytest.raises(UsageError, match="no such score column"):
+        run(folder, "--model", converted["ca"], "--out", out, "--label", "Blurry", "--list")
+    with pytest.raises(SystemExit) as exit_info:
+        run(folder, "--copy-to", tmp_path / "x")  # filtering without --label
+    assert exit_info.value.code == 2
+
+
+def test_resume_after_sigkill_gives_each_file_once(converted, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(40):
+        make_image(64, 48, seed=i).save(root / f"{i:03d}.png")
+    out = tmp_path / "r.jsonl"
+    command = [sys.executable, str(REPO / "classify.py"), str(root), "--model", str(converted["ca"]), "--out",
+               str(out), "--batch-size", "2", "--workers", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = len(out.read_text().splitlines())
+    assert 6 <= before < 40, "the run should have been killed midway"
+    with open(out, "a") as f:
+        f.write('{"path": "torn-by-the-kill", "wid')  # a write cut short
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    paths = [r["path"] for r in rows_of(out)]
+    assert sorted(paths) == sorted(str(p) for p in root.iterdir())  # each exactly once, torn line gone
+
+
+def test_csv_and_parquet_outputs_and_rerun_adds_only_new_files(converted, folder, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "r.parquet"
+    assert run(folder, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 6 and {"path", "error", "ca:Pass", "ca:Chromatic Aberration"} <= set(table.column_names)
+    make_image(70, 70, seed=99).save(folder / "new.png")
+    assert run(folder, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    assert sorted(pq.read_table(out).column("path").to_pylist()) == sorted(str(p) for p in folder.rglob("*.png"))
+    csv_out = tmp_path / "r.csv"
+    assert run(folder, "--model", converted["ca"], "--out", csv_out, "--workers", 0) == 0
+    with open(csv_out) as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
+def test_list_copy_and_move_filters(converted, folder, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    run(folder, "--model", converted["ca"], "--out", out, "--workers", 0)
+    rows = rows_of(out)
+    threshold = float(np.median([r["ca:Chromatic Aberration"] for r in rows]))
+    expected = sorted(r["path"] for r in rows if r["ca:Chromatic Aberration"] >= threshold)
+    capsys.readouterr()
+    run(folder, "--model", converted["ca"], "--out", out, "--label", "Chromatic Aberration", "--min", threshold,
+        "--list")
+    assert sorted(capsys.readouterr().out.split("\n")[:-1]) == expected
+
+    copies = tmp_path / "copies"
+    run(folder, "--model", converted["ca"], "--out", out, "--label", "ca:Chromatic Aberration", "--min", threshold,
+        "--copy-to", copies, "--keep-structure")
+    assert sorted(str(p.relative_to(copies)) for p in copies.rglob("*.png")) == \
+        sorted(str(Path(p).relative_to(folder)) for p in expected)
+    assert all(Path(p).exists() for p in expected)
+
+    moved = tmp_path / "moved"
+    clash = Path(expected[0]).name
+    moved.mkdir()
+    (moved / clash).write_bytes(b"someone else's file")
+    run(folder, "--model", converted["ca"], "--out", out, "--label", "Chromatic Aberration", "--min", threshold,
+        "--move-to", moved)
+    assert (moved / clash).read_bytes() == b"someone else's file"  # never overwritten
+    assert not any(Path(p).exists() for p in expected)
+    assert len(list(moved.glob("*.png"))) == len(expected) + 1
+    assert not list(moved.glob(".*partial"))
+
+
+def test_two_models_share_one_backbone_pass_and_score_as_separately(converted, folder, tmp_path):
+    both, ca, comp = tmp_path / "both.jsonl", tmp_path / "ca.jsonl", tmp_path / "comp.jsonl"
+    run(folder, "--model", converted["ca"], converted["compression"], "--out", both, "--dtype", "float32",
+        "--workers", 0)
+    run(folder, "--model", converted["ca"], "--out", ca, "--dtype", "float32", "--workers", 0)
+    run(folder, "--model", converted["compression"], "--out", comp, "--dtype", "float32", "--workers", 0)
+    separate = {r["path"]: r for r in rows_of(ca)}
+    for r in rows_of(comp):
+        separate[r["path"]].update(r)
+    for row in rows_of(both):
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert abs(value - separate[row["path"]][key]) < 1e-6
+
+
+def test_backbone_runs_once_per_tile_for_shared_models(converted):
+    from scoring import Scorer
+
+    scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
+    model = scorer.groups[0][0].model
+    calls = []
+    original = model.get_image_features
+    model.get_image_features = lambda x: calls.append(len(x)) or original(x)
+    import classify
+
+    items = [(None, scorer.preprocess(make_image(200, 150))), (None, scorer.preprocess(make_image(40, 40)))]
+    rows = scorer.score(classify.collate(items)[1])
+    assert calls == [6] and len(rows) == 2 and "compression:JPEG" in rows[0]  # 5 tiles + 1 view, one call
+
+
+def test_two_process_gloo_run_merges_to_the_single_process_output(converted, folder, tmp_path):
+    single, multi = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    run(folder, "--model", converted["ca"], "--out", single, "--dtype", "float32", "--workers", 0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(REPO / "classify.py"), str(folder), "--model",
+                           str(converted["ca"]), "--out", str(multi), "--dtype", "float32", "--workers", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = {r["path"]: r for r in rows_of(single)}
+    two = {r["path"]: r for r in rows_of(multi)}
+    assert len(rows_of(multi)) == len(two) == len(one) == 6
+    for path, row in one.items():
+        assert abs(row["ca:Pass"] - two[path]["ca:Pass"]) < 1e-6
+    assert not list(tmp_path.glob("*part*"))
+
+
+def test_datasets_route_adds_score_columns(converted, folder, tmp_path):
+    import datasets
+
+    out = tmp_path / "scored"
+    files = tmp_path / "files.jsonl"
+    run(folder, "--model", converted["ca"], "--out", files, "--dtype", "float32", "--workers", 0)
+    assert run("--dataset", folder, "--split", "train", "--model", converted["ca"], "--out", out,
+               "--dtype", "float32") == 0
+    scored = datasets.load_from_disk(str(out))
+    assert len(scored) == 6 and "ca:Chromatic Aberration" in scored.column_names
+    assert sorted(round(v, 5) for v in scored["ca:Pass"]) == sorted(round(r["ca:Pass"], 5) for r in rows_of(files))

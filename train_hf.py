@@ -1,0 +1,529 @@
+#!/usr/bin/env python
+"""Trains a CityClassifier with the Hugging Face Trainer on a `datasets` image folder or Hub dataset.
+
+Labels follow the original's folder convention: images in `0_reg/`, `0_reg_booru/`, `1_chroma/`...
+get the number before the first underscore as their label id, so several folders can feed one
+label. Folders without such a number (or a Hub dataset's ClassLabel names) use the ClassLabel
+index instead. Name the labels with --class_names.
+
+Two modes:
+  * head only (default with a pretrained CLIP, the original's recipe): the backbone is frozen, its
+    embeddings of every view (5 tiles or the whole image) are computed once and cached by datasets'
+    fingerprints, and the head trains on a random view per step, evaluates on all views combined;
+  * full (--train_backbone, default when the backbone is built from --vision_config): backbone and
+    head train together on random (2 x CLIP size) crops, the original's RandomCrop augmentation.
+
+Every option can also come from one JSON file: python train_hf.py args.json
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from remote_code import (
+    ROOT,
+    CityClassifierConfig,
+    CityClassifierForImageClassification,
+    CityClassifierImageProcessor,
+)
+from toolkit import UsageError, label_from_folder, run_cli
+
+logger = logging.getLogger("train_hf")
+IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(metadata={"help": "A local image folder (with train/ validation/ test/ splits) or a Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on; none to skip."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the labels."})
+    class_names: str | None = field(
+        default=None, metadata={"help": "Comma-separated names for label ids 0, 1, ... (e.g. 'Pass,Chromatic Aberration')."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation images."})
+    cache_views: int = field(
+        default=0,
+        metadata={"help": "Full mode: decode each training image once and cache this many random crops of it "
+                          "(0: decode and crop live every step). Trades disk for CPU."},
+    )
+    top_loss_images: int = field(default=15, metadata={"help": "List this many training images with the highest loss."})
+    top_loss_scan: int = field(
+        default=2000, metadata={"help": "In full mode, look for them among this many random training images."})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A CityClassifier folder/Hub id to fine-tune, or a CLIP folder/Hub id for a new head "
+                          "(the original: openai/clip-vit-large-patch14-336)."},
+    )
+    vision_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON of CLIPVisionConfig fields for a backbone trained from scratch, "
+                          "e.g. '{\"hidden_size\": 192, \"num_hidden_layers\": 4, ...}'."},
+    )
+    train_backbone: bool | None = field(
+        default=None, metadata={"help": "Train the backbone too (default: only when built from --vision_config)."}
+    )
+    arch: str = field(default="class", metadata={"help": "class or score."})
+    head_hidden_size: int = field(default=1024, metadata={"help": "Width of the head (the original: 1024)."})
+    label_loss_weights: str | None = field(
+        default=None, metadata={"help": "Comma-separated loss weight per label id (the original CA model: '1.0,0.5')."}
+    )
+    tile_combine: str = field(default="mean", metadata={"help": "mean, median, max or min."})
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments), description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {"lr_scheduler_type": "cosine", "remove_unused_columns": False, "eval_strategy": "epoch",
+                "save_strategy": "epoch", "load_best_model_at_end": True, "report_to": "none",
+                "save_total_limit": 2, "logging_steps": 50}
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        values = {**defaults, **json.loads(Path(argv[0]).read_text())}
+        data, model, training = parser.parse_dict(values)
+    else:
+        parser.set_defaults(**defaults)
+        data, model, training = parser.parse_args_into_dataclasses(argv)
+    training.remove_unused_columns = False  # set_transform needs the raw image column
+    if training.load_best_model_at_end and training.metric_for_best_model is None:
+        training.metric_for_best_model = "roc_auc" if model.arch == "class" else "loss"
+        training.greater_is_better = model.arch == "class"
+    return data, model, training
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def load_splits(data_args):
+    """{split: Dataset} for the train and eval splits, images not decoded yet."""
+    import datasets
+
+    local = Path(data_args.dataset_name)
+    try:
+        if local.is_dir():
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(local), drop_labels=False)
+        else:
+            dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"{data_args.dataset_name}: cannot load the dataset ({str(error).splitlines()[0]})") from None
+    wanted = [data_args.train_split] + ([data_args.eval_split] if data_args.eval_split else [])
+    splits = {}
+    for split in wanted:
+        if split not in dataset:
+            raise UsageError(f"{data_args.dataset_name}: no split {split!r} (has {', '.join(dataset)})")
+        ds = dataset[split].cast_column(data_args.image_column, datasets.Image(decode=False))
+        if data_args.label_column not in ds.column_names and data_args.image_column in ds.column_names:
+            ds = ds.add_column(data_args.label_column, labels_from_folders(ds[data_args.image_column]))
+        for column in (data_args.image_column, data_args.label_column):
+            if column not in ds.column_names:
+                raise UsageError(f"{data_args.dataset_name}: split {split!r} has no column {column!r} "
+                                 f"(has {', '.join(ds.column_names)}); are the images in label folders?")
+        limit = data_args.max_train_samples if split == data_args.train_split else data_args.max_eval_samples
+        if limit is not None:
+            ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))
+        ds = ds.rename_columns({c: n for c, n in ((data_args.image_column, IMAGE), (data_args.label_column, LABEL))
+                                if c != n})
+        splits[split] = ds
+    return splits
+
+
+def labels_from_folders(images):
+    """Label ids from each file's folder name (`1_chroma/x.png` -> 1); -1 where the folder has none.
+
+    datasets' imagefolder drops folder labels when a metadata file is present; this restores them."""
+    return [label_from_folder(Path(image["path"]).parent.name) if image.get("path") else None for image in images]
+
+
+def label_mapping(ds, data_args):
+    """Maps the dataset's label values to label ids, by the folder-name rule where it applies."""
+    feature = ds.features[LABEL]
+    names = getattr(feature, "names", None)
+    if names is None:
+        return lambda value: int(value)
+    ids = [label_from_folder(name) for name in names]
+    if all(i is not None for i in ids):
+        return lambda value: ids[value]
+    return lambda value: int(value)
+
+
+def check_dataset(splits, data_args, arch):
+    """Fails before training on unreadable images, unlabelled images or a single class."""
+    problems, label_sets = [], {}
+    for split, ds in splits.items():
+        to_id = label_mapping(ds, data_args)
+        seen = set()
+        for row in ds:
+            image, value = row[IMAGE], row[LABEL]
+            where = image.get("path") or f"{split}[{len(seen)}]"
+            if value is None:
+                problems.append(f"{where}: no label (put it in a folder like 0_pass/ or 1_aberration/)")
+                continue
+            seen.add(to_id(value) if arch == "class" else None)
+            try:
+                with open_image(image) as im:
+                    im.verify()
+            except Exception as error:  # noqa: BLE001 - any decoder failure is the same user problem
+                problems.append(f"{where}: unreadable image ({type(error).__name__}: {error})")
+        label_sets[split] = seen
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise UsageError(f"{data_args.dataset_name}: {len(problems)} bad image(s):\n{shown}")
+    train_labels = label_sets[data_args.train_split]
+    if arch == "class" and len(train_labels) < 2:
+        raise UsageError(f"{data_args.dataset_name}: the {data_args.train_split!r} split has only label(s) "
+                         f"{sorted(train_labels)}; a classifier needs at least two")
+    return sorted(set().union(*label_sets.values())) if arch == "class" else None
+
+
+def open_image(image):
+    from io import BytesIO
+
+    return Image.open(BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+
+
+def decode(image):
+    from PIL import ImageOps
+
+    with open_image(image) as im:
+        return ImageOps.exif_transpose(im).copy()
+
+
+def random_view(processor, image, rng):
+    """A training view as (S, S, 3) uint8: the inference resize rule, one random (2 x S) crop where
+    inference would tile (the original's RandomCrop), CLIP's resize, and a random flip."""
+    from cityclassifier.image_processing import resize_for_tiling, to_rgb
+
+    tile = 2 * processor.size["shortest_edge"]
+    view = to_rgb(image)
+    if min(view.size) > tile:
+        view = resize_for_tiling(view, processor.tile_resize_limit)
+        x, y = int(rng.integers(0, view.width - tile + 1)), int(rng.integers(0, view.height - tile + 1))
+        view = view.crop((x, y, x + tile, y + tile))
+    pixels = processor.resize_and_crop(view)
+    return pixels[:, ::-1] if rng.random() < 0.5 else pixels
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def build_model(model_args, label_ids, label_names):
+    """(model, processor, train_backbone) from a CityClassifier, a CLIP, or a fresh --vision_config."""
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    num_labels = (max(label_ids) + 1) if model_args.arch == "class" else 1
+    if model_args.arch == "class":
+        names = label_names or [str(i) for i in range(num_labels)]
+        if len(names) != num_labels:
+            raise UsageError(f"--class_names: {len(names)} names for {num_labels} labels (ids 0..{num_labels - 1})")
+        labels = {"id2label": dict(enumerate(names))}
+        if model_args.label_loss_weights:
+            labels["label_loss_weights"] = [float(w) for w in model_args.label_loss_weights.split(",")]
+    else:
+        labels = {}
+    head = {"arch": model_args.arch, "head_hidden_size": model_args.head_hidden_size,
+            "tile_combine": model_args.tile_combine, **labels}
+
+    if model_args.vision_config:
+        vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
+        model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **head))
+        size = vision.image_size
+        processor = CityClassifierImageProcessor(
+            tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return model, processor, model_args.train_backbone is not False
+    if not model_args.model_name_or_path:
+        raise UsageError("give --model_name_or_path (a CLIP or CityClassifier model) or --vision_config")
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{model_args.model_name_or_path}: cannot load a config ({str(error).splitlines()[0]})") from None
+    if config.model_type == "cityclassifier":
+        model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
+        if model.config.num_labels != num_labels:
+            raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, the data {num_labels}")
+        processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
+        return model, processor, bool(model_args.train_backbone)
+    clip = CLIPVisionModelWithProjection.from_pretrained(model_args.model_name_or_path)
+    model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=clip.config.to_dict(), **head))
+    model.clip.load_state_dict(clip.state_dict())
+    try:
+        clip_processor = CLIPImageProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = CityClassifierImageProcessor(
+            tiling=model_args.arch == "class", size=dict(clip_processor.size), crop_size=dict(clip_processor.crop_size),
+            image_mean=clip_processor.image_mean, image_std=clip_processor.image_std)
+    except OSError:
+        size = clip.config.image_size
+        processor = CityClassifierImageProcessor(
+            tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, processor, bool(model_args.train_backbone)
+
+
+def backbone_fingerprint(model, processor):
+    """Identifies the frozen backbone and the views, to name the cached embeddings."""
+    digest = hashlib.sha256(json.dumps(processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.clip.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+        digest.update(str(float(tensor.float().sum())).encode())
+    return digest.hexdigest()[:16]
+
+
+def embed_views(ds, model, processor, batch_size):
+    """Adds `image_embeds` (tiles, dim) and `tile_mask` (tiles,) columns, cached by fingerprint."""
+    from datasets.fingerprint import update_fingerprint
+
+    device = next(model.parameters()).device
+
+    def embed(batch):
+        images = [decode(image) for image in batch[IMAGE]]
+        inputs = processor(images, return_tensors="pt")
+        with torch.no_grad():
+            flat = inputs["pixel_values"].flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
+            valid = inputs["tile_mask"].flatten().bool()
+            embeds = torch.zeros(flat.shape[0], model.config.vision_config.projection_dim)
+            embeds[valid] = model.get_image_features(flat[valid].to(device)).float().cpu()
+        embeds = embeds.view(len(images), -1, embeds.shape[-1])  # (batch*tiles, dim) -> (batch, tiles, dim)
+        return {"image_embeds": embeds.numpy(), "tile_mask": inputs["tile_mask"].numpy()}
+
+    fingerprint = update_fingerprint(ds._fingerprint, embed, {"backbone": backbone_fingerprint(model, processor)})
+    return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
+                  desc="Embedding views (cached)")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+class LossHistory:
+    """Trainer callback that keeps the log history as CSV and the original's loss plots."""
+
+    def __init__(self, output_dir):
+        from transformers import TrainerCallback
+
+        history = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                history.rows.append({"step": state.global_step, **(logs or {})})
+
+        self.callback, self.rows, self.output_dir = Callback(), [], Path(output_dir)
+
+    def write(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = sorted({key for row in self.rows for key in row})
+        with open(self.output_dir / "loss.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        for name, key, title in (("loss.png", "loss", "training loss"), ("loss-eval.png", "eval_loss", "eval loss")):
+            points = [(row["step"], row[key]) for row in self.rows if key in row]
+            if not points:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(self.output_dir / name, dpi=100)
+            plt.close(fig)
+
+
+def compute_metrics_fn(arch):
+    import evaluate
+
+    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+
+    def compute_metrics(eval_pred):
+        scores = eval_pred.predictions[1] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        references = eval_pred.label_ids
+        if arch == "score":
+            return {"mae": float(np.abs(scores[:, 0] - references).mean())}
+        result = metric.compute(predictions=scores.argmax(-1), references=references, scores=scores)
+        return {k: v for k, v in result.items() if not isinstance(v, dict)}
+
+    return compute_metrics
+
+
+def highest_loss(model, ds, paths, batch_size, count):
+    """The training images the model fits worst (likely mislabelled): path, label, loss, label score."""
+    model.eval()
+    rows = []
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = model(**batch)
+            labels = batch["labels"].long()
+            losses = -out.logits.gather(1, labels[:, None])[:, 0]
+            label_scores = out.scores.gather(1, labels[:, None])[:, 0]
+            for loss, label, score in zip(losses.tolist(), labels.tolist(), label_scores.tolist()):
+                rows.append({"path": paths[len(rows)], "label": label, "loss": loss, "label_score": score})
+    return sorted(rows, key=lambda r: r["loss"], reverse=True)[:count]
+
+
+def inference_transform(processor, labels_of, embedded):
+    """All views of each image, combined in the model, as at inference (evaluation, loss listing)."""
+    if embedded:
+        return lambda batch: {"image_embeds": torch.tensor(np.asarray(batch["image_embeds"], dtype=np.float32)),
+                              "tile_mask": torch.tensor(np.asarray(batch["tile_mask"])),
+                              "labels": labels_of(batch)}
+    return lambda batch: {**processor([decode(image) for image in batch[IMAGE]], return_tensors="pt"),
+                          "labels": labels_of(batch)}
+
+
+def main(argv=None):
+    from transformers import Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    data_args, model_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+    if model_args.arch not in ("class", "score"):
+        raise UsageError(f"--arch must be class or score, got {model_args.arch!r}")
+
+    splits = load_splits(data_args)
+    label_ids = check_dataset(splits, data_args, model_args.arch)
+    names = data_args.class_names.split(",") if data_args.class_names else None
+    model, processor, train_backbone = build_model(model_args, label_ids or [0], names)
+    rng = np.random.default_rng(training_args.seed)
+
+    def labels_for(split):
+        to_id = label_mapping(splits[split], data_args)
+        if model_args.arch == "score":
+            return lambda batch: [float(v) for v in batch[LABEL]]
+        return lambda batch: [to_id(v) for v in batch[LABEL]]
+
+    train_ds = splits[data_args.train_split]
+    eval_ds = splits.get(data_args.eval_split) if data_args.eval_split else None
+    train_labels = labels_for(data_args.train_split)
+    eval_labels = labels_for(data_args.eval_split) if eval_ds is not None else None
+    if train_backbone:
+        if data_args.cache_views:
+            train_ds = cache_random_views(train_ds, processor, data_args, training_args.seed)
+
+        def train_transform(batch):
+            if "view" in batch:  # cached views, raw bytes (decoding nested lists is 100x slower): flip anew
+                size = processor.crop_size["height"]
+                views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
+                views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
+            else:
+                views = [random_view(processor, decode(image), rng) for image in batch[IMAGE]]
+            pixels = np.stack([processor.normalize_pixels(v) for v in views])[:, None]  # (batch, 1, 3, S, S)
+            return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
+                    "labels": train_labels(batch)}
+    else:
+        model.clip.requires_grad_(False)
+        batch_size = max(8, training_args.per_device_eval_batch_size)
+        train_ds = embed_views(train_ds, model, processor, batch_size)
+        eval_ds = embed_views(eval_ds, model, processor, batch_size) if eval_ds is not None else None
+
+        def train_transform(batch):  # one random real view per image and step
+            picked = []
+            for embeds, mask in zip(batch["image_embeds"], batch["tile_mask"]):
+                valid = np.flatnonzero(np.asarray(mask))
+                picked.append(np.asarray(embeds[int(rng.choice(valid))], dtype=np.float32))
+            return {"image_embeds": torch.from_numpy(np.stack(picked)), "labels": train_labels(batch)}
+
+    train_ds.set_transform(train_transform)
+    if eval_ds is not None:
+        eval_ds.set_transform(inference_transform(processor, eval_labels, embedded=not train_backbone))
+    else:
+        training_args.eval_strategy = "no"
+        training_args.load_best_model_at_end = False
+
+    history = LossHistory(training_args.output_dir)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collate,
+        compute_metrics=compute_metrics_fn(model_args.arch),
+        callbacks=[history.callback],
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint in ("True", "true", "last"):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise UsageError(f"{training_args.output_dir}: no checkpoint to resume from")
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    output = Path(training_args.output_dir)
+    trainer.save_model(str(output))
+    processor.save_pretrained(str(output))
+    history.write()
+    if eval_ds is not None:
+        trainer.save_metrics("eval", trainer.evaluate())
+    if data_args.top_loss_images and model_args.arch == "class":
+        list_highest_loss(trainer.model, splits[data_args.train_split], train_ds, train_backbone, processor,
+                          train_labels, data_args, training_args, output)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return 0
+
+
+def list_highest_loss(model, images, train_ds, train_backbone, processor, labels_of, data_args, training_args, output):
+    """Writes highest_loss.csv: the original's "find the mislabelled image" aid."""
+    if train_backbone:  # decoding every image again is slow: look at a sample
+        scan = images.shuffle(seed=training_args.seed).select(range(min(len(images), data_args.top_loss_scan)))
+    else:
+        scan = train_ds
+    paths = [image.get("path") for image in scan.with_format(None)[IMAGE]]
+    scan.set_transform(inference_transform(processor, labels_of, embedded=not train_backbone))
+    worst = highest_loss(model, scan, paths, training_args.per_device_eval_batch_size, data_args.top_loss_images)
+    with open(output / "highest_loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "loss", "label_score"])
+        writer.writeheader()
+        writer.writerows(worst)
+    logger.info("training images with the highest loss (likely mislabelled): %s", output / "highest_loss.csv")
+    for row in worst[:5]:
+        logger.info("  loss %.3f  label %s  %s", row["loss"], row["label"], row["path"])
+
+
+def cache_random_views(ds, processor, data_args, seed):
+    """Decodes each training image once and keeps `cache_views` random views of it (S x S x 3 uint8 bytes)."""
+    def crops(batch, indices):
+        out = {"view": [], LABEL: []}
+        for image, label, index in zip(batch[IMAGE], batch[LABEL], indices):
+            rng = np.random.default_rng([seed, index])
+            decoded = decode(image)
+            for _ in range(data_args.cache_views):
+                out["view"].append(np.ascontiguousarray(random_view(processor, decoded, rng)).tobytes())
+                out[LABEL].append(label)
+        return out
+
+    return ds.map(crops, batched=True, batch_size=16, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=min(2, os.cpu_count() or 1), desc=f"Caching {data_args.cache_views} random views per image")
+
+
+def collate(rows):
+    """Stacks the transformed rows; labels become a tensor of ids (class) or floats (score)."""
+    batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0] if key != "labels"}
+    labels = [row["labels"] for row in rows]
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+    return batch
+
+
+if __name__ == "__main__":
+    run_cli(main)
