@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scoring import FileStream, collate
 from toolkit import EXIT_OK, EXIT_SOME_FAILED, UsageError, run_cli
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
@@ -98,62 +99,10 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- input
 
 
-class FileStream(torch.utils.data.IterableDataset):
-    """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process."""
-
-    def __init__(self, paths, scorer, done, rank, world, max_pixels):
-        self.paths, self.scorer, self.done = paths, scorer, done
-        self.rank, self.world, self.max_pixels = rank, world, max_pixels
-
-    def __iter__(self):
-        from scoring import MAX_PIXELS, BadImage, first_line, iter_files, load_image, path_key
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shard, shards = self.rank * workers + worker, self.world * workers
-        seen = set()  # the same file named twice in one run is scored once
-        for index, path in enumerate(iter_files(self.paths)):
-            if index % shards != shard:
-                continue
-            key = path_key(path)
-            if key in seen or is_done(self.done, key):
-                continue
-            seen.add(key)
-            meta = {"path": path, "width": None, "height": None, "error": None}
-            try:
-                image = load_image(path, self.max_pixels or MAX_PIXELS)
-                meta["width"], meta["height"] = image.size
-                inputs = self.scorer.preprocess(image)
-            except BadImage as error:
-                meta["error"] = str(error)
-                inputs = None
-            except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
-                meta["error"] = f"cannot process: {first_line(error)}"
-                inputs = None
-            yield meta, inputs
-
-
-def collate(items):
-    """-> (metas, per group (pixel_values, tile_mask) for the decodable images, or None)."""
-    metas = [meta for meta, _ in items]
-    good = [inputs for _, inputs in items if inputs is not None]
-    if not good:
-        return metas, None
-    grouped = []
-    for g in range(len(good[0])):
-        pixels = torch.from_numpy(np.stack([inputs[g][0] for inputs in good]))
-        mask = torch.from_numpy(np.stack([inputs[g][1] for inputs in good]))
-        grouped.append((pixels, mask))
-    return metas, grouped
-
-
-def is_done(done, key):
-    i = np.searchsorted(done, key)
-    return i < len(done) and done[i] == key
-
-
 def count_files(paths):
-    return sum(1 for _ in __import__("scoring").iter_files(paths))
+    from scoring import iter_files
+
+    return sum(1 for _ in iter_files(paths))
 
 
 # ------------------------------------------------------------------------------------------ output

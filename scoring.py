@@ -105,6 +105,58 @@ def path_key(path):
                           "little", signed=True)
 
 
+class FileStream(torch.utils.data.IterableDataset):
+    """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process."""
+
+    def __init__(self, paths, scorer, done, rank, world, max_pixels):
+        self.paths, self.scorer, self.done = paths, scorer, done
+        self.rank, self.world, self.max_pixels = rank, world, max_pixels
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shard, shards = self.rank * workers + worker, self.world * workers
+        seen = set()  # the same file named twice in one run is scored once
+        for index, path in enumerate(iter_files(self.paths)):
+            if index % shards != shard:
+                continue
+            key = path_key(path)
+            if key in seen or is_done(self.done, key):
+                continue
+            seen.add(key)
+            meta = {"path": path, "width": None, "height": None, "error": None}
+            try:
+                image = load_image(path, self.max_pixels or MAX_PIXELS)
+                meta["width"], meta["height"] = image.size
+                inputs = self.scorer.preprocess(image)
+            except BadImage as error:
+                meta["error"] = str(error)
+                inputs = None
+            except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
+                meta["error"] = f"cannot process: {first_line(error)}"
+                inputs = None
+            yield meta, inputs
+
+
+def collate(items):
+    """-> (metas, per group (pixel_values, tile_mask) for the decodable images, or None)."""
+    metas = [meta for meta, _ in items]
+    good = [inputs for _, inputs in items if inputs is not None]
+    if not good:
+        return metas, None
+    grouped = []
+    for g in range(len(good[0])):
+        pixels = torch.from_numpy(np.stack([inputs[g][0] for inputs in good]))
+        mask = torch.from_numpy(np.stack([inputs[g][1] for inputs in good]))
+        grouped.append((pixels, mask))
+    return metas, grouped
+
+
+def is_done(done, key):
+    i = np.searchsorted(done, key)
+    return i < len(done) and done[i] == key
+
+
 @dataclass
 class ScoringModel:
     key: str
@@ -206,28 +258,34 @@ class Scorer:
         return out
 
     @torch.inference_mode()
-    def score(self, grouped_inputs):
-        """grouped_inputs: per group (pixel_values (batch, tiles, 3, S, S), tile_mask (batch, tiles))
-        tensors. Returns one dict of score columns per image."""
-        rows = None
+    def outputs(self, grouped_inputs):
+        """Yields (ScoringModel, CityClassifierOutput, tile_mask) for every model: the backbone runs
+        once per group on the real tiles, each head reads the shared embeddings.
+
+        grouped_inputs: per group (pixel_values (batch, tiles, 3, S, S), tile_mask (batch, tiles))."""
         for group, (pixel_values, tile_mask) in zip(self.groups, grouped_inputs):
-            backbone = group[0].model
             pixel_values = pixel_values.to(self.device, non_blocking=True)
             tile_mask = tile_mask.to(self.device)
             batch, tiles = tile_mask.shape
             valid = tile_mask.bool().flatten()
             flat = pixel_values.flatten(0, 1)[valid].to(self.dtype)  # (batch*tiles, 3, S, S), real tiles only
-            embeds = backbone.get_image_features(flat)
+            embeds = group[0].model.get_image_features(flat)
             image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
             image_embeds[valid] = embeds
             image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
-            if rows is None:
-                rows = [{} for _ in range(batch)]
             for m in group:
-                scores = m.model(image_embeds=image_embeds, tile_mask=tile_mask).scores.float().cpu().numpy()
-                labels = list(m.model.config.id2label.values())
-                for row, values in zip(rows, scores):
-                    for label, value in zip(labels, values):
-                        row[f"{m.key}:{label}"] = float(value)
-                    row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None
+                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask), tile_mask
+
+    def score(self, grouped_inputs):
+        """One dict of score columns per image (see `columns`)."""
+        rows = None
+        for m, output, _ in self.outputs(grouped_inputs):
+            scores = output.scores.float().cpu().numpy()
+            if rows is None:
+                rows = [{} for _ in scores]
+            labels = list(m.model.config.id2label.values())
+            for row, values in zip(rows, scores):
+                for label, value in zip(labels, values):
+                    row[f"{m.key}:{label}"] = float(value)
+                row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None
         return rows or []

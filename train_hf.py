@@ -152,15 +152,15 @@ def labels_from_folders(images):
 
 
 def label_mapping(ds, data_args):
-    """Maps the dataset's label values to label ids, by the folder-name rule where it applies."""
-    feature = ds.features[LABEL]
-    names = getattr(feature, "names", None)
+    """Maps the label column's values to label ids: ClassLabel names by the folder rule where any
+    name follows it (names that do not map to None: unlabelled), else the ClassLabel index."""
+    names = getattr(ds.features[LABEL], "names", None)
     if names is None:
-        return lambda value: int(value)
+        return lambda value: None if value is None else int(value)
     ids = [label_from_folder(name) for name in names]
-    if all(i is not None for i in ids):
-        return lambda value: ids[value]
-    return lambda value: int(value)
+    if all(i is None for i in ids):
+        return lambda value: None if value is None else int(value)
+    return lambda value: None if value is None else ids[value]
 
 
 def check_dataset(splits, data_args, arch):
@@ -172,10 +172,11 @@ def check_dataset(splits, data_args, arch):
         for row in ds:
             image, value = row[IMAGE], row[LABEL]
             where = image.get("path") or f"{split}[{len(seen)}]"
-            if value is None:
-                problems.append(f"{where}: no label (put it in a folder like 0_pass/ or 1_aberration/)")
+            label = to_id(value) if arch == "class" else value
+            if label is None:
+                problems.append(f"{where}: no label (put it in a folder named like 0_pass/ or 1_aberration/)")
                 continue
-            seen.add(to_id(value) if arch == "class" else None)
+            seen.add(label if arch == "class" else None)
             try:
                 with open_image(image) as im:
                     im.verify()

@@ -230,10 +230,10 @@ def test_backbone_runs_once_per_tile_for_shared_models(converted):
     calls = []
     original = model.get_image_features
     model.get_image_features = lambda x: calls.append(len(x)) or original(x)
-    import classify
+    from scoring import collate
 
     items = [(None, scorer.preprocess(make_image(200, 150))), (None, scorer.preprocess(make_image(40, 40)))]
-    rows = scorer.score(classify.collate(items)[1])
+    rows = scorer.score(collate(items)[1])
     assert calls == [6] and len(rows) == 2 and "compression:JPEG" in rows[0]  # 5 tiles + 1 view, one call
 
 

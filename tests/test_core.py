@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CLIP_SIZE, REPO, make_image
+from conftest import CLIP_SIZE, make_image
 
 # ---------------------------------------------------------------------------------------------
 # An independent statement of ORIGINAL.md: PIL crops, transformers' own CLIPImageProcessor, the

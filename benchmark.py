@@ -1,0 +1,389 @@
+#!/usr/bin/env python
+"""Benchmarks CityClassifier models on a labelled image set, with `evaluate`, next to a classical
+(non-learned) fringe detector, and writes metrics.json, report.md and plots.
+
+  python benchmark.py --model . --dataset data/synthetic --split test --out bench/synthetic-test
+  python benchmark.py --model . models/ca-v1.16 --dataset data/real --split test --out report --update-card .
+
+The dataset is an image folder whose label folders follow the original's naming (`0_pass/`,
+`1_aberration/`: the number before the first underscore is the label id), with an optional
+metadata.csv (file_name plus columns such as effect, strength, source: metrics are broken down by
+each), or a Hub dataset id with a `label` column.
+
+For every model it scores all images once with tiling and combines the tiles with each strategy
+(mean, median, max, min), and once without tiling; the model's own strategy is the headline.
+Thresholds: the scores are cut at --threshold, and the report also gives the lowest threshold whose
+precision reaches --target-precision, since users filter datasets by threshold.
+"""
+
+import argparse
+import csv
+import json
+import os
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit import UsageError, label_from_folder, run_cli
+
+ROOT = Path(__file__).resolve().parent
+STRATEGIES = ("mean", "median", "max", "min")
+BASELINE = "fringe-baseline"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=[str(ROOT)], help="model folders or Hub ids (default: shipped)")
+    parser.add_argument("--dataset", required=True, help="image folder (with split subfolders) or Hub dataset id")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md and plots")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score cut for the positive label (0.5)")
+    parser.add_argument("--target-precision", type=float, default=0.95, help="report the threshold reaching it")
+    parser.add_argument("--max-images", type=int, help="evaluate a random subset of this size")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the classical fringe baseline")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="model dtype (default: float32, the reference numbers)")
+    parser.add_argument("--update-card", type=Path, metavar="MODEL_DIR",
+                        help="write the headline metrics into MODEL_DIR/README.md as a model-index block")
+    return parser.parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def load_records(dataset, split, max_images=None):
+    """[{"path" or "image", "label", **metadata}] for a local image folder split or a Hub dataset."""
+    local = Path(dataset) / split
+    if Path(dataset).is_dir():
+        if not local.is_dir():
+            raise UsageError(f"{dataset}: no split folder {split!r}")
+        from scoring import walk
+
+        metadata = {}
+        if (local / "metadata.csv").is_file():
+            with open(local / "metadata.csv", newline="") as f:
+                metadata = {row.pop("file_name"): row for row in csv.DictReader(f)}
+        records = []
+        for path in walk(str(local)):
+            relative = Path(path).relative_to(local).as_posix()
+            meta = dict(metadata.get(relative, {}))
+            label = label_from_folder(Path(path).parent.name)
+            label = label if label is not None else meta.get("label")
+            if label is None:
+                raise UsageError(f"{path}: no label (put it in a folder named like 0_pass/ or 1_aberration/)")
+            meta.pop("label", None)
+            records.append({"path": path, "label": int(label), **meta})
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(dataset, split=split)
+        if "label" not in ds.column_names:
+            raise UsageError(f"{dataset}: no 'label' column (has {', '.join(ds.column_names)})")
+        scalar = [c for c, f in ds.features.items() if c not in ("image", "label") and hasattr(f, "dtype")]
+        records = [{"image": row["image"], "label": int(row["label"]), **{c: row[c] for c in scalar}} for row in ds]
+    if not records:
+        raise UsageError(f"{dataset}: split {split!r} holds no images")
+    if max_images and len(records) > max_images:
+        keep = np.random.default_rng(0).choice(len(records), max_images, replace=False)
+        records = [records[i] for i in sorted(keep)]
+    return records
+
+
+def batches(records, scorer, args):
+    """Yields (record indices, grouped inputs) with decoding in worker processes for files."""
+    from scoring import FileStream, collate
+
+    if "path" in records[0]:
+        index = {r["path"]: i for i, r in enumerate(records)}
+        stream = FileStream([r["path"] for r in records], scorer, np.array([], dtype=np.int64), 0, 1, None)
+        loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
+                                             collate_fn=collate)
+        for metas, grouped in loader:
+            bad = [m for m in metas if m["error"]]
+            if bad:
+                raise UsageError(f"{bad[0]['path']}: {bad[0]['error']}")
+            yield [index[m["path"]] for m in metas], grouped
+    else:
+        for start in range(0, len(records), args.batch_size):
+            chunk = range(start, min(start + args.batch_size, len(records)))
+            yield list(chunk), collate([(None, scorer.preprocess(records[i]["image"])) for i in chunk])[1]
+
+
+def model_scores(name, records, args):
+    """(key, default variant, {variant: (n, labels) scores}) for one model: each tile strategy from
+    one tiled pass, and one pass without tiling. The default is what the saved settings give."""
+    from tqdm import tqdm
+
+    from cityclassifier.modeling_cityclassifier import combine_tiles
+    from scoring import Scorer
+
+    scorer = Scorer([name], device=args.device, dtype=args.dtype)
+    model, processor = scorer.models[0].model, scorer.processors[0]
+    tiles_ok = model.config.arch == "class"  # score models never tile
+    default = f"tiling-{model.config.tile_combine}" if processor.tiling and tiles_ok else "no-tiling"
+    results = {}
+    for tiling in ((True, False) if tiles_ok else (False,)):
+        processor.tiling = tiling
+        passes = tqdm(batches(records, scorer, args), total=-(-len(records) // args.batch_size), unit="batch",
+                      desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
+        for indices, grouped in passes:
+            for _, output, mask in scorer.outputs(grouped):
+                tiles, mask = output.tile_scores.float().cpu(), mask.cpu()
+                for strategy in (STRATEGIES if tiling else ("mean",)):
+                    variant = f"tiling-{strategy}" if tiling else "no-tiling"
+                    combined = combine_tiles(tiles, mask, strategy).numpy()
+                    results.setdefault(variant, {}).update(zip(indices, combined))
+    variants = {v: np.stack([rows[i] for i in range(len(records))]) for v, rows in results.items()}
+    return scorer.models[0].key, default, variants
+
+
+def baseline_job(record):
+    from fringe_baseline import FringeBaseline
+    from scoring import load_image
+
+    image = load_image(record["path"]) if "path" in record else record["image"]
+    p = FringeBaseline()(image)
+    return [p["Pass"], p["Chromatic Aberration"]]
+
+
+def baseline_scores(records, workers):
+    from tqdm import tqdm
+
+    with Pool(max(1, workers)) as pool:
+        rows = list(tqdm(pool.imap(baseline_job, records, chunksize=4), total=len(records), desc=BASELINE,
+                         unit="img"))
+    return np.array(rows)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(scores, labels, threshold, target_precision):
+    import evaluate
+    from sklearn.metrics import precision_recall_curve
+
+    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+    binary = scores.shape[1] == 2
+    predictions = (scores[:, 1] >= threshold).astype(int) if binary else scores.argmax(1)
+    result = metric.compute(predictions=predictions, references=labels, scores=scores)
+    result["threshold"] = threshold if binary else None
+    if binary and len(np.unique(labels)) > 1:
+        precision, recall, thresholds = precision_recall_curve(labels, scores[:, 1])
+        reaching = np.flatnonzero(precision[:-1] >= target_precision)
+        result["target_precision"] = target_precision
+        result["threshold_at_target_precision"] = float(thresholds[reaching[0]]) if len(reaching) else None
+        result["recall_at_target_precision"] = float(recall[reaching[0]]) if len(reaching) else None
+        negatives = labels == 0
+        result["false_positive_rate"] = float(predictions[negatives].mean()) if negatives.any() else None
+    return result
+
+
+def breakdown(records, scores, labels, threshold, column):
+    """Per value of a metadata column: count, share flagged positive, accuracy (and ROC AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    groups = {}
+    for i, record in enumerate(records):
+        groups.setdefault(str(record.get(column)), []).append(i)
+    flagged = scores[:, 1] >= threshold
+    rows = {}
+    for value, idx in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        idx = np.array(idx)
+        y = labels[idx]
+        row = {"n": int(len(idx)), "positives": int(y.sum()), "flagged": float(flagged[idx].mean()),
+               "accuracy": float((flagged[idx] == (y == 1)).mean())}
+        if 0 < y.sum() < len(y):
+            row["roc_auc"] = float(roc_auc_score(y, scores[idx, 1]))
+        rows[value] = row
+    return rows
+
+
+def _sort_key(value):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def plots(out, results, labels, records, threshold):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, confusion_matrix, precision_recall_curve, roc_curve
+
+    headline = {name: r for name, r in results.items() if r["binary"]}
+    if not headline:
+        return []
+    written = []
+    for kind in ("roc", "pr"):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for name, r in headline.items():
+            s = r["scores"][:, 1]
+            if kind == "roc":
+                x, y, _ = roc_curve(labels, s)
+                ax.plot(x, y, label=f"{name} (AUC {auc(x, y):.3f})")
+            else:
+                y, x, _ = precision_recall_curve(labels, s)
+                ax.plot(x, y, label=f"{name} (AP {r['metrics'].get('pr_auc', float('nan')):.3f})")
+        ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
+        ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
+        ax.set_title("ROC" if kind == "roc" else "precision-recall")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=100)
+        plt.close(fig)
+        written.append(f"{kind}.png")
+
+    names = list(headline)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        matrix = confusion_matrix(labels, (headline[name]["scores"][:, 1] >= threshold).astype(int), labels=[0, 1])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", color="black")
+        ax.set_xticks([0, 1], ["pass", "flagged"])
+        ax.set_yticks([0, 1], ["clean", "aberrated"])
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s = headline[name]["scores"][:, 1]
+        bins = np.linspace(0, 1, 26)
+        ax.hist(s[labels == 0], bins=bins, alpha=0.6, label="label 0")
+        ax.hist(s[labels == 1], bins=bins, alpha=0.6, label="label 1")
+        ax.axvline(threshold, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "histograms.png", dpi=100)
+    plt.close(fig)
+    written += ["confusion.png", "histograms.png"]
+
+    if any("strength" in r for r in records):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in headline.items():
+            rows = {k: v for k, v in r["by"].get("strength", {}).items() if _sort_key(k)[0] == 0 and float(k) > 0}
+            if rows:
+                ax.plot([float(k) for k in rows], [v["flagged"] for v in rows.values()], marker="o", label=name)
+        ax.set_xlabel("aberration strength (px)")
+        ax.set_ylabel(f"detected (score >= {threshold})")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "strength.png", dpi=100)
+        plt.close(fig)
+        written.append("strength.png")
+    return written
+
+
+def report_md(results, args, n, written):
+    lines = [f"# Benchmark: {args.dataset} ({args.split}, {n} images)", "",
+             f"Threshold {args.threshold}; target precision {args.target_precision}.", "",
+             "| model / variant | ROC AUC | PR AUC | accuracy | precision | recall | F1 | FPR | ECE | "
+             f"threshold for P>={args.target_precision} (recall) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    for name, r in results.items():
+        m = r["metrics"]
+        target = m.get("threshold_at_target_precision")
+        target = f"{target:.3f} ({m['recall_at_target_precision']:.3f})" if target is not None else "not reached"
+        lines.append(f"| {name} | {fmt(m.get('roc_auc'))} | {fmt(m.get('pr_auc'))} | {fmt(m['accuracy'])} | "
+                     f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])} | "
+                     f"{fmt(m.get('false_positive_rate'))} | {fmt(m.get('ece'))} | {target} |")
+    headline = [name for name, r in results.items() if r["headline"]]
+    for column in sorted({c for r in results.values() for c in r["by"]}):
+        lines += ["", f"## By {column}", "", "share flagged (recall for label 1, false-positive rate for label 0)", "",
+                  "| " + column + " | label | n | " + " | ".join(headline) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in headline) + " |"]
+        values = results[headline[0]]["by"][column]
+        for value, row in values.items():
+            label = "1" if row["positives"] == row["n"] else "0" if row["positives"] == 0 else "mixed"
+            cells = " | ".join(f"{results[h]['by'][column][value]['flagged']:.3f}" for h in headline)
+            lines.append(f"| {value} | {label} | {row['n']} | {cells} |")
+    lines += [""] + [f"![{name}]({name})" for name in written]
+    return "\n".join(lines) + "\n"
+
+
+def update_card(model_dir, results, args):
+    """Writes the headline results into MODEL_DIR/README.md as the Hub's model-index."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    readme = model_dir / "README.md"
+    card = ModelCard.load(readme) if readme.exists() else ModelCard("---\n---\n")
+    data = card.data if isinstance(card.data, ModelCardData) else ModelCardData(**card.data.to_dict())
+    evals = []
+    for name, r in results.items():
+        if not r["headline"] or name == BASELINE:
+            continue
+        for metric in ("roc_auc", "pr_auc", "accuracy", "f1", "recall", "precision"):
+            value = r["metrics"].get(metric)
+            if value is not None:
+                evals.append(EvalResult(task_type="image-classification", dataset_type=args.dataset,
+                                        dataset_name=f"{Path(args.dataset).name} ({args.split})",
+                                        dataset_split=args.split, metric_type=metric, metric_value=round(value, 4),
+                                        metric_name=f"{metric} ({name})"))
+    data.eval_results = evals
+    data.model_name = data.model_name or "cityclassifier"
+    card.data = data
+    card.save(readme)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = load_records(args.dataset, args.split, args.max_images)
+    labels = np.array([r["label"] for r in records])
+    results = {}
+    for name in args.model:
+        key, default, variants = model_scores(name, records, args)
+        for variant, scores in variants.items():
+            results[f"{key} {variant}"] = {"scores": scores, "binary": scores.shape[1] == 2,
+                                           "headline": variant == default}
+    if not args.no_baseline and all(r["binary"] for r in results.values()):
+        results[BASELINE] = {"scores": baseline_scores(records, args.workers), "binary": True, "headline": True}
+    metadata_columns = sorted({k for r in records for k in r if k not in ("path", "image", "label")})
+    for r in results.values():
+        if r["scores"].shape[1] == 1:
+            import evaluate
+
+            metric = evaluate.load(str(ROOT / "metrics" / "regression"))
+            r["metrics"] = metric.compute(predictions=r["scores"][:, 0], references=labels)
+            r["by"] = {}
+            continue
+        r["metrics"] = classification_metrics(r["scores"], labels, args.threshold, args.target_precision)
+        r["by"] = {c: breakdown(records, r["scores"], labels, args.threshold, c) for c in metadata_columns} \
+            if r["binary"] else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    headline = {name: r for name, r in results.items() if r["headline"]}
+    written = plots(args.out, headline, labels, records, args.threshold)
+    summary = {"dataset": args.dataset, "split": args.split, "images": len(records),
+               "threshold": args.threshold, "target_precision": args.target_precision,
+               "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"]}
+                          for name, r in results.items()}}
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "report.md").write_text(report_md(results, args, len(records), written))
+    if args.update_card:
+        update_card(args.update_card, results, args)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

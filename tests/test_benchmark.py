@@ -1,0 +1,63 @@
+"""benchmark.py: all outputs with stable keys, the classical baseline, and the model card block."""
+
+import json
+import shutil
+
+import numpy as np
+
+from conftest import make_image
+
+
+def test_baseline_scores_a_shifted_image_above_its_clean_original():
+    import make_synthetic_data as m
+    from fringe_baseline import FringeBaseline
+
+    rng = np.random.default_rng(1)
+    clean = m.draw_illustration(rng, 900, 700)
+    shifted = m.channel_shift(clean, rng, 4.0)
+    baseline = FringeBaseline()
+    assert baseline.width(shifted) > baseline.width(clean) + 1.0
+    assert baseline(shifted)["Chromatic Aberration"] > baseline(clean)["Chromatic Aberration"]
+
+
+def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
+    import benchmark
+    from huggingface_hub import ModelCard
+
+    import make_synthetic_data as m
+
+    data = tmp_path / "data" / "test"
+    rng = np.random.default_rng(0)
+    rows = ["file_name,effect,strength"]
+    for i in range(8):
+        image = make_image(90 + 10 * i, 80, seed=i)
+        effect, strength = ("shift", 3.0) if i % 2 else ("clean", 0.0)
+        if effect == "shift":
+            image = m.channel_shift(image, rng, strength)
+        folder = f"{i % 2}_{effect}"
+        (data / folder).mkdir(parents=True, exist_ok=True)
+        image.save(data / folder / f"{i}.png")
+        rows.append(f"{folder}/{i}.png,{effect},{strength}")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    card_dir = tmp_path / "card"
+    shutil.copytree(converted["ca"], card_dir)
+    out = tmp_path / "report"
+    assert benchmark.main(["--model", str(converted["ca"]), "--dataset", str(tmp_path / "data"), "--split", "test",
+                           "--out", str(out), "--workers", "0", "--update-card", str(card_dir)]) == 0
+    for name in ("metrics.json", "report.md", "roc.png", "pr.png", "confusion.png", "histograms.png",
+                 "strength.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 8
+    variants = set(metrics["models"])
+    assert {"ca tiling-mean", "ca tiling-median", "ca tiling-max", "ca tiling-min", "ca no-tiling",
+            "fringe-baseline"} == variants
+    head = metrics["models"]["ca tiling-mean"]
+    assert head["headline"] is True
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece", "threshold_at_target_precision"):
+        assert key in head["metrics"]
+    assert set(head["by"]) == {"effect", "strength"} and head["by"]["effect"]["shift"]["n"] == 4
+    card = ModelCard.load(card_dir / "README.md")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["roc_auc"] == round(head["metrics"]["roc_auc"], 4)
+    assert "Chromatic Aberration" in card.text  # the body is kept

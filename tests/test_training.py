@@ -1,0 +1,178 @@
+"""Synthetic data generator, train_hf.py in both modes, the metric module, and dataset checks."""
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_image
+
+TINY_VISION = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 30, "patch_size": 6, "projection_dim": 16})
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    import make_synthetic_data
+
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    assert make_synthetic_data.main(["--out", str(out), "--train", "16", "--validation", "6", "--test", "4",
+                                     "--seed", "3", "--workers", "2"]) == 0
+    return out
+
+
+def digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_generator_is_deterministic_and_labels_match_folders(synthetic, tmp_path):
+    import make_synthetic_data
+
+    again = tmp_path / "again"
+    make_synthetic_data.main(["--out", str(again), "--train", "16", "--validation", "6", "--test", "4",
+                              "--seed", "3", "--workers", "1"])
+    assert digest(again) == digest(synthetic)
+    for split, count in (("train", 16), ("validation", 6), ("test", 4)):
+        rows = list(csv.DictReader(open(synthetic / split / "metadata.csv")))
+        assert len(rows) == count
+        for row in rows:
+            folder = row["file_name"].split("/")[0]
+            assert folder == f"{row['label']}_{row['effect']}"
+            assert (row["effect"] in make_synthetic_data.POSITIVES) == (row["label"] == "1")
+            assert (float(row["strength"]) > 0) == (row["label"] == "1")
+            assert (synthetic / split / row["file_name"]).is_file()
+
+
+def test_generated_shift_moves_red_and_blue_but_not_green():
+    import make_synthetic_data as m
+
+    rng = np.random.default_rng(0)
+    clean = m.draw_illustration(rng, 200, 150)
+    shifted = np.asarray(m.channel_shift(clean, rng, 4.0)).astype(int)
+    clean = np.asarray(clean).astype(int)
+    assert (shifted[..., 1] == clean[..., 1]).all()
+    assert np.abs(shifted[..., 0] - clean[..., 0]).mean() > 1 and np.abs(shifted[..., 2] - clean[..., 2]).mean() > 1
+
+
+def train(tmp_path, synthetic, *extra):
+    import train_hf
+
+    out = tmp_path / "model"
+    args = ["--dataset_name", str(synthetic), "--output_dir", str(out), "--head_hidden_size", "32",
+            "--max_steps", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+            "--class_names", "Pass,Chromatic Aberration", "--disable_tqdm", "true", "--eval_strategy", "steps",
+            "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "true", "--logging_steps", "1",
+            *extra]
+    assert train_hf.main([str(a) for a in args]) == 0
+    return out
+
+
+def check_trained_folder(out):
+    from transformers import pipeline
+
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_cityclassifier.py",
+                 "loss.csv", "loss.png", "highest_loss.csv"):
+        assert (out / name).is_file(), name
+    pipe = pipeline("image-classification", model=str(out), trust_remote_code=True)
+    result = pipe(make_image(120, 90), top_k=None)
+    assert {r["label"] for r in result} == {"Pass", "Chromatic Aberration"}
+    worst = list(csv.DictReader(open(out / "highest_loss.csv")))
+    assert worst and all(Path(row["path"]).is_file() for row in worst)
+
+
+def test_full_mode_trains_backbone_and_saves_a_pipeline_folder(synthetic, tmp_path):
+    out = train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--cache_views", "2",
+                "--label_loss_weights", "1.0,0.5")
+    check_trained_folder(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_loss_weights"] == [1.0, 0.5] and config["vision_config"]["hidden_size"] == 32
+
+
+def test_head_mode_caches_embeddings_between_runs(synthetic, tiny_clip, tmp_path, monkeypatch):
+    from remote_code import CityClassifierForImageClassification
+
+    calls = []
+    original = CityClassifierForImageClassification.get_image_features
+
+    def counting(self, pixel_values):
+        calls.append(len(pixel_values))
+        return original(self, pixel_values)
+
+    monkeypatch.setattr(CityClassifierForImageClassification, "get_image_features", counting)
+    out = train(tmp_path / "a", synthetic, "--model_name_or_path", str(tiny_clip))
+    first = sum(calls)
+    assert first > 0
+    check_trained_folder(out)
+    frozen = CityClassifierForImageClassification.from_pretrained(out)
+    from transformers import CLIPVisionModelWithProjection
+
+    clip = CLIPVisionModelWithProjection.from_pretrained(tiny_clip)
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(frozen.clip.state_dict()[name], tensor), f"{name} changed in head-only mode"
+    calls.clear()
+    train(tmp_path / "b", synthetic, "--model_name_or_path", str(tiny_clip))
+    assert sum(calls) == 0, "the second run recomputed the cached embeddings"
+
+
+def test_resume_from_checkpoint(synthetic, tmp_path):
+    out = train(tmp_path, synthetic, "--vision_config", TINY_VISION)
+    assert (out / "checkpoint-4").is_dir()
+    train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--max_steps", "6", "--resume_from_checkpoint",
+          "last")
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_metric_module_matches_scikit_learn():
+    import evaluate
+    from sklearn import metrics
+
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 2, 200)
+    p1 = np.clip(references * 0.3 + rng.random(200) * 0.7, 0, 1)
+    scores = np.stack([1 - p1, p1], 1)
+    predictions = scores.argmax(1)
+    module = evaluate.load(str(REPO / "metrics" / "classification"))
+    result = module.compute(predictions=predictions, references=references, scores=scores)
+    assert result["accuracy"] == pytest.approx(metrics.accuracy_score(references, predictions))
+    assert result["precision"] == pytest.approx(metrics.precision_score(references, predictions))
+    assert result["recall"] == pytest.approx(metrics.recall_score(references, predictions))
+    assert result["f1"] == pytest.approx(metrics.f1_score(references, predictions))
+    assert result["roc_auc"] == pytest.approx(metrics.roc_auc_score(references, p1))
+    assert result["pr_auc"] == pytest.approx(metrics.average_precision_score(references, p1))
+    confidence = scores.max(1)
+    bins = np.minimum((confidence * 10).astype(int), 9)  # an independent ECE: equal-width bins
+    ece = sum(abs((predictions[bins == b] == references[bins == b]).mean() - confidence[bins == b].mean())
+              * (bins == b).mean() for b in range(10) if (bins == b).any())
+    assert result["ece"] == pytest.approx(ece, abs=1e-9)
+
+
+def image_folder(root, layout):
+    for relative, kind in layout.items():
+        path = root / "train" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "bad":
+            path.write_bytes(b"not a png")
+        else:
+            make_image(80, 60, seed=len(str(path))).save(path)
+    return root
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "1_ca/c.png": "bad"}, "unreadable image"),
+    ({"0_pass/a.png": "ok", "0_pass/b.png": "ok"}, "only label"),
+    ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "misc/c.png": "ok"}, "no label"),
+], ids=["unreadable", "one-class", "missing-label"])
+def test_bad_datasets_fail_before_training(tmp_path, layout, message):
+    import train_hf
+    from toolkit import UsageError
+
+    data = image_folder(tmp_path / "data", layout)
+    with pytest.raises(UsageError, match=message):
+        train_hf.main(["--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--vision_config",
+                       TINY_VISION, "--eval_split", "", "--max_steps", "1"])
