@@ -322,27 +322,33 @@ def report_md(results, args, n, written):
     return "\n".join(lines) + "\n"
 
 
-def update_card(model_dir, results, args):
-    """Writes the headline results into MODEL_DIR/README.md as the Hub's model-index."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+def eval_results(summary):
+    """huggingface_hub EvalResults for the headline learned models of a metrics.json summary."""
+    from huggingface_hub import EvalResult
 
-    readme = model_dir / "README.md"
-    card = ModelCard.load(readme) if readme.exists() else ModelCard("---\n---\n")
-    data = card.data if isinstance(card.data, ModelCardData) else ModelCardData(**card.data.to_dict())
-    evals = []
-    for name, r in results.items():
-        if not r["headline"] or name == BASELINE:
+    dataset = summary["dataset"]
+    results = []
+    for name, entry in summary["models"].items():
+        if not entry["headline"] or name == BASELINE:
             continue
-        for metric in ("roc_auc", "pr_auc", "accuracy", "f1", "recall", "precision"):
-            value = r["metrics"].get(metric)
+        for metric in ("roc_auc", "pr_auc", "accuracy", "f1", "recall", "precision", "mae", "spearman"):
+            value = entry["metrics"].get(metric)
             if value is not None:
-                evals.append(EvalResult(task_type="image-classification", dataset_type=args.dataset,
-                                        dataset_name=f"{Path(args.dataset).name} ({args.split})",
-                                        dataset_split=args.split, metric_type=metric, metric_value=round(value, 4),
-                                        metric_name=f"{metric} ({name})"))
-    data.eval_results = evals
-    data.model_name = data.model_name or "cityclassifier"
-    card.data = data
+                results.append(EvalResult(
+                    task_type="image-classification", dataset_type=dataset,
+                    dataset_name=f"{Path(dataset).name} ({summary['split']})", dataset_split=summary["split"],
+                    metric_type=metric, metric_value=round(value, 4), metric_name=f"{metric} ({name})"))
+    return results
+
+
+def update_card(model_dir, summary):
+    """Writes a metrics.json summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(model_dir) / "README.md"
+    card = ModelCard.load(readme) if readme.exists() else ModelCard("---\nlibrary_name: transformers\n---\n")
+    card.data.eval_results = eval_results(summary)
+    card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
     card.save(readme)
 
 
@@ -380,7 +386,7 @@ def main(argv=None):
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "report.md").write_text(report_md(results, args, len(records), written))
     if args.update_card:
-        update_card(args.update_card, results, args)
+        update_card(args.update_card, summary)
     print((args.out / "report.md").read_text())
     return 0
 
