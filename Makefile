@@ -1,9 +1,12 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# The README's two set-up commands: `make demo` and `make test` (what CI runs). Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The oldest transformers release the remote code supports; `make test` also runs the model tests on it.
+OLDEST_TRANSFORMERS := 4.57.6
+COMPAT := .venv-compat
 
-.PHONY: demo test
+.PHONY: demo test test-main test-compat
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,19 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) classify.py examples --out results.jsonl
 
+test: test-main test-compat
+
 # pytest exits 5 when it collected no test: that fails here too.
-test: $(VENV)/.installed
+test-main: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+$(COMPAT)/.installed: Makefile
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet torch==2.13.0
+	$(COMPAT)/bin/python -m pip install --quiet transformers==$(OLDEST_TRANSFORMERS) safetensors pillow numpy \
+		pytest scikit-learn tqdm
+	touch $@
+
+# The model, processor, pipeline and conversion tests on the oldest supported transformers.
+test-compat: $(COMPAT)/.installed
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q tests/test_core.py tests/test_convert.py

@@ -33,28 +33,36 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def tiling_size(width, height, resize_limit):
+    """The size tiling works at: above `resize_limit` on the long edge, the SHORT edge becomes
+    `resize_limit`, which upscales very wide images (2000x1000 -> 3072x1536), as the released scores do."""
+    if max(width, height) <= resize_limit:
+        return width, height
+    new_long = int(resize_limit * max(width, height) / min(width, height))
+    return (resize_limit, new_long) if width <= height else (new_long, resize_limit)
+
+
 def resize_for_tiling(image, resize_limit):
-    """Above `resize_limit` on the long edge, resizes so that the SHORT edge is `resize_limit`
-    (torchvision's resize on PIL: bilinear, antialiased). This upscales very wide images (2000x1000
-    becomes 3072x1536), as the released scores do."""
-    w, h = image.size
-    if max(w, h) <= resize_limit:
-        return image
-    new_long = int(resize_limit * max(w, h) / min(w, h))
-    return image.resize((resize_limit, new_long) if w <= h else (new_long, resize_limit), PIL.Image.BILINEAR)
+    """Resizes to `tiling_size` as torchvision's resize does on PIL images (bilinear, antialiased)."""
+    size = tiling_size(*image.size, resize_limit)
+    return image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
+
+
+def tile_boxes(width, height, tile):
+    """torchvision five_crop's boxes (left, top, right, bottom): four corners, then the centre."""
+    top, left = int(round((height - tile) / 2.0)), int(round((width - tile) / 2.0))
+    corners = [(0, 0), (width - tile, 0), (0, height - tile), (width - tile, height - tile), (left, top)]
+    return [(x, y, x + tile, y + tile) for x, y in corners]
 
 
 def tile_views(image, crop, resize_limit, tiling=True):
-    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops
-    (torchvision's five_crop: four corners, then the centre) when min(w, h) > 2*crop."""
+    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops when
+    min(w, h) > 2*crop."""
     tile = 2 * crop
     if not tiling or min(image.size) <= tile:
         return [image]
     image = resize_for_tiling(image, resize_limit)
-    w, h = image.size
-    top, left = int(round((h - tile) / 2.0)), int(round((w - tile) / 2.0))
-    boxes = [(0, 0), (w - tile, 0), (0, h - tile), (w - tile, h - tile), (left, top)]
-    return [image.crop((x, y, x + tile, y + tile)) for x, y in boxes]
+    return [image.crop(box) for box in tile_boxes(*image.size, tile)]
 
 
 class CityClassifierImageProcessor(BaseImageProcessor):
