@@ -26,6 +26,7 @@ bad arguments.
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -262,41 +263,45 @@ def resolve_label(spec, columns):
 
 
 def transfer(source, dest_dir, relative, move):
-    """Copies or moves `source` to dest_dir/relative without overwriting: a new name if taken.
-    A move links (or copies to a temporary name, then renames) before it removes the source, so
-    a crash at any moment leaves the file in one place at least. Returns the destination."""
+    """Copies or moves `source` to dest_dir/relative without overwriting: a taken name gets _1, _2...
+    A move places the file (a hard link, or a copy on another file system) before it removes the
+    source, so a crash at any moment leaves the file in one place at least. Returns the destination."""
     dest = dest_dir / relative
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stem, suffix, n = dest.stem, dest.suffix, 0
-    while True:
+    stem, suffix = dest.stem, dest.suffix
+    for n in itertools.count(1):
         if dest.exists() and same_file_content(source, dest):
-            break  # done by an earlier, interrupted run
-        try:
-            if move:
-                os.link(source, dest)  # atomic and never overwrites
-            else:
-                raise OSError
+            break  # placed by an earlier, interrupted run
+        if place(source, dest, link=move):
             break
-        except FileExistsError:
-            n += 1
-            dest = dest.with_name(f"{stem}_{n}{suffix}")
-            continue
-        except OSError:  # another file system, or a copy: temporary name, then an exclusive rename
-            tmp = dest.with_name(f".{dest.name}.partial")
-            shutil.copy2(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, dest)
-                os.unlink(tmp)
-                break
-            except FileExistsError:
-                os.unlink(tmp)
-                n += 1
-                dest = dest.with_name(f"{stem}_{n}{suffix}")
+        dest = dest.with_name(f"{stem}_{n}{suffix}")
     if move:
         os.unlink(source)
     return dest
+
+
+def place(source, dest, link):
+    """Puts `source` at `dest` unless `dest` exists (then False); never overwrites, never leaves a
+    half-written `dest`."""
+    if link:
+        try:
+            os.link(source, dest)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass  # another file system: copy instead
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.copy2(source, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, dest)  # exclusive, unlike a rename
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def same_file_content(a, b):

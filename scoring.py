@@ -117,11 +117,9 @@ class FileStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shard, shards = self.rank * workers + worker, self.world * workers
         seen = set()  # the same file named twice in one run is scored once
-        for index, path in enumerate(iter_files(self.paths)):
-            if index % shards != shard:
-                continue
-            key = path_key(path)
-            if key in seen or is_done(self.done, key):
+        for path in iter_files(self.paths):
+            key = path_key(path)  # sharding by key sends a path named twice to the same worker
+            if key % shards != shard or key in seen or is_done(self.done, key):
                 continue
             seen.add(key)
             meta = {"path": path, "width": None, "height": None, "error": None}
@@ -188,7 +186,8 @@ def cpu_has_bf16():
         return False
 
 
-def model_key(name, config):
+def model_key(name):
+    """A short column prefix: the folder name ("default" for the shipped model), or the Hub repo name."""
     folder = Path(name).resolve()
     if folder.is_dir():
         return "default" if folder == Path(__file__).resolve().parent else folder.name
@@ -226,7 +225,7 @@ class Scorer:
             if combine is not None:
                 model.config.tile_combine = combine
             model.to(self.device).eval()
-            key = model_key(name, model.config)
+            key = model_key(name)
             if any(m.key == key for m in self.models):
                 key = f"{key}-{len(self.models)}"
             scoring = ScoringModel(key, model, processor)
