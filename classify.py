@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="decoding processes (default: min(4, cores)); 0 decodes in the main process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: all cores for models over 50M parameters, which "
+                             "are compute-bound; otherwise the cores the decoding workers leave free, at least 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
@@ -362,6 +365,15 @@ def distributed():
     return int(os.environ.get("RANK", "0")), world
 
 
+def cpu_threads(scorer, workers):
+    """Small models are decode-bound: oversubscribing 2 cores with 2 decoders and 2 model threads
+    cost 25% here (measured: 30 vs 22 img/s); big ones are compute-bound and want every core."""
+    cores = os.cpu_count() or 1
+    if max(m.model.num_parameters() for m in scorer.models) > 50_000_000:
+        return cores
+    return max(1, cores - workers)
+
+
 def score_files(args, scorer):
     from tqdm import tqdm
 
@@ -377,6 +389,8 @@ def score_files(args, scorer):
             path.unlink(missing_ok=True)
     if world > 1:
         torch.distributed.barrier()
+    if scorer.device.type == "cpu":
+        torch.set_num_threads(args.threads or cpu_threads(scorer, args.workers))
     done = done_keys(args.out)
     total = max(0, (count_files(args.paths) - len(done)) // world) if rank == 0 else None
     journal = Journal(part_path(args.out, rank, world) if world > 1 else journal_path(args.out))

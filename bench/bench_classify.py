@@ -113,7 +113,7 @@ def vit_l_model(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT), help="model folder (default: the shipped model)")
-    parser.add_argument("--images", type=int, default=48, help="images for the default model (default: 48)")
+    parser.add_argument("--images", type=int, default=240, help="images for the default model (default: 240)")
     parser.add_argument("--vit-l-images", type=int, default=0, help="images for a ViT-L-sized model (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="JSON to write")
     parser.add_argument("--seed", type=int, default=0)
