@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+from cityclassifier.image_processing import NUM_TILES  # noqa: E402 - the package exists once remote_code ran
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
@@ -137,16 +138,19 @@ class FileStream(torch.utils.data.IterableDataset):
 
 
 def collate(items):
-    """-> (metas, per group (pixel_values, tile_mask) for the decodable images, or None)."""
+    """-> (metas, per group (pixels of the real tiles only (n, 3, S, S), tile_mask (batch, slots)) for
+    the decodable images, or None). Padding never leaves the worker: it is half the tiles here."""
     metas = [meta for meta, _ in items]
     good = [inputs for _, inputs in items if inputs is not None]
     if not good:
         return metas, None
     grouped = []
     for g in range(len(good[0])):
-        pixels = torch.from_numpy(np.stack([inputs[g][0] for inputs in good]))
-        mask = torch.from_numpy(np.stack([inputs[g][1] for inputs in good]))
-        grouped.append((pixels, mask))
+        tiles = [inputs[g][0] for inputs in good]
+        mask = torch.zeros(len(tiles), good[0][g][1], dtype=torch.long)
+        for row, views in zip(mask, tiles):
+            row[: len(views)] = 1
+        grouped.append((torch.from_numpy(np.concatenate(tiles)), mask))
     return metas, grouped
 
 
@@ -249,11 +253,11 @@ class Scorer:
         return names
 
     def preprocess(self, image):
-        """PIL image -> per group (pixel_values (tiles, 3, S, S), tile_mask (tiles,)) as numpy."""
+        """PIL image -> per group (real tiles (k, 3, S, S) float32, tile slots) for `collate`."""
         out = []
         for processor in self.processors:
-            inputs = processor(image)
-            out.append((inputs["pixel_values"][0], inputs["tile_mask"][0]))
+            views = processor.views(image)
+            out.append((np.stack([processor.clip_preprocess(view) for view in views]), NUM_TILES if processor.tiling else 1))
         return out
 
     @torch.inference_mode()
@@ -261,14 +265,12 @@ class Scorer:
         """Yields (ScoringModel, CityClassifierOutput, tile_mask) for every model: the backbone runs
         once per group on the real tiles, each head reads the shared embeddings.
 
-        grouped_inputs: per group (pixel_values (batch, tiles, 3, S, S), tile_mask (batch, tiles))."""
-        for group, (pixel_values, tile_mask) in zip(self.groups, grouped_inputs):
-            pixel_values = pixel_values.to(self.device, non_blocking=True)
+        grouped_inputs: per group (pixels of the real tiles (n, 3, S, S), tile_mask (batch, tiles)), from `collate`."""
+        for group, (pixels, tile_mask) in zip(self.groups, grouped_inputs):
             tile_mask = tile_mask.to(self.device)
             batch, tiles = tile_mask.shape
             valid = tile_mask.bool().flatten()
-            flat = pixel_values.flatten(0, 1)[valid].to(self.dtype)  # (batch*tiles, 3, S, S), real tiles only
-            embeds = group[0].model.get_image_features(flat)
+            embeds = group[0].model.get_image_features(pixels.to(self.device, self.dtype, non_blocking=True))
             image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
             image_embeds[valid] = embeds
             image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
