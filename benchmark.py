@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def load_records(dataset, split, max_images=None):
 
 
 def batches(records, scorer, args):
-    """Yields (record indices, grouped inputs) with decoding in worker processes for files."""
-    from scoring import FileStream, collate
+    """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
+    files; an image that cannot be scored is reported, not fatal."""
+    from scoring import FileStream, collate, first_line
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}
@@ -104,19 +106,24 @@ def batches(records, scorer, args):
         loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                                              collate_fn=collate)
         for metas, grouped in loader:
-            bad = [m for m in metas if m["error"]]
-            if bad:
-                raise UsageError(f"{bad[0]['path']}: {bad[0]['error']}")
-            yield [index[m["path"]] for m in metas], grouped
+            errors = {index[m["path"]]: m["error"] for m in metas if m["error"]}
+            yield [index[m["path"]] for m in metas if not m["error"]], grouped, errors
     else:
         for start in range(0, len(records), args.batch_size):
-            chunk = range(start, min(start + args.batch_size, len(records)))
-            yield list(chunk), collate([(None, scorer.preprocess(records[i]["image"])) for i in chunk])[1]
+            items, good, errors = [], [], {}
+            for i in range(start, min(start + args.batch_size, len(records))):
+                try:
+                    items.append((None, scorer.preprocess(records[i]["image"])))
+                    good.append(i)
+                except Exception as error:  # noqa: BLE001 - reported and left out, never fatal
+                    errors[i] = first_line(error)
+            yield good, collate(items)[1] if items else None, errors
 
 
 def model_scores(name, records, args):
-    """(key, default variant, {variant: (n, labels) scores}) for one model: each tile strategy from
-    one tiled pass, and one pass without tiling. The default is what the saved settings give."""
+    """(key, default variant, {variant: {record index: scores}}, {record index: error}) for one model:
+    each tile strategy from one tiled pass, and one pass without tiling. The default variant is what
+    the saved settings give."""
     from tqdm import tqdm
 
     from cityclassifier.modeling_cityclassifier import combine_tiles
@@ -126,20 +133,25 @@ def model_scores(name, records, args):
     model, processor = scorer.models[0].model, scorer.processors[0]
     tiles_ok = model.config.arch == "class"  # score models never tile
     default = f"tiling-{model.config.tile_combine}" if processor.tiling and tiles_ok else "no-tiling"
-    results = {}
+    results, failed = {}, {}
     for tiling in ((True, False) if tiles_ok else (False,)):
         processor.tiling = tiling
         passes = tqdm(batches(records, scorer, args), total=-(-len(records) // args.batch_size), unit="batch",
                       desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
-        for indices, grouped in passes:
+        for indices, grouped, errors in passes:
+            for i, error in errors.items():
+                if i not in failed:
+                    tqdm.write(f"error: {records[i].get('path', f'row {i}')}: {error} (left out)", file=sys.stderr)
+                failed[i] = error
+            if grouped is None:
+                continue
             for _, output, mask in scorer.outputs(grouped):
                 tiles, mask = output.tile_scores.float().cpu(), mask.cpu()
                 for strategy in (STRATEGIES if tiling else ("mean",)):
                     variant = f"tiling-{strategy}" if tiling else "no-tiling"
                     combined = combine_tiles(tiles, mask, strategy).numpy()
                     results.setdefault(variant, {}).update(zip(indices, combined))
-    variants = {v: np.stack([rows[i] for i in range(len(records))]) for v, rows in results.items()}
-    return scorer.models[0].key, default, variants
+    return scorer.models[0].key, default, results, failed
 
 
 def baseline_job(record):
@@ -355,11 +367,21 @@ def update_card(model_dir, summary):
 def main(argv=None):
     args = parse_args(argv)
     records = load_records(args.dataset, args.split, args.max_images)
+    scored, failed = [], {}
+    for name in args.model:
+        key, default, variants, errors = model_scores(name, records, args)
+        scored.append((key, default, variants))
+        failed.update(errors)
+    keep = [i for i in range(len(records)) if i not in failed]  # every model is judged on the same images
+    if not keep:
+        raise UsageError(f"{args.dataset}: no image of split {args.split!r} could be scored")
+    skipped = [{"path": records[i].get("path", f"row {i}"), "error": failed[i]} for i in sorted(failed)]
+    records = [records[i] for i in keep]
     labels = np.array([r["label"] for r in records])
     results = {}
-    for name in args.model:
-        key, default, variants = model_scores(name, records, args)
-        for variant, scores in variants.items():
+    for key, default, variants in scored:
+        for variant, rows in variants.items():
+            scores = np.stack([rows[i] for i in keep])
             results[f"{key} {variant}"] = {"scores": scores, "binary": scores.shape[1] == 2,
                                            "headline": variant == default}
     if not args.no_baseline and all(r["binary"] for r in results.values()):
@@ -379,7 +401,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     headline = {name: r for name, r in results.items() if r["headline"]}
     written = plots(args.out, headline, labels, records, args.threshold)
-    summary = {"dataset": args.dataset, "split": args.split, "images": len(records),
+    summary = {"dataset": args.dataset, "split": args.split, "images": len(records), "skipped": skipped,
                "threshold": args.threshold, "target_precision": args.target_precision,
                "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"]}
                           for name, r in results.items()}}

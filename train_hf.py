@@ -275,20 +275,16 @@ def build_model(model_args, label_ids, label_names):
     return model, processor, bool(model_args.train_backbone)
 
 
-def backbone_fingerprint(model, processor):
-    """Identifies the frozen backbone and the views, to name the cached embeddings."""
-    digest = hashlib.sha256(json.dumps(processor.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.clip.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-        digest.update(str(float(tensor.float().sum())).encode())
-    return digest.hexdigest()[:16]
+def views_fingerprint(model, processor):
+    """Identifies the frozen backbone's weights and the views, to name the cached embeddings."""
+    from scoring import backbone_fingerprint
+
+    views = json.dumps(processor.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256((backbone_fingerprint(model) + views).encode()).hexdigest()[:16]
 
 
 def embed_views(ds, model, processor, batch_size):
     """Adds `image_embeds` (tiles, dim) and `tile_mask` (tiles,) columns, cached by fingerprint."""
-    from datasets.fingerprint import update_fingerprint
-
     device = next(model.parameters()).device
 
     def embed(batch):
@@ -302,7 +298,8 @@ def embed_views(ds, model, processor, batch_size):
         embeds = embeds.view(len(images), -1, embeds.shape[-1])  # (batch*tiles, dim) -> (batch, tiles, dim)
         return {"image_embeds": embeds.numpy(), "tile_mask": inputs["tile_mask"].numpy()}
 
-    fingerprint = update_fingerprint(ds._fingerprint, embed, {"backbone": backbone_fingerprint(model, processor)})
+    # named by the data and the backbone, not by hashing `embed` (which would pickle the whole model)
+    fingerprint = hashlib.sha256(f"{ds._fingerprint}-{views_fingerprint(model, processor)}".encode()).hexdigest()[:16]
     return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
                   desc="Embedding views (cached)")
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +40,7 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
         image.save(data / folder / f"{i}.png")
         rows.append(f"{folder}/{i}.png,{effect},{strength}")
     (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    (data / "1_shift" / "broken.png").write_bytes(b"not a png")  # reported and left out, not fatal
     card_dir = tmp_path / "card"
     shutil.copytree(converted["ca"], card_dir)
     out = tmp_path / "report"
@@ -49,6 +51,7 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 8
+    assert [Path(x["path"]).name for x in metrics["skipped"]] == ["broken.png"]
     variants = set(metrics["models"])
     assert {"ca tiling-mean", "ca tiling-median", "ca tiling-max", "ca tiling-min", "ca no-tiling",
             "fringe-baseline"} == variants
