@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse images with more pixels, as decompression bombs (default: Pillow's limit)")
     parser.add_argument("--no-resume", action="store_true", help="start the output afresh instead of resuming")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode large JPEGs at a reduced scale when the scoring downsizes them anyway "
+                             "(not bit-exact; see the README for the measured difference)")
     filters = parser.add_argument_group("filtering")
     filters.add_argument("--label", help="score column to filter on: a label name, or MODEL:LABEL")
     filters.add_argument("--min", type=float, help="keep rows with score >= MIN (default 0.5 when only --label)")
@@ -394,7 +397,7 @@ def score_files(args, scorer):
     done = done_keys(args.out)
     total = max(0, (count_files(args.paths) - len(done)) // world) if rank == 0 else None
     journal = Journal(part_path(args.out, rank, world) if world > 1 else journal_path(args.out))
-    stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels)
+    stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode)
     loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=scorer.device.type == "cuda",
                                          prefetch_factor=4 if args.workers else None)

@@ -24,18 +24,30 @@ class BadImage(Exception):
     """An input that cannot be scored; its message is the one-line reason in the error column."""
 
 
-def load_image(path, max_pixels=MAX_PIXELS):
+def load_image(path, max_pixels=MAX_PIXELS, draft_short=None):
     """Opens one file as the pipeline does (EXIF rotation applied, first frame of animations),
-    keeping its mode for the processor. Raises BadImage with a one-line reason."""
+    keeping its mode for the processor. Raises BadImage with a one-line reason.
+
+    draft_short(width, height) -> short side the scoring needs, or None: JPEGs are then decoded at
+    a reduced scale (libjpeg's DCT scaling) that keeps at least that short side. Not exact."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow still raises above 2x
             with Image.open(path) as image:
                 if image.width * image.height > max_pixels:
                     raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {max_pixels}")
                 image.seek(0)
+                size = image.size
+                need = draft_short(*image.size) if draft_short and image.format == "JPEG" else None
+                if need:
+                    scale = need / min(image.size)
+                    image.draft("RGB", (int(image.width * scale + 0.999), int(image.height * scale + 0.999)))
                 image.load()
-                return ImageOps.exif_transpose(image).copy()
+                result = ImageOps.exif_transpose(image).copy()
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    size = size[::-1]
+                result.info["file_size"] = size  # the file's own size, also when decoded at a reduced scale
+                return result
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -109,9 +121,9 @@ def path_key(path):
 class FileStream(torch.utils.data.IterableDataset):
     """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process."""
 
-    def __init__(self, paths, scorer, done, rank, world, max_pixels):
+    def __init__(self, paths, scorer, done, rank, world, max_pixels, fast_decode=False):
         self.paths, self.scorer, self.done = paths, scorer, done
-        self.rank, self.world, self.max_pixels = rank, world, max_pixels
+        self.rank, self.world, self.max_pixels, self.fast_decode = rank, world, max_pixels, fast_decode
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -125,8 +137,9 @@ class FileStream(torch.utils.data.IterableDataset):
             seen.add(key)
             meta = {"path": path, "width": None, "height": None, "error": None}
             try:
-                image = load_image(path, self.max_pixels or MAX_PIXELS)
-                meta["width"], meta["height"] = image.size
+                draft = self.scorer.draft_short if self.fast_decode else None
+                image = load_image(path, self.max_pixels or MAX_PIXELS, draft)
+                meta["width"], meta["height"] = image.info["file_size"]
                 inputs = self.scorer.preprocess(image)
             except BadImage as error:
                 meta["error"] = str(error)
@@ -259,6 +272,21 @@ class Scorer:
             views = processor.views(image)
             out.append((np.stack([processor.clip_preprocess(view) for view in views]), NUM_TILES if processor.tiling else 1))
         return out
+
+    def draft_short(self, width, height):
+        """The smallest short side an image of this size can be decoded at without changing what any
+        processor does with it, or None when it needs full resolution (tiles are cut at full size)."""
+        needs = []
+        for processor in self.processors:
+            crop, limit = processor.size["shortest_edge"], processor.tile_resize_limit
+            if processor.tiling and min(width, height) > 2 * crop:
+                if max(width, height) <= limit:
+                    return None
+                needs.append(limit)  # resized to this short side before tiling
+            else:
+                needs.append(crop)
+        need = max(needs)
+        return need if min(width, height) >= 2 * need else None  # JPEG scales by 1/2, 1/4, 1/8 only
 
     @torch.inference_mode()
     def outputs(self, grouped_inputs):

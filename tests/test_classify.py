@@ -265,3 +265,22 @@ def test_datasets_route_adds_score_columns(converted, folder, tmp_path):
     scored = datasets.load_from_disk(str(out))
     assert len(scored) == 6 and "ca:Chromatic Aberration" in scored.column_names
     assert sorted(round(v, 5) for v in scored["ca:Pass"]) == sorted(round(r["ca:Pass"], 5) for r in rows_of(files))
+
+
+def test_fast_decode_only_where_the_image_is_downsized_anyway(converted, tmp_path):
+    from scoring import Scorer, load_image
+
+    scorer = Scorer([str(converted["ca"])], dtype="float32")  # tiles of 60 px, resize limit 1536
+    assert scorer.draft_short(1000, 800) is None  # tiles cut at full resolution
+    assert scorer.draft_short(3500, 3100) == 1536  # resized to a 1536 short side before tiling
+    assert scorer.draft_short(2500, 2000) is None  # a 1/2 decode would fall below 1536
+    big = tmp_path / "big.jpg"
+    make_image(3300, 3100, seed=5).save(big, quality=90)
+    assert min(load_image(big, draft_short=scorer.draft_short).size) == 1550  # decoded at 1/2
+    assert load_image(big).size == (3300, 3100)
+    exact, fast = tmp_path / "exact.jsonl", tmp_path / "fast.jsonl"
+    run(big, "--model", converted["ca"], "--out", exact, "--dtype", "float32", "--workers", 0)
+    run(big, "--model", converted["ca"], "--out", fast, "--dtype", "float32", "--workers", 0, "--fast-decode")
+    a, b = rows_of(exact)[0], rows_of(fast)[0]
+    assert (a["width"], a["height"]) == (b["width"], b["height"]) == (3300, 3100)  # the file's size, not the draft's
+    assert abs(a["ca:Pass"] - b["ca:Pass"]) < 0.02
