@@ -383,6 +383,7 @@ def score_files(args, scorer):
     rank, world = distributed()
     if world > 1 and args.device == "auto" and torch.cuda.is_available():
         scorer_device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(scorer_device)
         for m in scorer.models:
             m.model.to(scorer_device)
         scorer.device = scorer_device
@@ -420,7 +421,8 @@ def score_files(args, scorer):
             bar.update(len(metas))
     journal.close()
     if world > 1:
-        totals = torch.tensor([scored, failed])
+        on = scorer.device if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces on GPUs only
+        totals = torch.tensor([scored, failed], device=on)
         torch.distributed.all_reduce(totals)
         scored, failed = totals.tolist()
         torch.distributed.barrier()
