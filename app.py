@@ -50,7 +50,7 @@ def original_boxes(image, processor):
 
     tile = 2 * processor.size["shortest_edge"]
     w, h = image.size
-    if not processor.tiling or min(w, h) <= tile:
+    if not processor.is_tiled(w, h):
         return [(0, 0, w - 1, h - 1)]
     tw, th = tiling_size(w, h, processor.tile_resize_limit)
     sx, sy = w / tw, h / th

@@ -55,11 +55,15 @@ def tile_boxes(width, height, tile):
     return [(x, y, x + tile, y + tile) for x, y in corners]
 
 
+def is_tiled(width, height, crop, tiling=True):
+    """The original's rule: with tiling on, an image is cut into five tiles when min(w, h) > 2*crop."""
+    return tiling and min(width, height) > 2 * crop
+
+
 def tile_views(image, crop, resize_limit, tiling=True):
-    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops when
-    min(w, h) > 2*crop."""
+    """The original's views of one RGB image: the whole image, or five (2*crop)-pixel crops."""
     tile = 2 * crop
-    if not tiling or min(image.size) <= tile:
+    if not is_tiled(*image.size, crop, tiling):
         return [image]
     image = resize_for_tiling(image, resize_limit)
     return [image.crop(box) for box in tile_boxes(*image.size, tile)]
@@ -121,6 +125,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     def clip_preprocess(self, view):
         """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it."""
         return self.normalize_pixels(self.resize_and_crop(view))
+
+    def is_tiled(self, width, height, tiling=None):
+        """Whether an image of this size is scored as five tiles (`tiling` overrides the saved option)."""
+        return is_tiled(width, height, self.size["shortest_edge"], self.tiling if tiling is None else tiling)
 
     def views(self, image, tiling=None):
         """The RGB PIL views the model sees for one image (1, or 5 when tiled)."""

@@ -279,7 +279,7 @@ class Scorer:
         needs = []
         for processor in self.processors:
             crop, limit = processor.size["shortest_edge"], processor.tile_resize_limit
-            if processor.tiling and min(width, height) > 2 * crop:
+            if processor.is_tiled(width, height):
                 if max(width, height) <= limit:
                     return None
                 needs.append(limit)  # resized to this short side before tiling

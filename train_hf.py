@@ -178,7 +178,7 @@ def check_dataset(splits, data_args, arch):
                 continue
             seen.add(label if arch == "class" else None)
             try:
-                with open_image(image) as im:
+                with Image.open(image_source(image)) as im:
                     im.verify()
             except Exception as error:  # noqa: BLE001 - any decoder failure is the same user problem
                 problems.append(f"{where}: unreadable image ({type(error).__name__}: {error})")
@@ -193,17 +193,18 @@ def check_dataset(splits, data_args, arch):
     return sorted(set().union(*label_sets.values())) if arch == "class" else None
 
 
-def open_image(image):
+def image_source(image):
+    """A `datasets` Image(decode=False) value as something PIL opens: its bytes, else its path."""
     from io import BytesIO
 
-    return Image.open(BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    return BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
 
 
 def decode(image):
-    from PIL import ImageOps
+    """Decodes as classify.py does (EXIF rotation, first frame, bomb limit)."""
+    from scoring import load_image
 
-    with open_image(image) as im:
-        return ImageOps.exif_transpose(im).copy()
+    return load_image(image_source(image))
 
 
 def random_view(processor, image, rng):
@@ -213,7 +214,7 @@ def random_view(processor, image, rng):
 
     tile = 2 * processor.size["shortest_edge"]
     view = to_rgb(image)
-    if min(view.size) > tile:
+    if processor.is_tiled(*view.size, tiling=True):
         view = resize_for_tiling(view, processor.tile_resize_limit)
         x, y = int(rng.integers(0, view.width - tile + 1)), int(rng.integers(0, view.height - tile + 1))
         view = view.crop((x, y, x + tile, y + tile))
