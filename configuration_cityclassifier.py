@@ -26,6 +26,15 @@ class CityClassifierConfig(PretrainedConfig):
         head_dropout: dropout before the head's LeakyReLU (0.1 in the original).
         tile_combine: how per-tile probabilities become one row: "mean", "median", "max" or "min".
         label_loss_weights: per-label cross-entropy weights, indexed like `id2label`.
+        stem: None (the original: pixels go straight into CLIP), or a convolutional stem run on the
+            pixels first, a hybrid ViT: {"channels": [16, 16], "kernel_sizes": [5, 3], "strides": [1, 2],
+            "pool": 4}: each conv followed by a GELU, then a `pool` x `pool` max-pool. CLIP then sees
+            `channels[-1]` channels (its `num_channels` is set to that) at `image_size` = pixel size /
+            (product(strides) * pool). Colour fringes are a per-pixel misalignment of R and B against G,
+            thin and sparse: a large-patch ViT's linear patch embedding averages them away, while a few
+            full-resolution convolutions see them and a max-pool keeps them.
+        stem_aux_loss_weight: in training only, adds this weight times the loss of a linear probe on
+            the stem's pooled features (deep supervision: gives the stem a direct signal early on).
     """
 
     model_type = "cityclassifier"
@@ -40,6 +49,8 @@ class CityClassifierConfig(PretrainedConfig):
         head_dropout=0.1,
         tile_combine="mean",
         label_loss_weights=None,
+        stem=None,
+        stem_aux_loss_weight=0.0,
         **kwargs,
     ):
         if arch not in ARCHES:
@@ -83,6 +94,34 @@ class CityClassifierConfig(PretrainedConfig):
                 f"got {label_loss_weights}"
             )
         self.label_loss_weights = label_loss_weights
+
+        if stem is not None:
+            pool = stem.get("pool", 1)
+            stem = {"channels": [int(c) for c in stem["channels"]],
+                    "kernel_sizes": [int(k) for k in stem.get("kernel_sizes", [3] * len(stem["channels"]))],
+                    "strides": [int(s) for s in stem.get("strides", [1] * len(stem["channels"]))]}
+            lengths = {len(v) for v in stem.values()}
+            if len(lengths) != 1 or 0 in lengths or min(min(v) for v in stem.values()) < 1:
+                raise ValueError(f"stem needs equally long, non-empty lists of positive channels, kernel_sizes "
+                                 f"and strides, got {stem}")
+            stem["pool"] = int(pool)
+            if stem["pool"] < 1:
+                raise ValueError(f"stem pool must be a positive integer, got {pool}")
+            if any(k % 2 == 0 for k in stem["kernel_sizes"]):
+                raise ValueError(f"stem kernel_sizes must be odd (same padding), got {stem['kernel_sizes']}")
+            self.vision_config.num_channels = stem["channels"][-1]
+        if stem_aux_loss_weight < 0:
+            raise ValueError(f"stem_aux_loss_weight must be >= 0, got {stem_aux_loss_weight}")
+        self.stem = stem
+        self.stem_aux_loss_weight = float(stem_aux_loss_weight)
+
+    @property
+    def pixel_size(self):
+        """The side of the pixel views the model takes: CLIP's image_size times the stem's strides and pool."""
+        size = self.vision_config.image_size * (self.stem or {}).get("pool", 1)
+        for stride in (self.stem or {}).get("strides", []):
+            size *= stride
+        return size
 
 
 __all__ = ["CityClassifierConfig"]

@@ -68,6 +68,30 @@ class CityClassifierHead(nn.Module):
         return x
 
 
+class CityClassifierStem(nn.Module):
+    """Full-resolution convolutions (each followed by a GELU), then an optional max-pool, in front of
+    the CLIP tower; and the linear probe on their pooled output that `stem_aux_loss_weight` trains
+    (unused at inference)."""
+
+    def __init__(self, stem, outputs):
+        super().__init__()
+        layers, channels = [], 3
+        for out_channels, kernel, stride in zip(stem["channels"], stem["kernel_sizes"], stem["strides"]):
+            layers += [nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=kernel // 2), nn.GELU()]
+            channels = out_channels
+        if stem["pool"] > 1:
+            layers.append(nn.MaxPool2d(stem["pool"]))
+        self.layers = nn.Sequential(*layers)
+        self.probe = nn.Linear(2 * channels, outputs)
+
+    def forward(self, pixel_values):
+        return self.layers(pixel_values)
+
+    def probe_logits(self, features):
+        """(n, C, h, w) stem features -> (n, outputs): a linear probe on their spatial mean and max."""
+        return self.probe(torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1))
+
+
 def combine_tiles(tile_scores, tile_mask, how):
     """Combines (batch, tiles, labels) scores over the valid tiles, per label, without renormalising."""
     valid = tile_mask.bool()[..., None]  # (batch, tiles) -> (batch, tiles, 1)
@@ -95,6 +119,7 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # Only the head (the CLIP tower is a PreTrainedModel and initialises its own modules), with
         # PyTorch's default Linear init as the original had: a small normal init stalls its deep MLP.
+        # The stem's convolutions keep the default init they were built with.
         if isinstance(module, nn.Linear):
             module.reset_parameters()
 
@@ -108,6 +133,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
     def __init__(self, config: CityClassifierConfig):
         super().__init__(config)
+        self.stem = CityClassifierStem(config.stem, config.num_labels) if config.stem else None
         self.clip = CLIPVisionModelWithProjection(config.vision_config)
         self.head = CityClassifierHead(
             config.vision_config.projection_dim, config.head_hidden_size, config.num_labels, config.head_dropout
@@ -116,7 +142,18 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
     def get_image_features(self, pixel_values):
         """(n, 3, H, W) pixels -> (n, projection_dim) projected, un-normalised embeddings, as the original uses."""
-        return self.clip(pixel_values=pixel_values.to(self.dtype)).image_embeds
+        return self._embed(pixel_values)[0]
+
+    def _embed(self, pixel_values):
+        """(embeddings, stem features or None) of (n, 3, H, W) pixels."""
+        pixel_values = pixel_values.to(self.dtype)
+        features = self.stem(pixel_values) if self.stem is not None else None
+        embeds = self.clip(pixel_values=features if features is not None else pixel_values).image_embeds
+        return embeds, features
+
+    def backbone_modules(self):
+        """What turns pixels into embeddings (the stem, if any, and the CLIP tower): frozen in head-only training."""
+        return [self.stem, self.clip] if self.stem is not None else [self.clip]
 
     def forward(
         self,
@@ -146,41 +183,52 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
                 tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
             valid = tile_mask.bool().flatten()  # (batch*tiles,)
             flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            embeds = self.get_image_features(flat[valid])  # padding tiles never reach the backbone
+            embeds, stem_features = self._embed(flat[valid])  # padding tiles never reach the backbone
             image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
             image_embeds[valid] = embeds
             image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
         else:
+            stem_features = None
             if image_embeds.ndim == 2:
                 image_embeds = image_embeds[:, None]  # (batch, dim) -> (batch, 1, dim)
             image_embeds = image_embeds.to(self.dtype)
             if tile_mask is None:
                 tile_mask = torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
 
+        how = tile_combine or self.config.tile_combine
         z = self.head(image_embeds).float()  # (batch, tiles, num_labels)
-        if self.config.arch == "class":
-            tile_scores = z.softmax(-1)
-        else:
-            tile_scores = (z.tanh() + 1) / 2
-        tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
-        scores = combine_tiles(tile_scores, tile_mask, tile_combine or self.config.tile_combine)
-        if self.config.arch == "class":
-            logits = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
-        else:
-            logits = (scores * 2 - 1).clamp(-1 + 1e-7, 1 - 1e-7).atanh()
+        tile_scores, scores, logits = self._combine(z, tile_mask, how)
 
         loss = None
         if labels is not None:
-            labels = labels.to(scores.device)
-            if self.config.arch == "class":
-                weight = scores.new_tensor(self.config.label_loss_weights)
-                loss = nn.functional.nll_loss(logits, labels.long(), weight=weight)
-            else:
-                loss = nn.functional.mse_loss(scores.squeeze(-1), labels.to(scores.dtype).view(-1))
+            loss = self._loss(scores, logits, labels)
+            if self.training and stem_features is not None and self.config.stem_aux_loss_weight > 0:
+                probe = z.new_zeros(z.shape)  # (batch, tiles, num_labels), zeros under padding tiles
+                probe.view(-1, z.shape[-1])[tile_mask.bool().flatten()] = self.stem.probe_logits(stem_features).float()
+                probe_scores, probe_logits = self._combine(probe, tile_mask, how)[1:]
+                loss = loss + self.config.stem_aux_loss_weight * self._loss(probe_scores, probe_logits, labels)
 
         return CityClassifierOutput(
             loss=loss, logits=logits, scores=scores, tile_scores=tile_scores, image_embeds=image_embeds
         )
+
+    def _combine(self, z, tile_mask, how):
+        """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""
+        tile_scores = z.softmax(-1) if self.config.arch == "class" else (z.tanh() + 1) / 2
+        tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
+        scores = combine_tiles(tile_scores, tile_mask, how)
+        if self.config.arch == "class":
+            logits = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
+        else:
+            logits = (scores * 2 - 1).clamp(-1 + 1e-7, 1 - 1e-7).atanh()
+        return tile_scores, scores, logits
+
+    def _loss(self, scores, logits, labels):
+        labels = labels.to(scores.device)
+        if self.config.arch == "class":
+            weight = scores.new_tensor(self.config.label_loss_weights)
+            return nn.functional.nll_loss(logits, labels.long(), weight=weight)
+        return nn.functional.mse_loss(scores.squeeze(-1), labels.to(scores.dtype).view(-1))
 
 
 class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
@@ -216,4 +264,5 @@ __all__ = [
     "CityClassifierPreTrainedModel",
     "CityClassifierImageClassificationPipeline",
     "CityClassifierOutput",
+    "CityClassifierStem",
 ]

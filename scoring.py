@@ -213,7 +213,9 @@ def model_key(name):
 
 def backbone_fingerprint(model):
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.clip.state_dict().items()):
+    state = {f"{i}.{name}": tensor for i, module in enumerate(model.backbone_modules())
+             for name, tensor in module.state_dict().items()}
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -76,6 +76,15 @@ class ModelArguments:
         metadata={"help": "JSON of CLIPVisionConfig fields for a backbone trained from scratch, "
                           "e.g. '{\"hidden_size\": 192, \"num_hidden_layers\": 4, ...}'."},
     )
+    stem: str | None = field(
+        default=None,
+        metadata={"help": "With --vision_config: JSON of a convolutional stem in front of CLIP (a hybrid ViT), e.g. "
+                          "'{\"channels\": [16, 16], \"kernel_sizes\": [5, 3], \"strides\": [1, 2]}'. CLIP's "
+                          "image_size is then the pixel size divided by the strides' product."},
+    )
+    stem_aux_loss_weight: float = field(
+        default=1.0, metadata={"help": "With --stem: weight of the training loss of a linear probe on the stem's pooled "
+                                       "features (deep supervision; 0 turns it off)."})
     train_backbone: bool | None = field(
         default=None, metadata={"help": "Train the backbone too (default: only when built from --vision_config)."}
     )
@@ -95,11 +104,18 @@ def parse_args(argv=None):
     defaults = {"lr_scheduler_type": "cosine", "remove_unused_columns": False, "eval_strategy": "epoch",
                 "save_strategy": "epoch", "load_best_model_at_end": True, "report_to": "none",
                 "save_total_limit": 2, "logging_steps": 50}
+    # bf16 autocast also runs on CPUs (fast on AVX512-BF16/AMX ones), but TrainingArguments only
+    # accepts it there with use_cpu: say it for the user when there is no GPU, so one config runs on both.
+    cpu_bf16 = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = {**defaults, **json.loads(Path(argv[0]).read_text())}
+        if cpu_bf16 and values.get("bf16"):
+            values["use_cpu"] = True
         data, model, training = parser.parse_dict(values)
     else:
         parser.set_defaults(**defaults)
+        if cpu_bf16 and any(a == "--bf16" or a.startswith("--bf16=") for a in argv) and "--use_cpu" not in argv:
+            argv = [*argv, "--use_cpu", "true"]
         data, model, training = parser.parse_args_into_dataclasses(argv)
     training.remove_unused_columns = False  # set_transform needs the raw image column
     if training.load_best_model_at_end and training.metric_for_best_model is None:
@@ -244,11 +260,19 @@ def build_model(model_args, label_ids, label_names):
 
     if model_args.vision_config:
         vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
-        model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **head))
-        size = vision.image_size
+        try:
+            stem = json.loads(model_args.stem) if model_args.stem else None
+            config = CityClassifierConfig(vision_config=vision, stem=stem,
+                                          stem_aux_loss_weight=model_args.stem_aux_loss_weight if stem else 0.0, **head)
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"--stem/--vision_config: {error}") from None
+        model = CityClassifierForImageClassification(config)
+        size = config.pixel_size
         processor = CityClassifierImageProcessor(
             tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return model, processor, model_args.train_backbone is not False
+    if model_args.stem:
+        raise UsageError("--stem builds a new backbone: give it with --vision_config")
     if not model_args.model_name_or_path:
         raise UsageError("give --model_name_or_path (a CLIP or CityClassifier model) or --vision_config")
     try:
@@ -432,7 +456,8 @@ def main(argv=None):
             return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
                     "labels": train_labels(batch)}
     else:
-        model.clip.requires_grad_(False)
+        for module in model.backbone_modules():
+            module.requires_grad_(False)
         batch_size = max(8, training_args.per_device_eval_batch_size)
         train_ds = embed_views(train_ds, model, processor, batch_size)
         eval_ds = embed_views(eval_ds, model, processor, batch_size) if eval_ds is not None else None

@@ -260,3 +260,73 @@ def test_decompression_bomb_is_a_clear_error(converted, tmp_path):
     pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
     with pytest.raises(Image.DecompressionBombError):
         pipe(str(bomb_png(tmp_path / "bomb.png")))
+
+
+def stem_model(aux_weight=0.5):
+    from transformers import CLIPVisionConfig
+
+    from remote_code import CityClassifierConfig, CityClassifierForImageClassification
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=CLIP_SIZE // 2, patch_size=5, projection_dim=16)
+    config = CityClassifierConfig(vision_config=vision, head_hidden_size=32, head_dropout=0.0,
+                                  stem={"channels": [6, 4], "kernel_sizes": [5, 3], "strides": [1, 1], "pool": 2},
+                                  stem_aux_loss_weight=aux_weight)
+    return CityClassifierForImageClassification(config)
+
+
+def test_stem_config_sets_clip_channels_and_pixel_size():
+    from remote_code import CityClassifierConfig
+
+    model = stem_model()
+    assert model.config.vision_config.num_channels == 4 and model.config.pixel_size == CLIP_SIZE
+    assert model.clip.vision_model.embeddings.patch_embedding.in_channels == 4
+    for stem in ({"channels": [4], "kernel_sizes": [4]}, {"channels": [4, 4], "kernel_sizes": [3]},
+                 {"channels": [0]}):
+        with pytest.raises(ValueError, match="stem"):
+            CityClassifierConfig(stem=stem)
+
+
+def test_stem_model_is_convolutions_then_clip_and_saves(tmp_path):
+    """The stem written out as plain conv2d + GELU, fed to the model's own CLIP tower and head."""
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = stem_model().eval()
+    processor = CityClassifierImageProcessor(size={"shortest_edge": CLIP_SIZE},
+                                             crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    inputs = processor([make_image(150, 90), make_image(40, 50)], return_tensors="pt")
+    state = model.state_dict()
+    with torch.no_grad():
+        out = model(**inputs)
+        x = inputs["pixel_values"][0, :5]  # the first image's five tiles
+        x = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, state["stem.layers.0.weight"],
+                                                                state["stem.layers.0.bias"], padding=2))
+        x = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, state["stem.layers.2.weight"],
+                                                                state["stem.layers.2.bias"], padding=1))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        assert x.shape[-1] == CLIP_SIZE // 2
+        p = model.head(model.clip(pixel_values=x).image_embeds).softmax(-1).mean(0)
+    assert torch.allclose(out.scores[0], p, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = CityClassifierForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**inputs).scores, out.scores, atol=1e-6)
+
+
+def test_stem_probe_loss_is_added_in_training_only():
+    model = stem_model(aux_weight=0.5)
+    pixels = torch.randn(3, 1, 3, CLIP_SIZE, CLIP_SIZE)
+    labels = torch.tensor([1, 0, 1])
+    model.eval()
+    with torch.no_grad():
+        plain = model(pixel_values=pixels, labels=labels).loss
+        features = model.stem(pixels[:, 0])
+        state = model.stem.probe.state_dict()
+        pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], 1)
+        probe = torch.log_softmax(pooled @ state["weight"].T + state["bias"], -1)
+        probe_loss = -probe[torch.arange(3), labels].mean()
+        model.train()  # no dropout in this model: only the probe term changes
+        trained = model(pixel_values=pixels, labels=labels).loss
+    assert torch.allclose(trained, plain + 0.5 * probe_loss, atol=1e-5)

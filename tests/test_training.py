@@ -176,3 +176,25 @@ def test_bad_datasets_fail_before_training(tmp_path, layout, message):
     with pytest.raises(UsageError, match=message):
         train_hf.main(["--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--vision_config",
                        TINY_VISION, "--eval_split", "", "--max_steps", "1"])
+
+
+def test_full_mode_with_a_convolutional_stem(synthetic, tmp_path):
+    vision = json.loads(TINY_VISION) | {"image_size": 15, "patch_size": 5}
+    stem = json.dumps({"channels": [4, 4], "kernel_sizes": [3, 3], "strides": [1, 2]})
+    out = train(tmp_path, synthetic, "--vision_config", json.dumps(vision), "--stem", stem, "--cache_views", "1")
+    check_trained_folder(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["stem"]["channels"] == [4, 4] and config["stem_aux_loss_weight"] == 1.0
+    assert json.loads((out / "preprocessor_config.json").read_text())["crop_size"]["height"] == 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
+    import train_hf
+
+    _, _, training = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "true"])
+    assert training.bf16 and training.use_cpu
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": True}))
+    _, _, training = train_hf.parse_args([str(config)])
+    assert training.bf16 and training.use_cpu
