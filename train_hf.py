@@ -79,8 +79,9 @@ class ModelArguments:
     stem: str | None = field(
         default=None,
         metadata={"help": "With --vision_config: JSON of a convolutional stem in front of CLIP (a hybrid ViT), e.g. "
-                          "'{\"channels\": [16, 16], \"kernel_sizes\": [5, 3], \"strides\": [1, 2]}'. CLIP's "
-                          "image_size is then the pixel size divided by the strides' product."},
+                          "'{\"channels\": [16, 16], \"kernel_sizes\": [5, 3], \"strides\": [1, 2], \"pool\": 4}' "
+                          "(convs with GELU, then a max-pool). CLIP's image_size is then the view size divided "
+                          "by the strides' product times pool."},
     )
     stem_aux_loss_weight: float = field(
         default=1.0, metadata={"help": "With --stem: weight of the training loss of a linear probe on the stem's pooled "

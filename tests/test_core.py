@@ -283,7 +283,7 @@ def test_stem_config_sets_clip_channels_and_pixel_size():
     assert model.config.vision_config.num_channels == 4 and model.config.pixel_size == CLIP_SIZE
     assert model.clip.vision_model.embeddings.patch_embedding.in_channels == 4
     for stem in ({"channels": [4], "kernel_sizes": [4]}, {"channels": [4, 4], "kernel_sizes": [3]},
-                 {"channels": [0]}):
+                 {"channels": [0]}, {"channels": [4], "pool": 0}):
         with pytest.raises(ValueError, match="stem"):
             CityClassifierConfig(stem=stem)
 
