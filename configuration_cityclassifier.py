@@ -1,5 +1,7 @@
 """Configuration of CityClassifier: a CLIP vision tower with city96's CityClassifiers head on top."""
 
+import math
+
 from transformers import CLIPVisionConfig, PretrainedConfig
 
 ARCHES = ("class", "score")
@@ -118,10 +120,8 @@ class CityClassifierConfig(PretrainedConfig):
     @property
     def pixel_size(self):
         """The side of the pixel views the model takes: CLIP's image_size times the stem's strides and pool."""
-        size = self.vision_config.image_size * (self.stem or {}).get("pool", 1)
-        for stride in (self.stem or {}).get("strides", []):
-            size *= stride
-        return size
+        stem = self.stem or {"strides": [], "pool": 1}
+        return self.vision_config.image_size * stem["pool"] * math.prod(stem["strides"])
 
 
 __all__ = ["CityClassifierConfig"]

@@ -130,6 +130,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         """Whether an image of this size is scored as five tiles (`tiling` overrides the saved option)."""
         return is_tiled(width, height, self.size["shortest_edge"], self.tiling if tiling is None else tiling)
 
+    def tile_slots(self, tiling=None):
+        """Tile slots per image in `pixel_values`: 5 with tiling, else 1."""
+        return NUM_TILES if (self.tiling if tiling is None else tiling) else 1
+
     def views(self, image, tiling=None):
         """The RGB PIL views the model sees for one image (1, or 5 when tiled)."""
         if not isinstance(image, PIL.Image.Image):
@@ -149,7 +153,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         if isinstance(images, (PIL.Image.Image, np.ndarray)):
             images = [images]
         tiling = self.tiling if tiling is None else tiling
-        slots = NUM_TILES if tiling else 1
+        slots = self.tile_slots(tiling)
         crop = self.crop_size["height"]
         pixel_values = np.zeros((len(images), slots, 3, crop, crop), dtype=np.float32)
         tile_mask = np.zeros((len(images), slots), dtype=np.int64)

@@ -92,6 +92,14 @@ class CityClassifierStem(nn.Module):
         return self.probe(torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1))
 
 
+def scatter_tiles(values, tile_mask):
+    """(real tiles, d) values, in order -> (batch, tiles, d), zeros in the padding slots of `tile_mask`."""
+    batch, tiles = tile_mask.shape
+    out = values.new_zeros(batch * tiles, values.shape[-1])
+    out[tile_mask.bool().flatten().to(out.device)] = values
+    return out.view(batch, tiles, -1)  # (batch*tiles, d) -> (batch, tiles, d)
+
+
 def combine_tiles(tile_scores, tile_mask, how):
     """Combines (batch, tiles, labels) scores over the valid tiles, per label, without renormalising."""
     valid = tile_mask.bool()[..., None]  # (batch, tiles) -> (batch, tiles, 1)
@@ -181,12 +189,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             batch, tiles = pixel_values.shape[:2]
             if tile_mask is None:
                 tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
-            valid = tile_mask.bool().flatten()  # (batch*tiles,)
             flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            embeds, stem_features = self._embed(flat[valid])  # padding tiles never reach the backbone
-            image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
-            image_embeds[valid] = embeds
-            image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
+            embeds, stem_features = self._embed(flat[tile_mask.bool().flatten()])  # padding never reaches it
+            image_embeds = scatter_tiles(embeds, tile_mask)
         else:
             stem_features = None
             if image_embeds.ndim == 2:
@@ -203,8 +208,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         if labels is not None:
             loss = self._loss(scores, logits, labels)
             if self.training and stem_features is not None and self.config.stem_aux_loss_weight > 0:
-                probe = z.new_zeros(z.shape)  # (batch, tiles, num_labels), zeros under padding tiles
-                probe.view(-1, z.shape[-1])[tile_mask.bool().flatten()] = self.stem.probe_logits(stem_features).float()
+                probe = scatter_tiles(self.stem.probe_logits(stem_features).float(), tile_mask)
                 probe_scores, probe_logits = self._combine(probe, tile_mask, how)[1:]
                 loss = loss + self.config.stem_aux_loss_weight * self._loss(probe_scores, probe_logits, labels)
 
@@ -265,4 +269,6 @@ __all__ = [
     "CityClassifierImageClassificationPipeline",
     "CityClassifierOutput",
     "CityClassifierStem",
+    "combine_tiles",
+    "scatter_tiles",
 ]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
-from cityclassifier.image_processing import NUM_TILES  # noqa: E402 - the package exists once remote_code ran
+from cityclassifier.modeling_cityclassifier import scatter_tiles  # noqa: E402 - the package exists once remote_code ran
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
@@ -272,7 +272,7 @@ class Scorer:
         out = []
         for processor in self.processors:
             views = processor.views(image)
-            out.append((np.stack([processor.clip_preprocess(view) for view in views]), NUM_TILES if processor.tiling else 1))
+            out.append((np.stack([processor.clip_preprocess(view) for view in views]), processor.tile_slots()))
         return out
 
     def draft_short(self, width, height):
@@ -298,12 +298,8 @@ class Scorer:
         grouped_inputs: per group (pixels of the real tiles (n, 3, S, S), tile_mask (batch, tiles)), from `collate`."""
         for group, (pixels, tile_mask) in zip(self.groups, grouped_inputs):
             tile_mask = tile_mask.to(self.device)
-            batch, tiles = tile_mask.shape
-            valid = tile_mask.bool().flatten()
             embeds = group[0].model.get_image_features(pixels.to(self.device, self.dtype, non_blocking=True))
-            image_embeds = embeds.new_zeros(batch * tiles, embeds.shape[-1])
-            image_embeds[valid] = embeds
-            image_embeds = image_embeds.view(batch, tiles, -1)  # (batch*tiles, dim) -> (batch, tiles, dim)
+            image_embeds = scatter_tiles(embeds, tile_mask)
             for m in group:
                 yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask), tile_mask
 

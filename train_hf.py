@@ -311,6 +311,8 @@ def views_fingerprint(model, processor):
 
 def embed_views(ds, model, processor, batch_size):
     """Adds `image_embeds` (tiles, dim) and `tile_mask` (tiles,) columns, cached by fingerprint."""
+    from cityclassifier.modeling_cityclassifier import scatter_tiles
+
     device = next(model.parameters()).device
 
     def embed(batch):
@@ -318,10 +320,8 @@ def embed_views(ds, model, processor, batch_size):
         inputs = processor(images, return_tensors="pt")
         with torch.no_grad():
             flat = inputs["pixel_values"].flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            valid = inputs["tile_mask"].flatten().bool()
-            embeds = torch.zeros(flat.shape[0], model.config.vision_config.projection_dim)
-            embeds[valid] = model.get_image_features(flat[valid].to(device)).float().cpu()
-        embeds = embeds.view(len(images), -1, embeds.shape[-1])  # (batch*tiles, dim) -> (batch, tiles, dim)
+            real = flat[inputs["tile_mask"].flatten().bool()]  # padding tiles never reach the backbone
+            embeds = scatter_tiles(model.get_image_features(real.to(device)).float().cpu(), inputs["tile_mask"])
         return {"image_embeds": embeds.numpy(), "tile_mask": inputs["tile_mask"].numpy()}
 
     # named by the data and the backbone, not by hashing `embed` (which would pickle the whole model)
