@@ -1,6 +1,8 @@
 """The default model shipped at the repo root: it loads offline through remote code and does its job
 on a clear case."""
 
+import json
+
 import numpy as np
 
 from conftest import REPO
@@ -34,3 +36,28 @@ def test_shipped_model_ranks_an_aberrated_image_above_its_clean_original():
             score[name] = {r["label"]: r["score"] for r in pipe(image, top_k=None)}["Chromatic Aberration"]
         margins.append(score["aberrated"] - score["clean"])
     assert min(margins) > 0.05, margins
+
+
+def test_documented_training_configs_rebuild_the_shipped_architecture():
+    """configs/default_model.json builds a model with the shipped weights' shapes and labels, and the
+    second stage fine-tunes the first stage's output with its backbone unfrozen."""
+    import safetensors.torch
+
+    import train_hf
+
+    data, model_args, training = train_hf.parse_args([str(REPO / "configs" / "default_model.json")])
+    names = data.class_names.split(",")
+    model, processor, train_backbone = train_hf.build_model(model_args, [0, 1], names)
+    assert train_backbone
+    shipped = safetensors.torch.load_file(str(REPO / "model.safetensors"))
+    built = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in shipped.items()}
+    shipped_config = json.loads((REPO / "config.json").read_text())
+    assert shipped_config["id2label"] == {"0": names[0], "1": names[1]}
+    assert shipped_config["stem"] == model.config.stem
+    assert json.loads((REPO / "preprocessor_config.json").read_text())["crop_size"] == processor.crop_size
+
+    stage2, stage2_model, stage2_training = train_hf.parse_args([str(REPO / "configs" / "default_model_stage2.json")])
+    assert stage2_model.model_name_or_path == training.output_dir
+    assert stage2_model.train_backbone is True
+    assert stage2.dataset_name != data.dataset_name  # fresh images, not a second pass over the same ones
