@@ -265,8 +265,8 @@ def write_one(job):
     return path, effect, strength, source, max(image.size)
 
 
-def plan(split, count, seed, positive_fraction):
-    """(seed, effect) pairs: half of the negatives clean, the rest spread over the hard kinds."""
+def plan(split, count, seed, positive_fraction, hard_negatives=NEGATIVES[1:]):
+    """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
     rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split]])
     jobs = []
     for i in range(count):
@@ -275,7 +275,7 @@ def plan(split, count, seed, positive_fraction):
         elif rng.random() < 0.4:
             effect = "clean"
         else:
-            effect = NEGATIVES[int(rng.integers(1, len(NEGATIVES)))]
+            effect = hard_negatives[int(rng.integers(0, len(hard_negatives)))]
         jobs.append((int(rng.integers(0, 2**63)), effect))
     return jobs
 
@@ -290,7 +290,17 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--hard-negatives", default=",".join(NEGATIVES[1:]),
+        help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
+             f"positives (default: all of {','.join(NEGATIVES[1:])})")
+    args = parser.parse_args(argv)
+    args.hard_negatives = tuple(k.strip() for k in args.hard_negatives.split(",") if k.strip())
+    unknown = sorted(set(args.hard_negatives) - set(NEGATIVES[1:]))
+    if unknown or not args.hard_negatives:
+        parser.error(f"--hard-negatives: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(NEGATIVES[1:])}")
+    return args
 
 
 def main(argv=None):
@@ -308,7 +318,7 @@ def main(argv=None):
                 continue
             folder = args.out / split
             jobs = []
-            for i, (seed, effect) in enumerate(plan(split, count, args.seed, args.positive_fraction)):
+            for i, (seed, effect) in enumerate(plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)):
                 label = 1 if effect in POSITIVES else 0
                 jobs.append((seed, effect, folder / f"{label}_{effect}" / f"{i:06d}.png", photos))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))

@@ -39,8 +39,8 @@ def test_shipped_model_ranks_an_aberrated_image_above_its_clean_original():
 
 
 def test_documented_training_configs_rebuild_the_shipped_architecture():
-    """configs/default_model.json builds a model with the shipped weights' shapes and labels, and the
-    second stage fine-tunes the first stage's output with its backbone unfrozen."""
+    """configs/default_model.json builds a model with the shipped weights' shapes and labels, and each
+    later stage fine-tunes the previous stage's output, backbone unfrozen, on images of its own."""
     import safetensors.torch
 
     import train_hf
@@ -57,7 +57,11 @@ def test_documented_training_configs_rebuild_the_shipped_architecture():
     assert shipped_config["stem"] == model.config.stem
     assert json.loads((REPO / "preprocessor_config.json").read_text())["crop_size"] == processor.crop_size
 
-    stage2, stage2_model, stage2_training = train_hf.parse_args([str(REPO / "configs" / "default_model_stage2.json")])
-    assert stage2_model.model_name_or_path == training.output_dir
-    assert stage2_model.train_backbone is True
-    assert stage2.dataset_name != data.dataset_name  # fresh images, not a second pass over the same ones
+    datasets = [data.dataset_name]
+    for stage in ("default_model_stage2.json", "default_model_stage3.json"):
+        stage_data, stage_model, stage_training = train_hf.parse_args([str(REPO / "configs" / stage)])
+        assert stage_model.model_name_or_path == training.output_dir  # starts from the previous stage
+        assert stage_model.train_backbone is True
+        assert stage_data.dataset_name not in datasets  # fresh images, not another pass over the same ones
+        datasets.append(stage_data.dataset_name)
+        training = stage_training

@@ -48,6 +48,19 @@ def test_generator_is_deterministic_and_labels_match_folders(synthetic, tmp_path
             assert (synthetic / split / row["file_name"]).is_file()
 
 
+def test_generator_draws_only_the_chosen_hard_negatives():
+    import make_synthetic_data as m
+
+    default = [effect for _, effect in m.plan("train", 400, 5, 0.2)]
+    assert set(default) == set(m.POSITIVES) | set(m.NEGATIVES)  # every kind shows up by default
+    chosen = [effect for _, effect in m.plan("train", 400, 5, 0.2, ("jpeg", "webp"))]
+    assert set(chosen) == set(m.POSITIVES) | {"clean", "jpeg", "webp"}
+    # the same draws, only the hard kinds renamed: positives and clean images stay where they were
+    assert [e in m.POSITIVES or e == "clean" for e in chosen] == [e in m.POSITIVES or e == "clean" for e in default]
+    with pytest.raises(SystemExit):
+        m.parse_args(["--out", "x", "--hard-negatives", "jpeg,blur"])
+
+
 def test_generated_shift_moves_red_and_blue_but_not_green():
     import make_synthetic_data as m
 
