@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 POSITIVES = ("shift", "radial", "partial")
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
+HARD_NEGATIVES = NEGATIVES[1:]
 LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
 
 
@@ -265,7 +266,7 @@ def write_one(job):
     return path, effect, strength, source, max(image.size)
 
 
-def plan(split, count, seed, positive_fraction, hard_negatives=NEGATIVES[1:]):
+def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
     """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
     rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split]])
     jobs = []
@@ -291,16 +292,20 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
     parser.add_argument(
-        "--hard-negatives", default=",".join(NEGATIVES[1:]),
+        "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
-             f"positives (default: all of {','.join(NEGATIVES[1:])})")
-    args = parser.parse_args(argv)
-    args.hard_negatives = tuple(k.strip() for k in args.hard_negatives.split(",") if k.strip())
-    unknown = sorted(set(args.hard_negatives) - set(NEGATIVES[1:]))
-    if unknown or not args.hard_negatives:
-        parser.error(f"--hard-negatives: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(NEGATIVES[1:])}")
-    return args
+             f"positives (default: all of {', '.join(HARD_NEGATIVES)})")
+    return parser.parse_args(argv)
+
+
+def hard_negative_kinds(text):
+    """--hard-negatives "jpeg, webp" -> ("jpeg", "webp"); unknown kinds are a usage error."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(HARD_NEGATIVES))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(HARD_NEGATIVES)}")
+    return kinds
 
 
 def main(argv=None):
@@ -318,7 +323,8 @@ def main(argv=None):
                 continue
             folder = args.out / split
             jobs = []
-            for i, (seed, effect) in enumerate(plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)):
+            planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)
+            for i, (seed, effect) in enumerate(planned):
                 label = 1 if effect in POSITIVES else 0
                 jobs.append((seed, effect, folder / f"{label}_{effect}" / f"{i:06d}.png", photos))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
