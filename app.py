@@ -44,13 +44,13 @@ def annotate(image, boxes, scores):
     return canvas
 
 
-def original_boxes(image, processor):
+def original_boxes(image, processor, tiling=None):
     """The views' boxes in the uploaded image's coordinates."""
     from cityclassifier.image_processing import tile_boxes, tiling_size
 
     tile = 2 * processor.size["shortest_edge"]
     w, h = image.size
-    if not processor.is_tiled(w, h):
+    if not processor.is_tiled(w, h, tiling):
         return [(0, 0, w - 1, h - 1)]
     tw, th = tiling_size(w, h, processor.tile_resize_limit)
     sx, sy = w / tw, h / th
@@ -67,11 +67,8 @@ class Demo:
         if image is None:
             return [{}] * len(self.scorer.models) + [None, "Upload an image first."]
         try:
-            for m in self.scorer.models:
-                m.processor.tiling = tiling
-                m.model.config.tile_combine = combine
-            _, grouped = collate([(None, self.scorer.preprocess(image))])
-            outputs = list(self.scorer.outputs(grouped))
+            _, grouped = collate([(None, self.scorer.preprocess(image, tiling=tiling))])
+            outputs = list(self.scorer.outputs(grouped, combine=combine))
         except Exception as error:  # noqa: BLE001 - the page shows it instead of a stack trace
             return [{}] * len(self.scorer.models) + [None, f"Cannot score this image: {first_line(error)}"]
         labels, first_tiles = [], None
@@ -85,7 +82,7 @@ class Demo:
                 tiles = output.tile_scores[0].float().cpu().numpy()[mask[0].bool().cpu().numpy()]
                 first_tiles = (m, tiles[:, -1] if len(names) > 1 else tiles[:, 0])
         m, tile_scores = first_tiles
-        boxes = original_boxes(image, m.processor)
+        boxes = original_boxes(image, m.processor, tiling)
         positive = list(m.model.config.id2label.values())[-1]
         if len(boxes) > 1:
             status = f"Five tiles; each shows the {m.key} score for '{positive}'; combined by {combine}."

@@ -70,8 +70,8 @@ def load_records(dataset, split, max_images=None):
             with open(local / "metadata.csv", newline="") as f:
                 metadata = {row.pop("file_name"): row for row in csv.DictReader(f)}
         records = []
-        for path in walk(str(local)):
-            relative = Path(path).relative_to(local).as_posix()
+        for path in walk(str(local), notice=lambda text: print(f"note: {text}", file=sys.stderr)):
+            relative = Path(path).relative_to(local.absolute()).as_posix()
             meta = dict(metadata.get(relative, {}))
             label = label_from_folder(Path(path).parent.name)
             label = label if label is not None else meta.get("label")
@@ -95,14 +95,15 @@ def load_records(dataset, split, max_images=None):
     return records
 
 
-def batches(records, scorer, args):
+def batches(records, scorer, args, tiling):
     """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
     files; an image that cannot be scored is reported, not fatal."""
     from scoring import FileStream, collate, first_line
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}
-        stream = FileStream([r["path"] for r in records], scorer, np.array([], dtype=np.int64), 0, 1, None)
+        stream = FileStream([r["path"] for r in records], scorer, np.array([], dtype=np.int64), 0, 1, None,
+                            tiling=tiling)
         loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                                              collate_fn=collate)
         for metas, grouped in loader:
@@ -113,7 +114,7 @@ def batches(records, scorer, args):
             items, good, errors = [], [], {}
             for i in range(start, min(start + args.batch_size, len(records))):
                 try:
-                    items.append((None, scorer.preprocess(records[i]["image"])))
+                    items.append((None, scorer.preprocess(records[i]["image"], tiling=tiling)))
                     good.append(i)
                 except Exception as error:  # noqa: BLE001 - reported and left out, never fatal
                     errors[i] = first_line(error)
@@ -130,13 +131,12 @@ def model_scores(name, records, args):
     from scoring import Scorer
 
     scorer = Scorer([name], device=args.device, dtype=args.dtype)
-    model, processor = scorer.models[0].model, scorer.processors[0]
+    model = scorer.models[0].model
     tiles_ok = model.config.arch == "class"  # score models never tile
-    default = f"tiling-{model.config.tile_combine}" if processor.tiling and tiles_ok else "no-tiling"
+    default = f"tiling-{scorer.models[0].combine}" if scorer.models[0].tiling and tiles_ok else "no-tiling"
     results, failed = {}, {}
     for tiling in ((True, False) if tiles_ok else (False,)):
-        processor.tiling = tiling
-        passes = tqdm(batches(records, scorer, args), total=-(-len(records) // args.batch_size), unit="batch",
+        passes = tqdm(batches(records, scorer, args, tiling), total=-(-len(records) // args.batch_size), unit="batch",
                       desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
         for indices, grouped, errors in passes:
             for i, error in errors.items():

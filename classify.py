@@ -3,45 +3,76 @@
 
   python classify.py PATH... [--out results.jsonl] [--model M ...] [--label L --min P --copy-to DIR]
 
-PATH is an image file, a folder (scanned recursively for image files), or @list.txt (one path per
-line). Every input file gets exactly one row: its path, size, each model's score per label
-(`<model>:<label>`), each model's top label, and `error` (null when fine, else a one-line reason).
+PATH is an image file, a folder (scanned recursively for image files, symlinked folders followed,
+each real folder once), or @list.txt (one file or folder per line). Every input file gets exactly
+one row: its absolute path, size, each model's score per label (`<model>:<label>`), each model's
+top label, and `error` (null when fine, else a one-line reason).
 
 Resumable: rows are appended and flushed per batch; running the same command again skips every
-file already in the output (a killed run loses at most its in-flight batches). `.jsonl` output is
-written live; for `.csv` and `.parquet` the live rows go to a hidden `.OUT.jsonl` beside it, and the
-table is rebuilt from it at the end of each run (keep it to resume).
+file already in the output (a killed run loses at most its in-flight batches). A rerun with another
+model, weights, --tiling, --combine or --fast-decode is refused (use --no-resume). One process
+writes an output at a time. `.jsonl` output is written live; for `.csv` and `.parquet` the rows go
+to a hidden `.OUT.jsonl` beside it, and the table is rebuilt from it at the end of each run.
 
 Filtering (after scoring, over all rows of the output, so rerunning only applies it):
   --label "Chromatic Aberration" --min 0.5 --list             print matching paths
   --label default:Pass --max 0.2 --move-to rejected/ --keep-structure
+Copies and moves never overwrite and never lose a file, even when killed: rerun the same command
+to finish. The destination may lie inside an input folder (it is then not scored).
 
 Several GPUs or hosts: launch the same command with `accelerate launch classify.py ...` or
 `torchrun --nproc_per_node N classify.py ...`; each rank scores its share into its own part file,
 and rank 0 merges the parts into the output. A `datasets` dataset instead of files:
   python classify.py --dataset DIR_OR_HUB_ID --split train --out scored/   (adds score columns)
 
-Exit status: 0 when every file was scored, 1 when some could not be (they have error rows), 2 for
-bad arguments.
+Exit status: 0 when every file in the output is scored, 1 when some could not be (they have error
+rows, from this run or an earlier one) or could not be copied/moved, 2 for bad arguments or an
+output that cannot be written.
 """
 
 import argparse
-import itertools
-import json
+import math
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
-from scoring import FileStream, collate
-from toolkit import EXIT_OK, EXIT_SOME_FAILED, UsageError, run_cli
+from results_store import ResultsStore, display_text
+from scoring import (
+    MAX_PIXELS,
+    FileStream,
+    WorkerMarkers,
+    collate,
+    default_batch_size,
+    default_workers,
+    first_line,
+    is_done,
+    iter_files,
+    model_threads,
+    path_key,
+)
+from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, run_cli
+from transfers import inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
-BASE_COLUMNS = ["path", "width", "height", "error"]
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
 
 
 def parse_args(argv=None):
@@ -53,10 +84,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results.jsonl"),
                         help="output file: .jsonl, .csv or .parquet (default: results.jsonl); with --dataset, a "
                              "folder (save_to_disk) or a .parquet file")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="decoding processes (default: min(4, cores)); 0 decodes in the main process")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per batch (default: 8 on a CPU; on a GPU as many as fit in half its free memory "
+                             "by an estimate from the model, 8 to 64)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: min(4, cores) on a CPU, cores - 1 feeding a GPU); 0 decodes "
+                             "in the main process")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: auto: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: all cores for models over 50M parameters, which "
                              "are compute-bound; otherwise the cores the decoding workers leave free, at least 1)")
@@ -66,8 +101,10 @@ def parse_args(argv=None):
                         help="five-crop tiling of large images (default: as each model's processor says)")
     parser.add_argument("--combine", choices=["mean", "median", "max", "min"],
                         help="how tile scores combine (default: as each model's config says)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="refuse images with more pixels, as decompression bombs (default: Pillow's limit)")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                        help="give an error row to images with more pixels, or whose scoring would make a larger "
+                             f"image (a 10000x3 strip is resized to 1120000x336) (default: {MAX_PIXELS}, twice "
+                             "Pillow's warning limit)")
     parser.add_argument("--no-resume", action="store_true", help="start the output afresh instead of resuming")
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode large JPEGs at a reduced scale when the scoring downsizes them anyway "
@@ -75,13 +112,14 @@ def parse_args(argv=None):
                              "measurement; a first pass, not for tight thresholds)")
     filters = parser.add_argument_group("filtering")
     filters.add_argument("--label", help="score column to filter on: a label name, or MODEL:LABEL")
-    filters.add_argument("--min", type=float, help="keep rows with score >= MIN (default 0.5 when only --label)")
-    filters.add_argument("--max", type=float, help="keep rows with score <= MAX")
+    filters.add_argument("--min", type=finite_float, help="keep rows with score >= MIN (default 0.5 when only --label)")
+    filters.add_argument("--max", type=finite_float, help="keep rows with score <= MAX")
     filters.add_argument("--list", action="store_true", help="print the matching paths")
-    filters.add_argument("--copy-to", type=Path, metavar="DIR", help="copy matching files here (never overwrites)")
+    filters.add_argument("--copy-to", type=Path, metavar="DIR",
+                         help="copy matching files here (never overwrites: a taken name gets _1, _2, ...)")
     filters.add_argument("--move-to", type=Path, metavar="DIR",
-                         help="move matching files here (never overwrites; a file exists in one place at least "
-                              "at every moment)")
+                         help="move matching files here (never overwrites; the source is removed only once its "
+                              "copy is in place; a killed move is finished by rerunning)")
     filters.add_argument("--keep-structure", action="store_true",
                          help="mirror the source folders under DIR (default: flat)")
     data = parser.add_argument_group("datasets route")
@@ -97,161 +135,11 @@ def parse_args(argv=None):
         parser.error("filtering needs --label")
     if args.label and args.min is None and args.max is None:
         args.min = 0.5
-    if args.batch_size < 1 or args.workers < 0:
+    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
         parser.error("--batch-size must be >= 1 and --workers >= 0")
     if args.out.suffix not in (".jsonl", ".csv", ".parquet") and not args.dataset:
         parser.error(f"--out {args.out}: use a .jsonl, .csv or .parquet file")
     return args
-
-
-# ------------------------------------------------------------------------------------------- input
-
-
-def count_files(paths):
-    from scoring import iter_files
-
-    return sum(1 for _ in iter_files(paths))
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-class Journal:
-    """Append-only JSONL of result rows: one write and fsync per batch; a torn last line from a
-    killed run is cut off when it is opened again."""
-
-    def __init__(self, path, fresh=False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and self.path.exists():
-            self.path.unlink()
-        repair_tail(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, rows):
-        if rows:
-            self.file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self):
-        self.file.close()
-
-
-def repair_tail(path):
-    """Truncates a file after its last complete line (a write cut short by SIGKILL)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        size = f.seek(0, os.SEEK_END)
-        step = 1 << 16
-        position = size
-        while position > 0:
-            start = max(0, position - step)
-            f.seek(start)
-            chunk = f.read(position - start)
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
-            position = start
-        f.truncate(0)
-
-
-def read_rows(path):
-    """Streams rows from a JSONL file, skipping a torn last line."""
-    if not Path(path).exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
-
-
-def journal_path(out):
-    return out if out.suffix == ".jsonl" else out.with_name(f".{out.name}.jsonl")
-
-
-def part_path(out, rank, world):
-    journal = journal_path(out)
-    return journal.with_name(f"{journal.stem}.part{rank}-of-{world}.jsonl")
-
-
-def done_keys(out):
-    """Sorted 64-bit keys of every path already in the output, its journal or its rank parts."""
-    from scoring import path_key
-
-    journal = journal_path(out)
-    sources = [journal] + sorted(journal.parent.glob(f"{journal.stem}.part*-of-*.jsonl"))
-    if not journal.exists() and out.exists() and out.suffix in (".csv", ".parquet"):
-        sources.append(out)  # a table whose journal was deleted still counts
-    keys = []
-    for source in sources:
-        if source.suffix == ".jsonl":
-            keys += [path_key(row["path"]) for row in read_rows(source)]
-        else:
-            import pyarrow.csv
-            import pyarrow.parquet
-
-            table = pyarrow.parquet.read_table(source, columns=["path"]) if source.suffix == ".parquet" else \
-                pyarrow.csv.read_csv(source, convert_options=pyarrow.csv.ConvertOptions(include_columns=["path"]))
-            keys += [path_key(p) for p in table.column("path").to_pylist()]
-    return np.unique(np.array(keys, dtype=np.int64))
-
-
-def merge_parts(out, world):
-    """Appends each rank's part to the journal (a path once), then removes the parts."""
-    from scoring import path_key
-
-    journal = Journal(journal_path(out))
-    seen = set(path_key(row["path"]) for row in read_rows(journal.path))
-    for part in sorted(journal.path.parent.glob(f"{journal.path.stem}.part*-of-*.jsonl")):
-        batch = []
-        for row in read_rows(part):
-            key = path_key(row["path"])
-            if key not in seen:
-                seen.add(key)
-                batch.append(row)
-            if len(batch) >= 10000:
-                journal.write(batch)
-                batch = []
-        journal.write(batch)
-        part.unlink()
-    journal.close()
-
-
-def write_table(out, columns):
-    """Rebuilds OUT.csv / OUT.parquet from the journal, streaming, via a temporary file."""
-    import pyarrow as pa
-    import pyarrow.csv
-    import pyarrow.parquet
-
-    journal = journal_path(out)
-    fields = [pa.field("path", pa.string()), pa.field("width", pa.int64()), pa.field("height", pa.int64()),
-              pa.field("error", pa.string())]
-    fields += [pa.field(c, pa.string() if c.endswith(":top_label") else pa.float64()) for c in columns]
-    schema = pa.schema(fields)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = pa.parquet.ParquetWriter(tmp, schema) if out.suffix == ".parquet" else pa.csv.CSVWriter(tmp, schema)
-    batch = []
-
-    def flush():
-        if batch:
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            batch.clear()
-
-    for row in read_rows(journal):
-        batch.append({name: row.get(name) for name in schema.names})
-        if len(batch) >= 10000:
-            flush()
-    flush()
-    writer.close()
-    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------- filters
@@ -269,92 +157,83 @@ def resolve_label(spec, columns):
     raise UsageError(f"--label {spec!r} is ambiguous: name the model, one of {', '.join(matches)}")
 
 
-def transfer(source, dest_dir, relative, move):
-    """Copies or moves `source` to dest_dir/relative without overwriting: a taken name gets _1, _2...
-    A move places the file (a hard link, or a copy on another file system) before it removes the
-    source, so a crash at any moment leaves the file in one place at least. Returns the destination."""
-    dest = dest_dir / relative
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stem, suffix = dest.stem, dest.suffix
-    for n in itertools.count(1):
-        if dest.exists() and same_file_content(source, dest):
-            break  # placed by an earlier, interrupted run
-        if place(source, dest, link=move):
-            break
-        dest = dest.with_name(f"{stem}_{n}{suffix}")
-    if move:
-        os.unlink(source)
-    return dest
+def check_destination(args):
+    """A --move-to/--copy-to folder may lie inside an input folder (it is then left out of the
+    walk), never be one or hold one: the files placed there would be scored and moved again."""
+    dest = args.copy_to or args.move_to
+    if not dest:
+        return
+    flag = "--move-to" if args.move_to else "--copy-to"
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{flag} {dest}: exists and is not a folder")
+    for arg in args.paths:
+        if not arg.startswith("@") and os.path.isdir(arg) and inside(arg, dest):
+            raise UsageError(f"{flag} {dest}: {'is' if inside(dest, arg) else 'holds'} the input folder {arg}; "
+                             "choose a folder outside it, or a subfolder of it")
 
 
-def place(source, dest, link):
-    """Puts `source` at `dest` unless `dest` exists (then False); never overwrites, never leaves a
-    half-written `dest`."""
-    if link:
-        try:
-            os.link(source, dest)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            pass  # another file system: copy instead
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.copy2(source, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, dest)  # exclusive, unlike a rename
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
+def excluded_folders(args):
+    """os.stat identities of the transfer destination, which the walk leaves out."""
+    from scoring import folder_identity
+
+    dest = args.copy_to or args.move_to
+    return {folder_identity(dest)} if dest and dest.is_dir() else set()
 
 
-def same_file_content(a, b):
-    try:
-        if os.path.samefile(a, b):
-            return True
-        if os.path.getsize(a) != os.path.getsize(b):
-            return False
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                x, y = fa.read(1 << 20), fb.read(1 << 20)
-                if x != y:
-                    return False
-                if not x:
-                    return True
-    except OSError:
-        return False
+def print_path(path):
+    """Prints a path for scripts (`--list | xargs`): the file name's own bytes, whatever its encoding."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+    sys.stdout.buffer.flush()
 
 
-def apply_filters(args, columns):
+def apply_filters(args, columns, store):
+    """--list / --copy-to / --move-to over every row of the output. Returns how many files failed."""
     from scoring import root_of
+    from transfers import TransferError, Transfers, inside
 
     column = resolve_label(args.label, columns)
-    matched = transferred = missing = 0
-    for row in read_rows(journal_path(args.out)):
-        score = row.get(column)
-        if score is None or (args.min is not None and score < args.min) or (args.max is not None and score > args.max):
-            continue
-        matched += 1
-        if args.list:
-            print(row["path"])
-        target = args.copy_to or args.move_to
-        if target:
+    target = args.copy_to or args.move_to
+    transfers = Transfers(target, move=bool(args.move_to)) if target else None
+    matched = placed = earlier = missing = failed = 0
+    verb = "moved" if args.move_to else "copied"
+    try:
+        for row in store.rows():
+            score = row.get(column)
+            if score is None or (args.min is not None and score < args.min) or \
+                    (args.max is not None and score > args.max):
+                continue
+            matched += 1
+            if args.list:
+                print_path(row["path"])
+            if transfers is None:
+                continue
             source = Path(row["path"])
-            if not source.exists():
-                missing += 1  # moved by an earlier run, or gone
+            if inside(source, target):
+                earlier += 1  # already in the destination
                 continue
             relative = source.relative_to(root_of(source, args.paths)) if args.keep_structure else Path(source.name)
-            transfer(source, target, relative, move=bool(args.move_to))
-            transferred += 1
-    verb = "moved" if args.move_to else "copied"
+            try:
+                _, now = transfers.transfer(source, relative)
+                placed += now
+                earlier += not now
+            except TransferError as error:
+                if str(error) == "no longer at its path":
+                    missing += 1
+                else:
+                    failed += 1
+                    print(f"error: {display_text(str(source))}: not {verb}: {error}", file=sys.stderr)
+    finally:
+        if transfers is not None:
+            transfers.close()
     summary = f"{matched} file(s) with {column} in [{args.min}, {args.max}]"
-    if args.copy_to or args.move_to:
-        summary += f"; {transferred} {verb} to {args.copy_to or args.move_to}"
+    if target:
+        summary += f"; {placed} {verb} to {target}"
+        summary += f", {earlier} {verb} there earlier" if earlier else ""
         summary += f", {missing} no longer at their path" if missing else ""
+        summary += f", {failed} failed" if failed else ""
     print(summary, file=sys.stderr)
+    return failed
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -369,57 +248,56 @@ def distributed():
     return int(os.environ.get("RANK", "0")), world
 
 
-def cpu_threads(scorer, workers):
-    """Small models are decode-bound: oversubscribing 2 cores with 2 decoders and 2 model threads
-    cost 25% here (measured: 30 vs 22 img/s); big ones are compute-bound and want every core."""
-    cores = os.cpu_count() or 1
-    if max(m.model.num_parameters() for m in scorer.models) > 50_000_000:
-        return cores
-    return max(1, cores - workers)
-
-
-def score_files(args, scorer):
-    from tqdm import tqdm
-
+def score_files(args, scorer, store):
+    """Scores every input file not yet in the output. Returns (rank, failed files in the whole output)."""
     rank, world = distributed()
-    if world > 1 and args.device == "auto" and torch.cuda.is_available():
-        scorer_device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        torch.cuda.set_device(scorer_device)
-        for m in scorer.models:
-            m.model.to(scorer_device)
-        scorer.device = scorer_device
-    if args.no_resume and rank == 0:
-        for path in [journal_path(args.out), *journal_path(args.out).parent.glob(
-                f"{journal_path(args.out).stem}.part*-of-*.jsonl")]:
-            path.unlink(missing_ok=True)
-    if world > 1:
-        torch.distributed.barrier()
     if scorer.device.type == "cpu":
-        torch.set_num_threads(args.threads or cpu_threads(scorer, args.workers))
-    done = done_keys(args.out)
-    total = max(0, (count_files(args.paths) - len(done)) // world) if rank == 0 else None
-    journal = Journal(part_path(args.out, rank, world) if world > 1 else journal_path(args.out))
-    stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode)
-    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=scorer.device.type == "cuda",
-                                         prefetch_factor=4 if args.workers else None)
+        torch.set_num_threads(args.threads or model_threads(max(m.model.num_parameters() for m in scorer.models),
+                                                            args.workers))
+    done, old_errors = store.done()
+    exclude = excluded_folders(args)
+    notice = (lambda text: print(f"note: {display_text(text)}", file=sys.stderr)) if rank == 0 else None
+    total = None
+    if rank == 0:  # the progress bar's total: files not in the output yet, each counted once
+        keys = {path_key(path) for path in iter_files(args.paths, exclude, notice)}
+        total = sum(not is_done(done, key) for key in keys) // world
+    journal = store.writer(rank, world)
     scored = failed = 0
     start = time.time()
-    with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar:
-        for metas, grouped in loader:
-            scores = iter(scorer.score(grouped) if grouped else [])
-            rows = []
-            for meta in metas:
-                row = dict(meta)
-                if meta["error"] is None:
-                    row.update(next(scores))
-                    scored += 1
-                else:
-                    failed += 1
-                    tqdm.write(f"error: {meta['path']}: {meta['error']}", file=sys.stderr)
-                rows.append(row)
-            journal.write(rows)
-            bar.update(len(metas))
+    with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar, \
+            tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
+        markers = WorkerMarkers(marker_dir)
+        deaths = 0
+        while True:
+            stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
+                                markers)
+            loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
+                                                 collate_fn=collate, pin_memory=scorer.device.type == "cuda",
+                                                 prefetch_factor=4 if args.workers else None)
+            try:
+                for metas, grouped in loader:
+                    rows, ok, bad = score_batch(scorer, metas, grouped)
+                    journal.write(rows)
+                    scored, failed = scored + ok, failed + bad
+                    bar.update(len(metas))
+                break
+            except RuntimeError as error:
+                if "DataLoader worker" not in str(error):
+                    raise
+                culprits = markers.culprits(error)
+                deaths += not culprits
+                if deaths > 2:
+                    raise UsageError(f"decoding processes keep dying without a file to blame ({first_line(error)}); "
+                                     "try --workers 0 or a lower --max-pixels") from None
+                rows = [{"path": path, "width": None, "height": None, "error": reason}
+                        for path, reason in culprits.items()]
+                for row in rows:
+                    tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)
+                journal.write(rows)
+                failed += len(rows)
+                bar.update(len(rows))
+                del loader
+                done = store.done()[0]  # what this rank wrote so far is skipped by the new workers
     journal.close()
     if world > 1:
         on = scorer.device if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces on GPUs only
@@ -429,13 +307,30 @@ def score_files(args, scorer):
         torch.distributed.barrier()
     if rank == 0:
         if world > 1:
-            merge_parts(args.out, world)
-        if args.out.suffix in (".csv", ".parquet"):
-            write_table(args.out, scorer.columns())
+            store.merge_parts()
+        store.write_table(scorer.columns())
         seconds = time.time() - start
         rate = (scored + failed) / seconds if seconds > 0 else 0.0
         print(f"{scored} scored, {failed} failed in {seconds:.1f}s ({rate:.2f} img/s) -> {args.out}", file=sys.stderr)
-    return rank, failed
+        if old_errors:
+            print(f"{old_errors} file(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
+    return rank, failed + old_errors
+
+
+def score_batch(scorer, metas, grouped):
+    """(rows, scored, failed) for one batch from the loader; error rows are also printed."""
+    scores = iter(scorer.score(grouped) if grouped else [])
+    rows, scored, failed = [], 0, 0
+    for meta in metas:
+        row = dict(meta)
+        if meta["error"] is None:
+            row.update(next(scores))
+            scored += 1
+        else:
+            failed += 1
+            tqdm.write(f"error: {display_text(meta['path'])}: {meta['error']}", file=sys.stderr)
+        rows.append(row)
+    return rows, scored, failed
 
 
 def score_dataset(args, scorer):
@@ -491,18 +386,49 @@ def main(argv=None):
             raise UsageError(f"{path[1:]}: list file not found")
         if not path.startswith("@") and not os.path.lexists(path):
             raise UsageError(f"{path}: no such file or folder")
+    check_destination(args)
     try:
         scorer = Scorer(args.model, device=args.device, dtype=args.dtype, tiling=args.tiling, combine=args.combine)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.label:
         resolve_label(args.label, scorer.columns())  # fail before hours of scoring, not after
+    if args.workers is None:
+        args.workers = default_workers(scorer.device)
+    if args.batch_size is None:
+        args.batch_size = min(default_batch_size(scorer.device, m.model) for m in scorer.models)
     if args.dataset:
-        rank, failed = score_dataset(args, scorer)
-    else:
-        rank, failed = score_files(args, scorer)
+        return EXIT_SOME_FAILED if score_dataset(args, scorer)[1] else EXIT_OK
+    store = ResultsStore(args.out)
+    rank, world = distributed()
+    if world > 1 and args.device == "auto" and torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")  # one GPU per local rank
+        torch.cuda.set_device(device)
+        for m in scorer.models:
+            m.model.to(device)
+        scorer.device = device
+    refused = None
+    if rank == 0:
+        try:
+            store.lock()  # a second process on this output stops here, before it writes anything
+            store.start(dict(scorer.setup(), fast_decode=args.fast_decode), fresh=args.no_resume)
+        except UsageError as error:
+            refused = error
+    if world > 1:
+        flag = torch.tensor([refused is not None], dtype=torch.int32,
+                            device=scorer.device if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(flag)
+        if flag.item() and rank != 0:
+            return EXIT_USAGE  # rank 0 says why
+    if refused is not None:
+        store.close()
+        raise refused
+    try:
+        rank, failed = score_files(args, scorer, store)
         if rank == 0 and args.label:
-            apply_filters(args, scorer.columns())
+            failed += apply_filters(args, scorer.columns(), store)
+    finally:
+        store.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

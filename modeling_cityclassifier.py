@@ -11,6 +11,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_cityclassifier import CityClassifierConfig
 
+STEM_CHUNK_BYTES = 16 * 2**20  # see CityClassifierForImageClassification._stem_features
+
 
 @dataclass
 class CityClassifierOutput(ImageClassifierOutput):
@@ -85,7 +87,9 @@ class CityClassifierStem(nn.Module):
         self.probe = nn.Linear(2 * channels, outputs)
 
     def forward(self, pixel_values):
-        return self.layers(pixel_values)
+        # Channels-last lets oneDNN (and cuDNN) run these full-resolution convolutions about twice as
+        # fast on a CPU (measured on an AVX2 EPYC: 52 -> 23 ms per 336 px view); same maths, float rounding.
+        return self.layers(pixel_values.contiguous(memory_format=torch.channels_last))
 
     def probe_logits(self, features):
         """(n, C, h, w) stem features -> (n, outputs): a linear probe on their spatial mean and max."""
@@ -124,6 +128,29 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CLIPEncoderLayer"]
     _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a checkpoint that does not hold every weight of
+        the model in its shape, or holds others, is an error naming them: a model with random
+        weights must never score. `output_loading_info=True` loads it anyway, to inspect."""
+        inspect = kwargs.get("output_loading_info", False)
+        allow_mismatch = kwargs.get("ignore_mismatched_sizes", False)
+        kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)  # report mismatches by name below
+        model, info = super().from_pretrained(*args, **kwargs)
+        if inspect:
+            return model, info
+        kinds = ("missing_keys", "unexpected_keys") + (() if allow_mismatch else ("mismatched_keys",))
+        problems = {kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+                    for kind in kinds}
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            shown = "; ".join(f"{kind.replace('_', ' ')} ({len(keys)}): {', '.join(keys[:4])}"
+                              + (", ..." if len(keys) > 4 else "") for kind, keys in problems.items())
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{source}: the checkpoint does not match the model ({shown}); refusing to score "
+                             "with partly random weights")
+        return model
+
     def _init_weights(self, module):
         # Only the head (the CLIP tower is a PreTrainedModel and initialises its own modules), with
         # PyTorch's default Linear init as the original had: a small normal init stalls its deep MLP.
@@ -155,9 +182,21 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
     def _embed(self, pixel_values):
         """(embeddings, stem features or None) of (n, 3, H, W) pixels."""
         pixel_values = pixel_values.to(self.dtype)
-        features = self.stem(pixel_values) if self.stem is not None else None
+        features = self._stem_features(pixel_values) if self.stem is not None else None
         embeds = self.clip(pixel_values=features if features is not None else pixel_values).image_embeds
         return embeds, features
+
+    def _stem_features(self, pixel_values):
+        """The stem on (n, 3, H, W) pixels; on a CPU a few views at a time. Its first activations are
+        large (16 x 336 x 336 floats, 7 MB a view), and glibc gives blocks over 32 MB fresh pages from
+        the kernel on every call: a batch of 19 views cost 3.4 M page faults per 240 images, 12 s of
+        system time, on a 2-core EPYC. Chunks under 16 MB reuse the heap (10.5 -> 16 img/s there)."""
+        if pixel_values.device.type != "cpu":
+            return self.stem(pixel_values)
+        stem = self.config.stem
+        view_bytes = stem["channels"][0] * pixel_values[0, 0].numel() * pixel_values.element_size() // stem["strides"][0] ** 2
+        chunk = max(1, STEM_CHUNK_BYTES // max(1, view_bytes))
+        return torch.cat([self.stem(views) for views in pixel_values.split(chunk)])
 
     def backbone_modules(self):
         """What turns pixels into embeddings (the stem, if any, and the CLIP tower): frozen in head-only training."""
@@ -247,10 +286,15 @@ class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
         pass  # our model class is registered with the Auto classes only when loaded as remote code
 
     def preprocess(self, image, timeout=None):
-        if isinstance(image, str) and not image.startswith(("http://", "https://")):
-            image = PIL.ImageOps.exif_transpose(PIL.Image.open(image))
-        elif not isinstance(image, PIL.Image.Image):
-            return super().preprocess(image, timeout=timeout)
+        if isinstance(image, str):
+            if image.startswith(("http://", "https://")):
+                from transformers.image_utils import load_image
+
+                image = load_image(image, timeout=timeout)
+            else:
+                image = PIL.ImageOps.exif_transpose(PIL.Image.open(image))
+        if getattr(image, "ndim", 0) == 4:
+            raise ValueError(f"one image per input, got an array of shape {tuple(image.shape)}: pass a list of images")
         return self.image_processor(images=image, return_tensors="pt").to(self.model.dtype)
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5):

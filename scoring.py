@@ -2,7 +2,10 @@
 multi-model inference with one backbone pass per tile for models that share backbone weights."""
 
 import hashlib
+import json
 import os
+import re
+import signal
 import struct
 import warnings
 from dataclasses import dataclass
@@ -24,9 +27,12 @@ class BadImage(Exception):
     """An input that cannot be scored; its message is the one-line reason in the error column."""
 
 
-def load_image(path, max_pixels=MAX_PIXELS, draft_short=None):
+def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
     """Opens one file as the pipeline does (EXIF rotation applied, first frame of animations),
     keeping its mode for the processor. Raises BadImage with a one-line reason.
+
+    Refused before decoding: more than `max_pixels` in the file, or in the largest image that
+    scoring it would make (`work_pixels(width, height)`: a 10000x3 strip is resized to 1120000x336).
 
     draft_short(width, height) -> short side the scoring needs, or None: JPEGs are then decoded at
     a reduced scale (libjpeg's DCT scaling) that keeps at least that short side. Not exact."""
@@ -35,7 +41,12 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow still raises above 2x
             with Image.open(path) as image:
                 if image.width * image.height > max_pixels:
-                    raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {max_pixels}")
+                    raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {max_pixels} "
+                                   "(see --max-pixels)")
+                work = work_pixels(*image.size) if work_pixels else 0
+                if work > max_pixels:
+                    raise BadImage(f"too large to process: scoring {image.width}x{image.height} would make an image "
+                                   f"of {work} pixels, over the {max_pixels} limit (see --max-pixels)")
                 image.seek(0)
                 size = image.size
                 need = draft_short(*image.size) if draft_short and image.format == "JPEG" else None
@@ -70,33 +81,72 @@ def first_line(error):
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def iter_files(paths):
-    """Yields files from PATH arguments, lazily: files as given, folders recursively (sorted, image
-    extensions only), and `@list.txt` files holding one path per line."""
+def iter_files(paths, exclude=(), notice=None):
+    """Yields absolute paths from PATH arguments, lazily: files as given, folders recursively
+    (sorted, image extensions only, symlinked folders followed), and `@list.txt` files holding one
+    path (a file or a folder) per line. `good`, `./good` and `/abs/good` give the same paths.
+
+    exclude: folders (os.stat identities) not to walk, e.g. a --move-to destination inside an input.
+    notice(text): told of every folder left out (a loop, a second route, unreadable, excluded)."""
+    visited = set()  # (st_dev, st_ino) of every folder walked: a symlink loop or a second route is walked once
     for arg in paths:
         arg = str(arg)
         if arg.startswith("@"):
-            with open(arg[1:], encoding="utf-8") as listing:
+            with open(arg[1:], encoding="utf-8", errors="surrogateescape") as listing:
                 for line in listing:
                     line = line.rstrip("\n")
                     if line.strip():
-                        yield line
-        elif os.path.isdir(arg):
-            yield from walk(arg)
+                        yield from expand(line, visited, exclude, notice)
         else:
-            yield arg
+            yield from expand(arg, visited, exclude, notice)
 
 
-def walk(folder):
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from walk(entry.path)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-            yield entry.path  # broken symlinks included: they get an error row
+def expand(path, visited, exclude, notice):
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        yield from walk(path, visited, exclude, notice)
+    else:
+        yield path
+
+
+def walk(folder, visited=None, exclude=(), notice=None):
+    """Image files under `folder` (absolute paths, depth first, sorted by name), following symlinked
+    folders; each real folder is walked once, so a symlink loop ends."""
+    visited = set() if visited is None else visited
+    notice = notice or (lambda text: None)
+    stack = [os.path.abspath(folder)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            notice(f"{folder}: cannot list this folder ({error.strerror or error}); its files are not scored")
+            continue
+        identity = (st.st_dev, st.st_ino)
+        if identity in exclude:
+            notice(f"{folder}: not scored, it is the --move-to/--copy-to destination")
+            continue
+        if identity in visited:
+            notice(f"{folder}: already walked (a symlink loop or a second route to one folder); scored once")
+            continue
+        visited.add(identity)
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subfolders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield entry.path  # broken symlinks included: they get an error row
+        stack.extend(reversed(subfolders))
+
+
+def folder_identity(path):
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
 
 
 def root_of(path, paths):
@@ -105,8 +155,8 @@ def root_of(path, paths):
         arg = str(arg)
         if not arg.startswith("@") and os.path.isdir(arg):
             try:
-                Path(path).relative_to(arg)
-                return Path(arg)
+                Path(path).relative_to(os.path.abspath(arg))
+                return Path(os.path.abspath(arg))
             except ValueError:
                 continue
     return Path(path).parent
@@ -119,40 +169,115 @@ def path_key(path):
 
 
 class FileStream(torch.utils.data.IterableDataset):
-    """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process."""
+    """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process.
 
-    def __init__(self, paths, scorer, done, rank, world, max_pixels, fast_decode=False):
+    Each worker notes the file it is decoding in `markers` (see WorkerMarkers), so that when the
+    kernel kills a worker (out of memory) the main process can give that file an error row."""
+
+    def __init__(self, paths, scorer, done, rank, world, max_pixels, fast_decode=False, exclude=(), markers=None,
+                 tiling=None):
         self.paths, self.scorer, self.done = paths, scorer, done
         self.rank, self.world, self.max_pixels, self.fast_decode = rank, world, max_pixels, fast_decode
+        self.exclude, self.markers, self.tiling = exclude, markers, tiling
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shard, shards = self.rank * workers + worker, self.world * workers
+        marker = self.markers.open() if self.markers is not None and info else None
         seen = set()  # the same file named twice in one run is scored once
-        for path in iter_files(self.paths):
+        for path in iter_files(self.paths, self.exclude):
             key = path_key(path)  # sharding by key sends a path named twice to the same worker
             if key % shards != shard or key in seen or is_done(self.done, key):
                 continue
             seen.add(key)
-            meta = {"path": path, "width": None, "height": None, "error": None}
-            try:
-                draft = self.scorer.draft_short if self.fast_decode else None
-                image = load_image(path, self.max_pixels or MAX_PIXELS, draft)
-                meta["width"], meta["height"] = image.info["file_size"]
-                inputs = self.scorer.preprocess(image)
-            except BadImage as error:
-                meta["error"] = str(error)
-                inputs = None
-            except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
-                meta["error"] = f"cannot process: {first_line(error)}"
-                inputs = None
+            if marker:
+                marker.set(path)
+            meta, inputs = self.load(path)
+            if marker:
+                marker.clear()
             yield meta, inputs
+
+    def load(self, path):
+        meta = {"path": path, "width": None, "height": None, "error": None}
+        try:
+            fault_injection(path)
+            draft = self.scorer.draft_short if self.fast_decode else None
+            image = load_image(path, self.max_pixels or MAX_PIXELS, draft, self.scorer.work_pixels)
+            meta["width"], meta["height"] = image.info["file_size"]
+            return meta, self.scorer.preprocess(image, tiling=self.tiling)
+        except BadImage as error:
+            meta["error"] = str(error)
+        except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
+            meta["error"] = f"cannot process: {first_line(error)}"
+        return meta, None
+
+
+def fault_injection(path):
+    """Test hook: CITYCLASSIFIER_KILL_WORKER_ON=NAME makes the decoding process SIGKILL itself on a
+    file of that name, as the kernel's out-of-memory killer would (tests/test_reliability.py)."""
+    name = os.environ.get("CITYCLASSIFIER_KILL_WORKER_ON")
+    if name and os.path.basename(path) == name and torch.utils.data.get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WorkerMarkers:
+    """A folder where each decoding worker keeps the path it is working on, one file per pid."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def open(self):
+        return WorkerMarker(self.folder / str(os.getpid()))
+
+    def culprits(self, error):
+        """{path: reason} for the files that dead workers were decoding when `error` (the DataLoader's
+        'worker exited / killed' RuntimeError) was raised."""
+        match = re.search(r"pid(?:\(s\))?\s+([\d,\s]+)", str(error))
+        pids = {int(p) for p in re.findall(r"\d+", match.group(1))} if match else set()
+        out = {}
+        for marker in self.folder.iterdir():
+            if not marker.name.isdigit() or (pids and int(marker.name) not in pids) or \
+                    (not pids and process_alive(int(marker.name))):
+                continue
+            path = WorkerMarker.read(marker)
+            if path:
+                out[path] = f"the decoding process died on this file ({first_line(error)}; out of memory?)"
+            marker.unlink()
+        return out
+
+
+class WorkerMarker:
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def set(self, path):
+        data = os.fsencode(path)
+        os.pwrite(self.fd, struct.pack("<I", len(data)) + data, 0)
+
+    def clear(self):
+        os.pwrite(self.fd, struct.pack("<I", 0), 0)
+
+    @staticmethod
+    def read(marker):
+        data = marker.read_bytes()
+        if len(data) < 4:
+            return None
+        size = struct.unpack("<I", data[:4])[0]
+        return os.fsdecode(data[4 : 4 + size]) if size and len(data) >= 4 + size else None
+
+
+def process_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def collate(items):
-    """-> (metas, per group (pixels of the real tiles only (n, 3, S, S), tile_mask (batch, slots)) for
-    the decodable images, or None). Padding never leaves the worker: it is half the tiles here."""
+    """-> (metas, per group (the real tiles only, as `Scorer.preprocess` made them, tile_mask (batch,
+    slots)) for the decodable images, or None). Padding never leaves the worker: it is half the tiles."""
     metas = [meta for meta, _ in items]
     good = [inputs for _, inputs in items if inputs is not None]
     if not good:
@@ -177,12 +302,27 @@ class ScoringModel:
     key: str
     model: CityClassifierForImageClassification
     processor: CityClassifierImageProcessor
+    tiling: bool  # this run's options, passed per call: the loaded config and processor stay as saved
+    combine: str
+    weights: str  # fingerprint of the checkpoint files
 
 
 def pick_device(device="auto"):
+    """A torch.device for --device; a ValueError naming the problem when it does not exist here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif chosen.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    return chosen
 
 
 def pick_dtype(dtype, device):
@@ -203,12 +343,102 @@ def cpu_has_bf16():
         return False
 
 
+def default_workers(device):
+    """Decoding processes: feeding a GPU, every core but the one that drives it (the data path must
+    keep up with the GPU); on a CPU min(4, cores), since they share the cores with the model."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if device.type == "cuda" else min(4, cores)
+
+
+def model_threads(num_parameters, workers):
+    """CPU threads for the model beside `workers` decoding processes. Small models are decode-bound:
+    oversubscribing 2 cores with 2 decoders and 2 model threads cost 25% (measured: 30 vs 22 img/s);
+    big ones are compute-bound and want every core."""
+    cores = os.cpu_count() or 1
+    return cores if num_parameters > 50_000_000 else max(1, cores - workers)
+
+
+def default_batch_size(device, model):
+    """Images per batch: 8 on a CPU; on a GPU as many as fit, by an estimate of one view's inference
+    activations, in half the free memory (5 views an image), between 8 and 64."""
+    if device.type != "cuda":
+        return 8
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    view_bytes = 2 * tokens * (vision.intermediate_size + 4 * vision.hidden_size) * 2  # fp16, two live layers
+    if model.stem is not None:
+        side = model.config.pixel_size
+        view_bytes += 2 * model.config.stem["channels"][0] * side * side * 2
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(64, max(8, free // 2 // (5 * view_bytes))))
+
+
+def view_tiles(processor, image, tiling, on_gpu):
+    """The real tiles of one image: uint8 crops (k, S, S, 3) for a GPU, which normalises them itself
+    (a quarter of the bytes to copy), or (k, 3, S, S) float32 normalised here, in the decoding worker,
+    for a CPU: measured on a 2-core EPYC, normalising in the model's process cost 15% of the throughput."""
+    crops = [processor.resize_and_crop(view) for view in processor.views(image, tiling=tiling)]
+    return np.stack(crops) if on_gpu else np.stack([processor.normalize_pixels(crop) for crop in crops])
+
+
+def model_pixels(processor, tiles, device, dtype):
+    """Tiles from `view_tiles` -> normalised (n, 3, S, S) pixels on `device` in `dtype`."""
+    tiles = tiles.to(device, non_blocking=True)
+    if tiles.dtype == torch.uint8:
+        tiles = processor.normalize_tensor(tiles)
+    return tiles.to(dtype)
+
+
 def model_key(name):
     """A short column prefix: the folder name ("default" for the shipped model), or the Hub repo name."""
     folder = Path(name).resolve()
     if folder.is_dir():
         return "default" if folder == Path(__file__).resolve().parent else folder.name
     return name.rstrip("/").split("/")[-1]
+
+
+def check_model_name(name):
+    """A local folder, or something shaped like a Hub id; a path that does not exist is an error at
+    once (instead of a minute of Hub retries for `models/ca` typed wrong)."""
+    if os.path.isdir(name):
+        return
+    path = Path(name)
+    looks_local = name.startswith(("/", ".", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1 \
+        or path.exists() or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    if looks_local:
+        what = "is not a folder" if path.exists() else "no such model folder"
+        raise ValueError(f"{name}: {what} (a model is a folder with config.json and model.safetensors, or a Hub id)")
+
+
+def weights_fingerprint(name):
+    """Digest of a model's safetensors files: what identifies the weights that scored a row."""
+    folder = Path(name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.safetensors"]))
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(folder.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_scoring_model(name, dtype):
+    """(model, processor) from a folder or Hub id: safetensors only, every weight present, or a
+    ValueError with one line naming the model and the problem."""
+    check_model_name(name)
+    try:
+        model = CityClassifierForImageClassification.from_pretrained(name, dtype=dtype, use_safetensors=True)
+        processor = CityClassifierImageProcessor.from_pretrained(name)
+    except Exception as error:  # noqa: BLE001 - any loading failure is one line naming the model
+        text = first_line(error)
+        if "safetensors" in text.lower() or "model.safetensors" in str(error):
+            text = "no model.safetensors (pickled checkpoints are never loaded: convert them with save_pretrained)"
+        raise ValueError(f"{name}: cannot load a CityClassifier model ({text})") from None
+    return model, processor
 
 
 def backbone_fingerprint(model):
@@ -225,7 +455,8 @@ class Scorer:
     """Scores images with one or more CityClassifier models.
 
     Models whose backbone weights and preprocessing are identical form a group that runs the
-    backbone once per tile; each model's head then reads the shared embeddings.
+    backbone once per tile; each model's head then reads the shared embeddings. `tiling` and
+    `combine` override what each model's processor and config say, for this scorer only.
     """
 
     def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None):
@@ -234,22 +465,15 @@ class Scorer:
         self.models, self.groups = [], []
         groups = {}
         for name in names:
-            try:
-                model = CityClassifierForImageClassification.from_pretrained(name, dtype=self.dtype)
-                processor = CityClassifierImageProcessor.from_pretrained(name)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"{name}: cannot load a CityClassifier model ({first_line(error)})") from None
-            if tiling is not None:
-                processor.tiling = tiling
-            if combine is not None:
-                model.config.tile_combine = combine
+            model, processor = load_scoring_model(name, self.dtype)
             model.to(self.device).eval()
             key = model_key(name)
             if any(m.key == key for m in self.models):
                 key = f"{key}-{len(self.models)}"
-            scoring = ScoringModel(key, model, processor)
+            scoring = ScoringModel(key, model, processor, processor.tiling if tiling is None else tiling,
+                                   combine or model.config.tile_combine, weights_fingerprint(name))
             self.models.append(scoring)
-            signature = (backbone_fingerprint(model), repr(sorted(processor.to_dict().items())))
+            signature = (backbone_fingerprint(model), repr(sorted(processor.to_dict().items())), scoring.tiling)
             if signature not in groups:
                 groups[signature] = len(self.groups)
                 self.groups.append([])
@@ -260,6 +484,16 @@ class Scorer:
         """One processor per group: what the decoding workers must produce."""
         return [group[0].processor for group in self.groups]
 
+    def setup(self):
+        """What decides the scores, for resume: each model's columns, weights, processing and options."""
+        models = []
+        for m in self.models:
+            processing = {k: v for k, v in m.processor.to_dict().items() if k != "tiling"}
+            models.append({"key": m.key, "labels": list(m.model.config.id2label.values()), "weights": m.weights,
+                           "processor": hashlib.sha256(json.dumps(processing, sort_keys=True, default=str).encode())
+                           .hexdigest()[:16], "tiling": m.tiling, "combine": m.combine})
+        return {"models": models}
+
     def columns(self):
         """Score columns in output order: `<model>:<label>` for each label, then `<model>:top_label`."""
         names = []
@@ -267,21 +501,27 @@ class Scorer:
             names += [f"{m.key}:{label}" for label in m.model.config.id2label.values()] + [f"{m.key}:top_label"]
         return names
 
-    def preprocess(self, image):
-        """PIL image -> per group (real tiles (k, 3, S, S) float32, tile slots) for `collate`."""
+    def preprocess(self, image, tiling=None):
+        """PIL image -> per group (real tiles from `view_tiles`, tile slots) for `collate`. `tiling`
+        overrides the scorer's for this call."""
         out = []
-        for processor in self.processors:
-            views = processor.views(image)
-            out.append((np.stack([processor.clip_preprocess(view) for view in views]), processor.tile_slots()))
+        for group in self.groups:
+            processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
+            out.append((view_tiles(processor, image, on, self.device.type == "cuda"), processor.tile_slots(on)))
         return out
+
+    def work_pixels(self, width, height):
+        """Pixels of the largest image that preprocessing an image of this size makes."""
+        return max(group[0].processor.work_pixels(width, height, tiling=group[0].tiling) for group in self.groups)
 
     def draft_short(self, width, height):
         """The smallest short side an image of this size can be decoded at without changing what any
         processor does with it, or None when it needs full resolution (tiles are cut at full size)."""
         needs = []
-        for processor in self.processors:
+        for group in self.groups:
+            processor = group[0].processor
             crop, limit = processor.size["shortest_edge"], processor.tile_resize_limit
-            if processor.is_tiled(width, height):
+            if processor.is_tiled(width, height, tiling=group[0].tiling):
                 if max(width, height) <= limit:
                     return None
                 needs.append(limit)  # resized to this short side before tiling
@@ -291,17 +531,30 @@ class Scorer:
         return need if min(width, height) >= 2 * need else None  # JPEG scales by 1/2, 1/4, 1/8 only
 
     @torch.inference_mode()
-    def outputs(self, grouped_inputs):
+    def outputs(self, grouped_inputs, combine=None):
         """Yields (ScoringModel, CityClassifierOutput, tile_mask) for every model: the backbone runs
         once per group on the real tiles, each head reads the shared embeddings.
 
-        grouped_inputs: per group (pixels of the real tiles (n, 3, S, S), tile_mask (batch, tiles)), from `collate`."""
+        grouped_inputs: per group (the real tiles, tile_mask (batch, tiles)), from `collate`."""
         for group, (pixels, tile_mask) in zip(self.groups, grouped_inputs):
             tile_mask = tile_mask.to(self.device)
-            embeds = group[0].model.get_image_features(pixels.to(self.device, self.dtype, non_blocking=True))
+            embeds = torch.cat([self.embed(group[0], chunk) for chunk in pixels.split(self.chunk_views(pixels))])
             image_embeds = scatter_tiles(embeds, tile_mask)
             for m in group:
-                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask), tile_mask
+                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask,
+                                 tile_combine=combine or m.combine), tile_mask
+
+    def embed(self, m, tiles):
+        """Tiles from `preprocess` -> (n, dim) embeddings on the model's device."""
+        return m.model.get_image_features(model_pixels(m.processor, tiles, self.device, self.dtype))
+
+    def chunk_views(self, pixels):
+        """Views per backbone call: all, except for uint8 crops on a CPU, normalised as many at a time
+        as keep each intermediate under 16 MB (glibc hands larger blocks out as fresh pages from the
+        kernel, every time: see CityClassifierForImageClassification._stem_features)."""
+        if self.device.type != "cpu" or pixels.dtype != torch.uint8:
+            return len(pixels)
+        return max(1, (16 << 20) // (pixels[0].numel() * 8))  # the float64 rescale is the widest step
 
     def score(self, grouped_inputs):
         """One dict of score columns per image (see `columns`)."""

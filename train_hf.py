@@ -309,25 +309,88 @@ def views_fingerprint(model, processor):
     return hashlib.sha256((backbone_fingerprint(model) + views).encode()).hexdigest()[:16]
 
 
-def embed_views(ds, model, processor, batch_size):
-    """Adds `image_embeds` (tiles, dim) and `tile_mask` (tiles,) columns, cached by fingerprint."""
+class ImageViews(torch.utils.data.Dataset):
+    """Image i of a dataset -> its real tiles (`scoring.view_tiles`), decoded in a DataLoader worker."""
+
+    def __init__(self, ds, processor, on_gpu):
+        self.ds, self.processor, self.on_gpu = ds.select_columns([IMAGE]), processor, on_gpu
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        from scoring import view_tiles
+
+        return view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.on_gpu)
+
+
+def embedding_precision(training_args):
+    """The dtype the frozen backbone embeds in: fp16 (bf16 with --bf16) on a GPU, whose score changes
+    against float32 were measured at 6e-4; on a CPU bf16 only with --bf16 on a CPU that has it."""
+    from scoring import cpu_has_bf16
+
+    if training_args.device.type == "cuda":
+        return torch.bfloat16 if training_args.bf16 else torch.float16
+    return torch.bfloat16 if training_args.bf16 and cpu_has_bf16() else torch.float32
+
+
+def embed_all(ds, model, processor, batch_size, device, precision, workers):
+    """(embeddings (images, tiles, dim) float32, tile_mask (images, tiles)) of every image, on `device`:
+    decoding and cropping in `workers` processes feeding batches, pinned memory and non-blocking
+    copies on a GPU, the backbone under autocast in `precision`."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
     from cityclassifier.modeling_cityclassifier import scatter_tiles
+    from scoring import model_pixels, model_threads
 
-    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    slots = processor.tile_slots()
 
-    def embed(batch):
-        images = [decode(image) for image in batch[IMAGE]]
-        inputs = processor(images, return_tensors="pt")
-        with torch.no_grad():
-            flat = inputs["pixel_values"].flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            real = flat[inputs["tile_mask"].flatten().bool()]  # padding tiles never reach the backbone
-            embeds = scatter_tiles(model.get_image_features(real.to(device)).float().cpu(), inputs["tile_mask"])
-        return {"image_embeds": embeds.numpy(), "tile_mask": inputs["tile_mask"].numpy()}
+    def collate_tiles(items):
+        mask = torch.zeros(len(items), slots, dtype=torch.long)
+        for row, tiles in zip(mask, items):
+            row[: len(tiles)] = 1
+        return torch.from_numpy(np.concatenate(items)), mask
 
-    # named by the data and the backbone, not by hashing `embed` (which would pickle the whole model)
-    fingerprint = hashlib.sha256(f"{ds._fingerprint}-{views_fingerprint(model, processor)}".encode()).hexdigest()[:16]
-    return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
-                  desc="Embedding views (cached)")
+    loader = torch.utils.data.DataLoader(ImageViews(ds, processor, on_gpu), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_tiles, pin_memory=on_gpu,
+                                         prefetch_factor=4 if workers else None)
+    for module in model.backbone_modules():
+        module.to(device)
+    threads = torch.get_num_threads()
+    if not on_gpu:
+        torch.set_num_threads(model_threads(model.num_parameters(), workers))
+    autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
+    embeds, masks = [], []
+    try:
+        with torch.inference_mode(), autocast:
+            for tiles, mask in tqdm(loader, desc=f"Embedding views on {device.type}", unit="batch"):
+                real = model.get_image_features(model_pixels(processor, tiles, device, torch.float32))
+                embeds.append(scatter_tiles(real.float(), mask.to(device)).cpu())
+                masks.append(mask)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(embeds).numpy(), torch.cat(masks).numpy()
+
+
+def embed_views(ds, model, processor, batch_size, device, precision, workers):
+    """Adds `image_embeds` (tiles, dim) and `tile_mask` (tiles,) columns, cached by fingerprint: on a
+    rerun with the same data, backbone, views and precision nothing is embedded again."""
+    # named by the data and the backbone, not by hashing a function (which would pickle the whole model)
+    key = f"{ds._fingerprint}-{views_fingerprint(model, processor)}-{precision}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    computed = {}
+
+    def add(batch, indices):  # runs only when the cache misses; the first call embeds everything
+        if not computed:
+            computed["embeds"], computed["mask"] = embed_all(ds, model, processor, batch_size, device, precision,
+                                                             workers)
+        return {"image_embeds": computed["embeds"][indices], "tile_mask": computed["mask"][indices]}
+
+    return ds.map(add, batched=True, batch_size=1000, with_indices=True, new_fingerprint=fingerprint,
+                  desc="Storing embeddings (cached)")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -459,9 +522,15 @@ def main(argv=None):
     else:
         for module in model.backbone_modules():
             module.requires_grad_(False)
-        batch_size = max(8, training_args.per_device_eval_batch_size)
-        train_ds = embed_views(train_ds, model, processor, batch_size)
-        eval_ds = embed_views(eval_ds, model, processor, batch_size) if eval_ds is not None else None
+        from scoring import default_batch_size, default_workers
+
+        device = training_args.device
+        batch_size = max(default_batch_size(device, model), training_args.per_device_eval_batch_size)
+        workers = training_args.dataloader_num_workers or default_workers(device)
+        precision = embedding_precision(training_args)
+        train_ds = embed_views(train_ds, model, processor, batch_size, device, precision, workers)
+        eval_ds = embed_views(eval_ds, model, processor, batch_size, device, precision, workers) \
+            if eval_ds is not None else None
 
         def train_transform(batch):  # one random real view per image and step
             picked = []

@@ -126,8 +126,10 @@ def test_missing_list_entries_and_bad_arguments(converted, folder, tmp_path):
     listing.write_text(f"{folder / 'a' / 'img1.png'}\n{tmp_path / 'gone.png'}\n{folder}\n")
     out = tmp_path / "r.jsonl"
     assert run(f"@{listing}", "--model", converted["ca"], "--out", out, "--workers", 0) == 1
-    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
-    assert errors == {"img1.png": None, "gone.png": "file not found", folder.name: "is a directory"}
+    rows = rows_of(out)
+    errors = {Path(r["path"]).name: r["error"] for r in rows}
+    assert len(rows) == 7  # img1.png named twice (itself and in its folder) has one row
+    assert errors == {**{f"img{i}.png": None for i in range(6)}, "gone.png": "file not found"}  # the folder is walked
     with pytest.raises(UsageError, match="nope"):
         run(tmp_path / "nope", "--model", converted["ca"], "--out", out)
     with pytest.raises(UsageError, match="no such score column"):
@@ -284,3 +286,25 @@ def test_fast_decode_only_where_the_image_is_downsized_anyway(converted, tmp_pat
     a, b = rows_of(exact)[0], rows_of(fast)[0]
     assert (a["width"], a["height"]) == (b["width"], b["height"]) == (3300, 3100)  # the file's size, not the draft's
     assert abs(a["ca:Pass"] - b["ca:Pass"]) < 0.02
+
+
+def test_uint8_crops_normalised_on_the_device_score_as_the_float_tiles(converted):
+    """The GPU path: workers send uint8 crops and the model's device normalises them."""
+    import torch
+
+    from scoring import Scorer, collate
+
+    scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
+    processor = scorer.groups[0][0].processor
+    images = [make_image(200, 150, seed=1), make_image(40, 40, seed=2), make_image(61, 90, seed=3)]
+    crops = [[(np.stack([processor.resize_and_crop(v) for v in processor.views(image)]), processor.tile_slots())]
+             for image in images]
+    floats = [scorer.preprocess(image) for image in images]
+    assert crops[0][0][0].dtype == np.uint8 and floats[0][0][0].dtype == np.float32
+    normalised = processor.normalize_tensor(torch.from_numpy(crops[0][0][0])).numpy()
+    assert np.array_equal(normalised, floats[0][0][0])  # bit-identical to the float path
+    on_device = scorer.score(collate([(None, c) for c in crops])[1])
+    on_cpu = scorer.score(collate([(None, f) for f in floats])[1])
+    for a, b in zip(on_device, on_cpu):
+        assert a.keys() == b.keys() and all(a[k] == b[k] if isinstance(a[k], str) else abs(a[k] - b[k]) < 1e-6
+                                            for k in a)

@@ -1,0 +1,517 @@
+"""classify.py never loses a file or a row and never scores silently wrong: each case of issue #11,
+and fault injection (SIGKILL at random points while scoring and at every step of --move-to)."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, make_image
+from toolkit import UsageError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+EVERY = ["--label", "Chromatic Aberration", "--min", "0"]  # every scored file matches
+
+
+def run(*args):
+    import classify
+
+    return classify.main([str(a) for a in args])
+
+
+def cli(*args, env=None, **kwargs):
+    """classify.py in its own process: (exit status, stderr)."""
+    done = subprocess.run([sys.executable, str(REPO / "classify.py"), *map(str, args)], env=env or ENV,
+                          capture_output=True, **kwargs)
+    return done.returncode, done.stderr.decode(errors="replace")
+
+
+def rows_of(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def contents(*roots):
+    """How many files hold each content, under `roots` (hidden files: ledger, locks, left-overs apart)."""
+    found = Counter()
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.name.startswith(".") and path.suffix != ".jsonl":
+                found[hashlib.sha256(path.read_bytes()).hexdigest()] += 1
+    return found
+
+
+def hidden_leftovers(*roots):
+    return [p for root in roots for p in Path(root).rglob(".*.partial")]
+
+
+def images(root, names, seed=0):
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        make_image(40 + 7 * i, 36, seed=seed + i).save(root / name)
+    return root
+
+
+@pytest.fixture
+def clashing(tmp_path):
+    """Three x.png in three folders (two byte-identical), a y.png, and a destination that already
+    holds someone else's x.png identical to one of them."""
+    src = images(tmp_path / "in", ["a/x.png", "c/x.png", "y.png"])
+    (src / "b").mkdir()
+    shutil.copy2(src / "a" / "x.png", src / "b" / "x.png")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copy2(src / "a" / "x.png", dest / "x.png")
+    return src, dest
+
+
+# ------------------------------------------------------------------------------------------ data loss
+
+
+def test_move_to_an_input_folder_is_refused_and_one_inside_it_is_not_walked(converted, tmp_path):
+    src = images(tmp_path / "in", ["a.png", "b.png", "sub/c.png", "sub/d.png"])
+    before, out = contents(src), tmp_path / "r.jsonl"
+    for dest, words in ((src, "is the input folder"), (tmp_path, "holds the input folder")):
+        with pytest.raises(UsageError, match=words):
+            run(src, "--model", converted["ca"], "--out", out, *EVERY, "--move-to", dest)
+    assert contents(src) == before and not out.exists()
+    rejected = src / "rejected"
+    for _ in range(3):  # reruns neither delete nor nest what earlier runs moved
+        assert run(src, "--model", converted["ca"], "--out", out, *EVERY, "--move-to", rejected,
+                   "--keep-structure", "--workers", 0) == 0
+        assert contents(src) == before
+    assert sorted(str(p.relative_to(rejected)) for p in rejected.rglob("*.png")) == \
+        ["a.png", "b.png", "sub/c.png", "sub/d.png"]
+    assert len(rows_of(out)) == 4  # the moved files were never scored again
+
+
+def test_identical_files_and_taken_names_all_survive_a_flat_move(converted, clashing, tmp_path):
+    src, dest = clashing
+    before = contents(src, dest)
+    out = tmp_path / "r.jsonl"
+    assert run(src, "--model", converted["ca"], "--out", out, *EVERY, "--move-to", dest, "--workers", 0) == 0
+    assert contents(src, dest) == before
+    assert not list(src.rglob("*.png"))
+    assert sorted(p.name for p in dest.glob("*.png")) == ["x.png", "x_1.png", "x_2.png", "x_3.png", "y.png"]
+    assert run(src, "--model", converted["ca"], "--out", out, *EVERY, "--move-to", dest, "--workers", 0) == 0
+    assert contents(src, dest) == before and not hidden_leftovers(dest)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_table_whose_journal_was_deleted_keeps_its_rows(converted, tmp_path, suffix):
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    def table(path):
+        return (pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)).to_pylist()
+
+    src = images(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out = tmp_path / f"r{suffix}"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    first = {r["path"]: r["ca:Pass"] for r in table(out)}
+    out.with_name(f".{out.name}.jsonl").unlink()
+    images(src, ["d.png"], seed=9)
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    rows = table(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in src.glob("*.png"))  # each once
+    assert all(abs(r["ca:Pass"] - first[r["path"]]) < 1e-9 for r in rows if r["path"] in first)
+
+
+def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
+    from results_store import ResultsStore
+
+    src = images(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "r.csv"
+    holder = ResultsStore(out)
+    holder.lock()  # as a running classify.py holds it
+    code, err = cli(src, "--model", converted["ca"], "--out", out, "--workers", 0)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {out}: another process")
+    assert not out.exists() and not out.with_name(f".{out.name}.jsonl").exists()
+    holder.close()
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+
+    from transfers import Transfers
+
+    mover = Transfers(tmp_path / "dest", move=True)  # another run moving into the same folder
+    with pytest.raises(UsageError, match="another process is copying or moving"):
+        run(src, "--model", converted["ca"], "--out", tmp_path / "other.jsonl", *EVERY, "--move-to", tmp_path / "dest")
+    mover.close()
+    assert contents(src) == contents(images(tmp_path / "again", ["a.png", "b.png"]))  # nothing moved meanwhile
+
+
+# ----------------------------------------------------------------------------------- wrong scores
+
+
+def test_a_checkpoint_missing_weights_refuses_to_score(converted, tmp_path):
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from scoring import Scorer
+
+    state = load_file(str(converted["ca"] / "model.safetensors"))
+    cases = {
+        "headless": {k: v for k, v in state.items() if not k.startswith("head.")},
+        "renamed": {k.replace("head.", "classifier.", 1): v for k, v in state.items()},
+    }
+    src = images(tmp_path / "in", ["a.png"])
+    for name, broken_state in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(converted["ca"], broken)
+        save_file(broken_state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(UsageError, match=r"missing keys \(16\): head\.down\.0\.bias"):
+            run(src, "--model", broken, "--out", tmp_path / f"{name}.jsonl")
+        assert not (tmp_path / f"{name}.jsonl").exists()
+        with pytest.raises(ValueError, match="refusing to score"):
+            Scorer([str(broken)])  # what benchmark.py and app.py load with
+        with pytest.raises(ValueError, match="refusing to score"):
+            AutoModelForImageClassification.from_pretrained(broken, trust_remote_code=True)
+        with pytest.raises(ValueError, match="refusing to score"):
+            pipeline("image-classification", model=str(broken), trust_remote_code=True)
+    with pytest.raises(UsageError, match=r"unexpected keys \(16\): classifier\.down"):
+        run(src, "--model", tmp_path / "renamed", "--out", tmp_path / "x.jsonl")
+
+
+def test_resume_refuses_another_setup_and_names_no_resume(converted, tmp_path):
+    src = images(tmp_path / "in", ["a.png", "b.png", "sub/c.png"])
+    base = ["--workers", 0, "--dtype", "float32"]
+    for out in (tmp_path / "r.jsonl", tmp_path / "r.csv"):
+        assert run(src, "--model", converted["ca"], "--out", out, *base) == 0
+        kept = out.read_bytes()
+        retrained = tmp_path / "retrained" / "ca"  # same name, other weights
+        shutil.copytree(converted["ca"], retrained, dirs_exist_ok=True)
+        state = load_file(str(retrained / "model.safetensors"))
+        state["head.down.5.bias"] = state["head.down.5.bias"] + 1
+        save_file(state, str(retrained / "model.safetensors"), metadata={"format": "pt"})
+        for change, words in (((converted["compression"],), "models"), ((retrained,), "ca weights differ"),
+                              ((converted["ca"], "--combine", "max"), "ca combine mean -> max"),
+                              ((converted["ca"], "--no-tiling"), "ca tiling True -> False")):
+            with pytest.raises(UsageError, match=f"{words}.*--no-resume"):
+                run(src, "--model", *change, "--out", out, *base)
+            assert out.read_bytes() == kept  # nothing scored, nothing lost
+        assert run(src, "--model", converted["ca"], "--combine", "max", "--out", out, "--no-resume", *base) == 0
+    rows = rows_of(tmp_path / "r.jsonl")
+    assert len(rows) == 3 and run(src, "--model", converted["ca"], "--combine", "max", "--out",
+                                  tmp_path / "r.jsonl", *base) == 0  # the new setup resumes
+
+
+def test_processor_and_pipeline_take_arrays_and_tensors_as_the_pil_image(converted):
+    from transformers import pipeline
+
+    from remote_code import CityClassifierImageProcessor
+
+    processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
+    image = make_image(150, 100, seed=3)  # tiled: five 60 px tiles
+    pixels = np.asarray(image)
+    expected = processor(image, return_tensors="np")["pixel_values"]
+    same = {
+        "numpy HWC": pixels, "numpy CHW": pixels.transpose(2, 0, 1), "numpy float": pixels / 255.0,
+        "torch CHW": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
+        "torch HWC": torch.from_numpy(pixels.copy()),
+        "torch float CHW": torch.from_numpy(pixels.transpose(2, 0, 1) / 255.0).float(),
+    }
+    for name, value in same.items():
+        got = processor(value, return_tensors="np")["pixel_values"]
+        assert got.shape == expected.shape and np.abs(got - expected).max() == 0, name
+    assert processor(np.stack([pixels, pixels]), return_tensors="np")["pixel_values"].shape[0] == 2
+    grey = np.asarray(image.convert("L"))
+    assert np.abs(processor(grey, return_tensors="np")["pixel_values"] -
+                  processor(image.convert("L"), return_tensors="np")["pixel_values"]).max() == 0
+    for bad, words in ((pixels * 2.0, r"float pixels must lie in \[0, 1\]"), ("x.png", "got str"),
+                       (pixels[..., :2], "1, 3 or 4 channels"), (pixels.astype(np.int32) * 3, "0..255"),
+                       (np.zeros((2, 2, 2, 2, 2)), "must be")):
+        with pytest.raises((TypeError, ValueError), match=words):
+            processor(bad)
+
+    # call-time settings are honoured, as a processor saved with them gives
+    options = {"size": {"shortest_edge": 20}, "crop_size": {"height": 20, "width": 20},
+               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.2, 0.3, 0.4], "tile_resize_limit": 100}
+    got = processor(image, return_tensors="np", **options)["pixel_values"]
+    want = CityClassifierImageProcessor(**options)(image, return_tensors="np")["pixel_values"]
+    assert got.shape == (1, 5, 3, 20, 20) and np.abs(got - want).max() == 0
+    with pytest.raises(ValueError, match="do_resize=False"):
+        processor(image, do_resize=False)
+    with pytest.raises(TypeError, match="unknown argument.*sharpen"):
+        processor(image, sharpen=True)
+
+    pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
+    reference = pipe(image, top_k=None)
+    for name in ("torch CHW", "numpy float", "torch HWC"):
+        assert pipe(same[name], top_k=None) == reference, name
+    with pytest.raises(ValueError, match="pass a list of images"):
+        pipe(torch.from_numpy(np.stack([pixels, pixels])))
+
+
+# ------------------------------------------------------------------------------- crashes and errors
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row(converted, tmp_path, capsysbinary):
+    import pyarrow.csv
+
+    src = images(tmp_path / "in", ["plain.png"])
+    odd = os.fsdecode(b"caf\xe9-\xff.png")
+    make_image(50, 40).save(os.path.join(src, odd))
+    out = tmp_path / "r.jsonl"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--list") == 0
+    listed = capsysbinary.readouterr().out.splitlines()
+    assert sorted(listed) == sorted([os.fsencode(str(src / "plain.png")), os.fsencode(os.path.join(src, odd))])
+    import results_store
+
+    rows = list(results_store.read_rows(out))
+    assert sorted(r["path"] for r in rows) == sorted([str(src / "plain.png"), os.path.join(src, odd)])
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0  # resumes: nothing twice
+    assert len(rows_of(out)) == 2
+    table = tmp_path / "r.csv"
+    assert run(src, "--model", converted["ca"], "--out", table, "--workers", 0) == 0
+    assert any("caf\\xe9-\\xff.png" in p for p in pyarrow.csv.read_csv(table).column("path").to_pylist())
+    moved = tmp_path / "moved"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", moved) == 0
+    assert sorted(os.listdir(moved)) == sorted([".classify-transfers.jsonl", "plain.png", odd])
+
+
+def test_a_strip_that_would_be_upscaled_is_refused_and_the_max_pixels_option(converted, tmp_path, capsys):
+    import classify
+    from scoring import MAX_PIXELS
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_image(10000, 3).save(src / "strip.png")  # not tiled; CLIP's short-edge resize to 30 px: 100000x30
+    make_image(70, 40).save(src / "fine.png")
+    out = tmp_path / "r.jsonl"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, "--max-pixels", 1_000_000) == 1
+    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
+    assert errors["fine.png"] is None and "too large to process" in errors["strip.png"]
+    assert f"{100000 * 30} pixels" in errors["strip.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        classify.parse_args([str(src), "--max-pixels", "0"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        classify.parse_args(["--help"])
+    assert f"default: {MAX_PIXELS}" in capsys.readouterr().out
+
+
+def test_a_decoding_process_killed_by_the_kernel_costs_one_error_row(converted, tmp_path):
+    src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(12)])
+    make_image(50, 50, seed=99).save(src / "victim.png")
+    out = tmp_path / "r.jsonl"
+    env = {**ENV, "CITYCLASSIFIER_KILL_WORKER_ON": "victim.png"}
+    code, err = cli(src, "--model", converted["ca"], "--out", out, "--workers", 2, "--batch-size", 2, env=env,
+                    timeout=300)
+    assert code == 1, err[-2000:]
+    rows = rows_of(out)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in src.iterdir())  # each once
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert list(errors) == ["victim.png"] and "died" in errors["victim.png"]
+
+
+def test_exit_status_2_with_one_line_for_what_cannot_work(converted, tmp_path, monkeypatch):
+    import classify
+
+    src = images(tmp_path / "in", ["a.png"])
+    model = ["--model", converted["ca"]]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    (tmp_path / "folder.jsonl").mkdir()
+    refused = [
+        ([src, *model, "--device", "xyz"], "not a device"),
+        ([src, *model, "--out", tmp_path / "folder.jsonl"], "is a folder"),
+        ([src, *model, "--out", a_file / "r.jsonl"], "cannot write"),
+        ([src, *model, "--out", tmp_path / "r.jsonl", *EVERY, "--copy-to", a_file], "not a folder"),
+        ([src, "--model", tmp_path / "nope", "--out", tmp_path / "r.jsonl"], "no such model folder"),
+    ]
+    if not torch.cuda.is_available():
+        refused.append(([src, *model, "--device", "cuda"], "CUDA is not available"))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(converted["ca"], pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    refused.append(([src, "--model", pickled, "--out", tmp_path / "r.jsonl"], "no model.safetensors"))
+    wrong = tmp_path / "wrong"
+    shutil.copytree(converted["ca"], wrong)
+    state = load_file(str(wrong / "model.safetensors"))
+    state["head.down.5.weight"] = torch.zeros(7, 32)
+    save_file(state, str(wrong / "model.safetensors"), metadata={"format": "pt"})
+    refused.append(([src, "--model", wrong, "--out", tmp_path / "r.jsonl"], "head.down.5.weight"))
+    for args, words in refused:
+        with pytest.raises(UsageError, match=words) as info:
+            run(*args)
+        assert "\n" not in str(info.value)
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="no such model folder"):
+        run(src, "--model", "models/ca", "--out", tmp_path / "r.jsonl")  # shaped like a Hub id, meant locally
+    assert time.monotonic() - started < 30  # no Hub retries
+    for bad in (["--min", "nan"], ["--max", "inf"]):
+        with pytest.raises(SystemExit) as exit_info:
+            classify.parse_args([str(src), "--label", "Pass", *bad])
+        assert exit_info.value.code == 2
+    # the output still holds error rows from an earlier run: exit 1 again, not 0
+    (src / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "errors.jsonl"
+    assert run(src, *model, "--out", out, "--workers", 0) == 1
+    assert run(src, *model, "--out", out, "--workers", 0) == 1
+    assert len(rows_of(out)) == 2
+    # a real process: exit status 2 and a one-line error
+    code, err = cli(src, *model, "--device", "xyz", "--out", tmp_path / "r.jsonl")
+    assert code == 2 and err.strip().splitlines()[-1] == "error: --device xyz: not a device (use auto, cpu, cuda or cuda:N)"
+
+
+def test_a_full_disk_mid_run_keeps_the_rows_so_far_and_exits_2(converted, tmp_path):
+    src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(12)])
+    out = tmp_path / "r.jsonl"
+
+    def small_disk():  # files may not grow past 1500 bytes: writes fail as on a full disk (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    code, err = cli(src, "--model", converted["ca"], "--out", out, "--workers", 0, "--batch-size", 1,
+                    preexec_fn=small_disk)
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: {out}: cannot write") and "rerun" in err
+    kept = rows_of(out)  # every line whole
+    assert 0 < len(kept) < 12 and out.read_bytes().endswith(b"\n")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".recovering"))]
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in src.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+def test_one_row_per_file_however_it_is_named(converted, tmp_path, monkeypatch):
+    src = images(tmp_path / "good", ["a.png", "sub/b.png"])
+    monkeypatch.chdir(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("good\n")
+    out = tmp_path / "r.jsonl"
+    assert run("good", "./good", src, f"@{listing}", "good/a.png", "--model", converted["ca"], "--out", out,
+               "--workers", 0) == 0
+    assert sorted(r["path"] for r in rows_of(out)) == [str(src / "a.png"), str(src / "sub" / "b.png")]
+    assert run("./good/", "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    assert len(rows_of(out)) == 2
+
+
+def test_symlinked_folders_are_followed_once_and_loops_end(converted, tmp_path, capsys):
+    from benchmark import load_records
+
+    store = images(tmp_path / "store", ["clean/a.png", "clean/b.png", "fringes/c.png"])
+    data = images(tmp_path / "data", ["own.png"])
+    os.symlink(store / "clean", data / "linked")
+    os.symlink(data, data / "loop")  # a loop back to the top
+    out = tmp_path / "r.jsonl"
+    assert run(data, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    paths = sorted(r["path"] for r in rows_of(out))
+    assert paths == [str(data / "linked" / "a.png"), str(data / "linked" / "b.png"), str(data / "own.png")]
+    assert "symlink loop" in capsys.readouterr().err  # said, not silent
+    dataset = tmp_path / "dataset"
+    (dataset / "test").mkdir(parents=True)
+    os.symlink(store / "clean", dataset / "test" / "0_clean")
+    os.symlink(store / "fringes", dataset / "test" / "1_fringes")
+    records = load_records(str(dataset), "test")
+    assert sorted((Path(r["path"]).name, r["label"]) for r in records) == [("a.png", 0), ("b.png", 0), ("c.png", 1)]
+
+
+# --------------------------------------------------------------------------------- fault injection
+
+
+def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path):
+    src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(30)])
+    out = tmp_path / "r.csv"
+    journal = tmp_path / ".r.csv.jsonl"
+    command = [sys.executable, str(REPO / "classify.py"), str(src), "--model", str(converted["ca"]), "--out",
+               str(out), "--batch-size", "2", "--workers", "1"]
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        have = len(journal.read_text().splitlines()) if journal.exists() else 0
+        target = have + int(rng.integers(1, 7))  # kill once the journal holds this many rows
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None and \
+                (not journal.exists() or len(journal.read_text().splitlines()) < target):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert len(journal.read_text().splitlines()) < 30, "the runs should have been killed midway"
+    assert subprocess.run(command, env=ENV, capture_output=True).returncode == 0
+    import pyarrow.csv
+
+    paths = pyarrow.csv.read_csv(out).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in src.iterdir())  # each exactly once
+    assert not list(tmp_path.glob(".r.csv.tmp"))
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the test process: nothing after the step runs, no handler sees it."""
+
+
+@pytest.mark.parametrize("mode", ["--move-to", "--copy-to"])
+def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clashing, tmp_path, monkeypatch, mode):
+    import transfers
+
+    src, dest = clashing
+    pristine = tmp_path / "pristine"
+    shutil.copytree(src, pristine, copy_function=shutil.copy2)
+    shutil.copytree(dest, tmp_path / "pristine-dest")
+    before = contents(src, dest)
+    out = tmp_path / "r.jsonl"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    original_step = transfers.Transfers.step
+    kill_at = {"n": 0}
+
+    def step(self):
+        original_step(self)
+        if self.steps == kill_at["n"]:
+            raise Killed()
+
+    monkeypatch.setattr(transfers.Transfers, "step", step)
+    killed = 0
+    for n in range(1, 4 * 5 + 1):  # 4 files, at most 5 steps each
+        shutil.rmtree(src)
+        shutil.rmtree(dest)
+        shutil.copytree(pristine, src, copy_function=shutil.copy2)
+        shutil.copytree(tmp_path / "pristine-dest", dest)
+        kill_at["n"] = n
+        try:
+            run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, mode, dest)
+        except Killed:
+            killed += 1
+        kill_at["n"] = 0
+        assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, mode, dest) == 0
+        placed = contents(dest) - contents(tmp_path / "pristine-dest")
+        if mode == "--move-to":
+            assert contents(src, dest) == before, n
+            assert not list(src.rglob("*.png")), n
+        else:
+            assert contents(src) == contents(pristine) and placed == contents(pristine), n
+        assert not hidden_leftovers(dest), n
+    assert killed == (20 if mode == "--move-to" else 16)  # a copy has no source to unlink: 4 steps a file
+
+
+def test_sigkill_of_a_real_move_at_random_steps(converted, clashing, tmp_path):
+    src, dest = clashing
+    pristine = tmp_path / "pristine"
+    shutil.copytree(src, pristine, copy_function=shutil.copy2)
+    shutil.copytree(dest, tmp_path / "pristine-dest")
+    before = contents(src, dest)
+    out = tmp_path / "r.jsonl"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    args = [src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest]
+    for n in np.random.default_rng(5).choice(np.arange(1, 21), 2, replace=False):
+        shutil.rmtree(src)
+        shutil.rmtree(dest)
+        shutil.copytree(pristine, src, copy_function=shutil.copy2)
+        shutil.copytree(tmp_path / "pristine-dest", dest)
+        code, _ = cli(*args, env={**ENV, "CITYCLASSIFIER_KILL_AT_TRANSFER_STEP": str(n)})
+        assert code == -signal.SIGKILL
+        assert cli(*args)[0] == 0
+        assert contents(src, dest) == before and not list(src.rglob("*.png")) and not hidden_leftovers(dest)
