@@ -56,7 +56,7 @@ from scoring import (
     path_key,
 )
 from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, run_cli
-from transfers import inside
+from transfers import Transfers, inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
 
@@ -187,45 +187,39 @@ def print_path(path):
     sys.stdout.buffer.flush()
 
 
-def apply_filters(args, columns, store):
+def apply_filters(args, columns, store, transfers):
     """--list / --copy-to / --move-to over every row of the output. Returns how many files failed."""
     from scoring import root_of
-    from transfers import TransferError, Transfers, inside
+    from transfers import SourceGone, TransferError
 
     column = resolve_label(args.label, columns)
     target = args.copy_to or args.move_to
-    transfers = Transfers(target, move=bool(args.move_to)) if target else None
     matched = placed = earlier = missing = failed = 0
     verb = "moved" if args.move_to else "copied"
-    try:
-        for row in store.rows():
-            score = row.get(column)
-            if score is None or (args.min is not None and score < args.min) or \
-                    (args.max is not None and score > args.max):
-                continue
-            matched += 1
-            if args.list:
-                print_path(row["path"])
-            if transfers is None:
-                continue
-            source = Path(row["path"])
-            if inside(source, target):
-                earlier += 1  # already in the destination
-                continue
-            relative = source.relative_to(root_of(source, args.paths)) if args.keep_structure else Path(source.name)
-            try:
-                _, now = transfers.transfer(source, relative)
-                placed += now
-                earlier += not now
-            except TransferError as error:
-                if str(error) == "no longer at its path":
-                    missing += 1
-                else:
-                    failed += 1
-                    print(f"error: {display_text(str(source))}: not {verb}: {error}", file=sys.stderr)
-    finally:
-        if transfers is not None:
-            transfers.close()
+    for row in store.rows():
+        score = row.get(column)
+        if score is None or (args.min is not None and score < args.min) or \
+                (args.max is not None and score > args.max):
+            continue
+        matched += 1
+        if args.list:
+            print_path(row["path"])
+        if transfers is None:
+            continue
+        source = Path(row["path"])
+        if inside(source, target):
+            earlier += 1  # already in the destination
+            continue
+        relative = source.relative_to(root_of(source, args.paths)) if args.keep_structure else Path(source.name)
+        try:
+            _, now = transfers.transfer(source, relative)
+            placed += now
+            earlier += not now
+        except SourceGone:
+            missing += 1
+        except TransferError as error:
+            failed += 1
+            print(f"error: {display_text(str(source))}: not {verb}: {error}", file=sys.stderr)
     summary = f"{matched} file(s) with {column} in [{args.min}, {args.max}]"
     if target:
         summary += f"; {placed} {verb} to {target}"
@@ -407,11 +401,13 @@ def main(argv=None):
         for m in scorer.models:
             m.model.to(device)
         scorer.device = device
-    refused = None
+    refused = transfers = None
     if rank == 0:
         try:
             store.lock()  # a second process on this output stops here, before it writes anything
             store.start(dict(scorer.setup(), fast_decode=args.fast_decode), fresh=args.no_resume)
+            if args.copy_to or args.move_to:  # its lock, and a destination that cannot work, before the scoring
+                transfers = Transfers(args.copy_to or args.move_to, move=bool(args.move_to))
         except UsageError as error:
             refused = error
     if world > 1:
@@ -426,8 +422,10 @@ def main(argv=None):
     try:
         rank, failed = score_files(args, scorer, store)
         if rank == 0 and args.label:
-            failed += apply_filters(args, scorer.columns(), store)
+            failed += apply_filters(args, scorer.columns(), store, transfers)
     finally:
+        if transfers is not None:
+            transfers.close()
         store.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

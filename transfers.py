@@ -32,6 +32,10 @@ class TransferError(Exception):
     """One file could not be copied or moved; the message is the one-line reason."""
 
 
+class SourceGone(TransferError):
+    """The file is no longer at the path its row names (moved or deleted since it was scored)."""
+
+
 def inside(path, folder):
     """Whether `path` is `folder` or lies under it, comparing real locations (symlinks resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -95,7 +99,7 @@ class Transfers:
                 return Path(done["dst"]), False
             # else another file has taken that path since: it is transferred like any other
         if not os.path.lexists(source):
-            raise TransferError("no longer at its path")
+            raise SourceGone("no longer at its path")
         placed = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
