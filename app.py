@@ -46,7 +46,7 @@ def annotate(image, boxes, scores):
 
 def original_boxes(image, processor, tiling=None):
     """The views' boxes in the uploaded image's coordinates."""
-    from cityclassifier.image_processing import tile_boxes, tiling_size
+    from remote_code import tile_boxes, tiling_size
 
     tile = 2 * processor.size["shortest_edge"]
     w, h = image.size

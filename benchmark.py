@@ -127,7 +127,7 @@ def model_scores(name, records, args):
     the saved settings give."""
     from tqdm import tqdm
 
-    from cityclassifier.modeling_cityclassifier import combine_tiles
+    from remote_code import combine_tiles
     from scoring import Scorer
 
     scorer = Scorer([name], device=args.device, dtype=args.dtype)

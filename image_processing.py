@@ -30,7 +30,7 @@ def to_rgb(image):
         if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
             pixels = pixels / 257  # 0..65535 -> 0..255
         image = PIL.Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def as_pil(image, input_data_format=None):

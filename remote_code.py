@@ -1,4 +1,5 @@
-"""Imports the repo's remote-code files for the tools, as the package `cityclassifier`.
+"""Imports the repo's remote-code files for the tools, as the package `cityclassifier`: the one way
+tools reach the model code (`from remote_code import ...`), never `cityclassifier.*` directly.
 
 The remote-code files import each other relatively (`from .configuration_cityclassifier import ...`)
 because that is how `trust_remote_code` loads them; a relative import needs a parent package, and
@@ -18,10 +19,18 @@ if "cityclassifier" not in sys.modules:
     sys.modules["cityclassifier"] = _package
 
 from cityclassifier.configuration_cityclassifier import CityClassifierConfig  # noqa: E402
-from cityclassifier.image_processing import CityClassifierImageProcessor  # noqa: E402
+from cityclassifier.image_processing import (  # noqa: E402
+    CityClassifierImageProcessor,
+    resize_for_tiling,
+    tile_boxes,
+    tiling_size,
+    to_rgb,
+)
 from cityclassifier.modeling_cityclassifier import (  # noqa: E402
     CityClassifierForImageClassification,
     CityClassifierImageClassificationPipeline,
+    combine_tiles,
+    scatter_tiles,
 )
 
 CityClassifierConfig.register_for_auto_class()
@@ -34,4 +43,10 @@ __all__ = [
     "CityClassifierForImageClassification",
     "CityClassifierImageClassificationPipeline",
     "CityClassifierImageProcessor",
+    "combine_tiles",
+    "resize_for_tiling",
+    "scatter_tiles",
+    "tile_boxes",
+    "tiling_size",
+    "to_rgb",
 ]

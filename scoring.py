@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
-from cityclassifier.modeling_cityclassifier import scatter_tiles  # noqa: E402 - the package exists once remote_code ran
+from remote_code import (
+    CityClassifierForImageClassification,
+    CityClassifierImageProcessor,
+    scatter_tiles,
+)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
@@ -54,7 +57,7 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
                     scale = need / min(image.size)
                     image.draft("RGB", (int(image.width * scale + 0.999), int(image.height * scale + 0.999)))
                 image.load()
-                result = ImageOps.exif_transpose(image).copy()
+                result = ImageOps.exif_transpose(image)  # a new image, detached from the file, rotated or not
                 if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                     size = size[::-1]
                 result.info["file_size"] = size  # the file's own size, also when decoded at a reduced scale

@@ -227,7 +227,7 @@ def decode(image):
 def random_view(processor, image, rng):
     """A training view as (S, S, 3) uint8: the inference resize rule, one random (2 x S) crop where
     inference would tile (the original's RandomCrop), CLIP's resize, and a random flip."""
-    from cityclassifier.image_processing import resize_for_tiling, to_rgb
+    from remote_code import resize_for_tiling, to_rgb
 
     tile = 2 * processor.size["shortest_edge"]
     view = to_rgb(image)
@@ -244,7 +244,12 @@ def random_view(processor, image, rng):
 
 def build_model(model_args, label_ids, label_names):
     """(model, processor, train_backbone) from a CityClassifier, a CLIP, or a fresh --vision_config."""
-    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        AutoConfig,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     num_labels = (max(label_ids) + 1) if model_args.arch == "class" else 1
     if model_args.arch == "class":
@@ -342,7 +347,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers):
 
     from tqdm import tqdm
 
-    from cityclassifier.modeling_cityclassifier import scatter_tiles
+    from remote_code import scatter_tiles
     from scoring import model_pixels, model_threads
 
     on_gpu = device.type == "cuda"

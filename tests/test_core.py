@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CLIP_SIZE, make_image
+from conftest import CLIP_SIZE, REPO, make_image
 
 # ---------------------------------------------------------------------------------------------
 # An independent statement of ORIGINAL.md: PIL crops, transformers' own CLIPImageProcessor, the
@@ -330,3 +330,16 @@ def test_stem_probe_loss_is_added_in_training_only():
         model.train()  # no dropout in this model: only the probe term changes
         trained = model(pixel_values=pixels, labels=labels).loss
     assert torch.allclose(trained, plain + 0.5 * probe_loss, atol=1e-5)
+
+
+def test_tools_reach_the_model_code_only_through_remote_code():
+    """`cityclassifier.*` exists only once remote_code ran: a tool importing it directly breaks when
+    it is the first import (benchmark.py on a Hub dataset did)."""
+    import re
+
+    tools = [p for p in REPO.glob("*.py") if p.name not in ("remote_code.py", "configuration_cityclassifier.py",
+                                                             "modeling_cityclassifier.py", "image_processing.py")]
+    tools += list((REPO / "bench").glob("*.py"))
+    offenders = [f"{p.name}:{n}" for p in tools for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.match(r"\s*(from|import) cityclassifier\b", line)]
+    assert len(tools) > 8 and offenders == []
