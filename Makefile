@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) classify.py examples --out results.jsonl
+	HF_HUB_OFFLINE=1 $(PY) classify.py examples --out results.jsonl --no-resume
 
 test: test-main test-compat
 

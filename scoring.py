@@ -206,7 +206,8 @@ class FileStream(torch.utils.data.IterableDataset):
         try:
             fault_injection(path)
             draft = self.scorer.draft_short if self.fast_decode else None
-            image = load_image(path, self.max_pixels or MAX_PIXELS, draft, self.scorer.work_pixels)
+            image = load_image(path, self.max_pixels or MAX_PIXELS, draft,
+                               lambda width, height: self.scorer.work_pixels(width, height, self.tiling))
             meta["width"], meta["height"] = image.info["file_size"]
             return meta, self.scorer.preprocess(image, tiling=self.tiling)
         except BadImage as error:
@@ -513,9 +514,10 @@ class Scorer:
             out.append((view_tiles(processor, image, on, self.device.type == "cuda"), processor.tile_slots(on)))
         return out
 
-    def work_pixels(self, width, height):
+    def work_pixels(self, width, height, tiling=None):
         """Pixels of the largest image that preprocessing an image of this size makes."""
-        return max(group[0].processor.work_pixels(width, height, tiling=group[0].tiling) for group in self.groups)
+        return max(group[0].processor.work_pixels(width, height, group[0].tiling if tiling is None else tiling)
+                   for group in self.groups)
 
     def draft_short(self, width, height):
         """The smallest short side an image of this size can be decoded at without changing what any
