@@ -22,21 +22,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ensure_chromium():
-    """Debian's chromium (browser downloads fail here): installed with apt-get when missing and allowed."""
-    if os.path.exists(CHROMIUM):
-        return True
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        return False
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        if subprocess.run(command, capture_output=True, timeout=900).returncode != 0:
-            return False
-    return os.path.exists(CHROMIUM)
-
-
 def test_demo_analyses_an_uploaded_image(converted, tmp_path):
-    if not ensure_chromium():
-        pytest.skip("Chromium could not be installed (apt-get install chromium failed or is not allowed)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Debian chromium: `make browser` installs it (make test does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -44,7 +32,7 @@ def test_demo_analyses_an_uploaded_image(converted, tmp_path):
                                str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.time() + 90
+        deadline = time.time() + 900  # only against a hang: the wait ends when the server answers or dies
         while True:
             try:
                 urllib.request.urlopen(url, timeout=2)
