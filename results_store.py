@@ -114,6 +114,16 @@ class Journal:
                                   "are kept: make room and rerun to resume") from None
             raise
 
+    def write_all(self, rows, batch=10000):
+        """Writes an iterable of rows, `batch` at a time (whole batches, as `write`)."""
+        pending = []
+        for row in rows:
+            pending.append(row)
+            if len(pending) >= batch:
+                self.write(pending)
+                pending = []
+        self.write(pending)
+
     def close(self):
         os.close(self.fd)
 
@@ -206,13 +216,7 @@ class ResultsStore:
                              f"back ({str(error).splitlines()[0]}); move it away or rerun with --no-resume") from None
         tmp = self.journal.with_name(f"{self.journal.name}.recovering")
         journal = Journal(tmp)
-        batch = []
-        for row in table.to_pylist():
-            batch.append(row)
-            if len(batch) >= 10000:
-                journal.write(batch)
-                batch = []
-        journal.write(batch)
+        journal.write_all(table.to_pylist())
         journal.close()
         os.replace(tmp, self.journal)
 
@@ -243,17 +247,16 @@ class ResultsStore:
 
         journal = Journal(self.journal)
         seen = set(path_key(row["path"]) for row in read_rows(self.journal))
-        for part in self.parts():
-            batch = []
+
+        def new_rows(part):
             for row in read_rows(part):
                 key = path_key(row["path"])
                 if key not in seen:
                     seen.add(key)
-                    batch.append(row)
-                if len(batch) >= 10000:
-                    journal.write(batch)
-                    batch = []
-            journal.write(batch)
+                    yield row
+
+        for part in self.parts():
+            journal.write_all(new_rows(part))
             part.unlink()
         journal.close()
 

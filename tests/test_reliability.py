@@ -450,6 +450,14 @@ def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path)
     assert not list(tmp_path.glob(".r.csv.tmp"))
 
 
+def restore(src, dest, pristine, pristine_dest):
+    """Puts the input and destination folders back as they were before a trial."""
+    shutil.rmtree(src)
+    shutil.rmtree(dest)
+    shutil.copytree(pristine, src, copy_function=shutil.copy2)
+    shutil.copytree(pristine_dest, dest)
+
+
 class Killed(BaseException):
     """Stands for SIGKILL inside the test process: nothing after the step runs, no handler sees it."""
 
@@ -476,10 +484,7 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clas
     monkeypatch.setattr(transfers.Transfers, "step", step)
     killed = 0
     for n in range(1, 4 * 5 + 1):  # 4 files, at most 5 steps each
-        shutil.rmtree(src)
-        shutil.rmtree(dest)
-        shutil.copytree(pristine, src, copy_function=shutil.copy2)
-        shutil.copytree(tmp_path / "pristine-dest", dest)
+        restore(src, dest, pristine, tmp_path / "pristine-dest")
         kill_at["n"] = n
         try:
             run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, mode, dest)
@@ -507,10 +512,7 @@ def test_sigkill_of_a_real_move_at_random_steps(converted, clashing, tmp_path):
     assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
     args = [src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest]
     for n in np.random.default_rng(5).choice(np.arange(1, 21), 2, replace=False):
-        shutil.rmtree(src)
-        shutil.rmtree(dest)
-        shutil.copytree(pristine, src, copy_function=shutil.copy2)
-        shutil.copytree(tmp_path / "pristine-dest", dest)
+        restore(src, dest, pristine, tmp_path / "pristine-dest")
         code, _ = cli(*args, env={**ENV, "CITYCLASSIFIER_KILL_AT_TRANSFER_STEP": str(n)})
         assert code == -signal.SIGKILL
         assert cli(*args)[0] == 0
