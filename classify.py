@@ -56,7 +56,7 @@ from scoring import (
     path_key,
 )
 from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, run_cli
-from transfers import Transfers, inside
+from transfers import SourceGone, TransferError, Transfers, inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
 
@@ -190,7 +190,6 @@ def print_path(path):
 def apply_filters(args, columns, store, transfers):
     """--list / --copy-to / --move-to over every row of the output. Returns how many files failed."""
     from scoring import root_of
-    from transfers import SourceGone, TransferError
 
     column = resolve_label(args.label, columns)
     target = args.copy_to or args.move_to

@@ -324,9 +324,18 @@ class ImageViews(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, index):
+        """-> [(real tiles, tile slots)]: one group, as `scoring.collate` takes it."""
         from scoring import view_tiles
 
-        return view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.on_gpu)
+        return [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.on_gpu),
+                 self.processor.tile_slots())]
+
+
+def collate_views(items):
+    """ImageViews items -> (real tiles of the batch, tile_mask (batch, slots))."""
+    from scoring import collate
+
+    return collate([(None, item) for item in items])[1][0]
 
 
 def embedding_precision(training_args):
@@ -351,16 +360,8 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers):
     from scoring import model_pixels, model_threads
 
     on_gpu = device.type == "cuda"
-    slots = processor.tile_slots()
-
-    def collate_tiles(items):
-        mask = torch.zeros(len(items), slots, dtype=torch.long)
-        for row, tiles in zip(mask, items):
-            row[: len(tiles)] = 1
-        return torch.from_numpy(np.concatenate(items)), mask
-
     loader = torch.utils.data.DataLoader(ImageViews(ds, processor, on_gpu), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate_tiles, pin_memory=on_gpu,
+                                         num_workers=workers, collate_fn=collate_views, pin_memory=on_gpu,
                                          prefetch_factor=4 if workers else None)
     for module in model.backbone_modules():
         module.to(device)

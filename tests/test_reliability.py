@@ -450,12 +450,27 @@ def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path)
     assert not list(tmp_path.glob(".r.csv.tmp"))
 
 
-def restore(src, dest, pristine, pristine_dest):
-    """Puts the input and destination folders back as they were before a trial."""
-    shutil.rmtree(src)
-    shutil.rmtree(dest)
-    shutil.copytree(pristine, src, copy_function=shutil.copy2)
-    shutil.copytree(pristine_dest, dest)
+@pytest.fixture
+def trial(converted, clashing, tmp_path):
+    """The clashing folders scored once and kept aside: `trial.restore()` puts both back for each kill."""
+
+    class Trial:
+        src, dest = clashing
+        pristine, pristine_dest = tmp_path / "pristine", tmp_path / "pristine-dest"
+        out = tmp_path / "r.jsonl"
+
+        def restore(self):
+            shutil.rmtree(self.src)
+            shutil.rmtree(self.dest)
+            shutil.copytree(self.pristine, self.src, copy_function=shutil.copy2)
+            shutil.copytree(self.pristine_dest, self.dest)
+
+    t = Trial()
+    shutil.copytree(t.src, t.pristine, copy_function=shutil.copy2)
+    shutil.copytree(t.dest, t.pristine_dest)
+    t.before = contents(t.src, t.dest)
+    assert run(t.src, "--model", converted["ca"], "--out", t.out, "--workers", 0) == 0
+    return t
 
 
 class Killed(BaseException):
@@ -463,16 +478,10 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("mode", ["--move-to", "--copy-to"])
-def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clashing, tmp_path, monkeypatch, mode):
+def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, trial, monkeypatch, mode):
     import transfers
 
-    src, dest = clashing
-    pristine = tmp_path / "pristine"
-    shutil.copytree(src, pristine, copy_function=shutil.copy2)
-    shutil.copytree(dest, tmp_path / "pristine-dest")
-    before = contents(src, dest)
-    out = tmp_path / "r.jsonl"
-    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    src, dest, out, before, pristine = trial.src, trial.dest, trial.out, trial.before, trial.pristine
     original_step = transfers.Transfers.step
     kill_at = {"n": 0}
 
@@ -484,7 +493,7 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clas
     monkeypatch.setattr(transfers.Transfers, "step", step)
     killed = 0
     for n in range(1, 4 * 5 + 1):  # 4 files, at most 5 steps each
-        restore(src, dest, pristine, tmp_path / "pristine-dest")
+        trial.restore()
         kill_at["n"] = n
         try:
             run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, mode, dest)
@@ -492,7 +501,7 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clas
             killed += 1
         kill_at["n"] = 0
         assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, mode, dest) == 0
-        placed = contents(dest) - contents(tmp_path / "pristine-dest")
+        placed = contents(dest) - contents(trial.pristine_dest)
         if mode == "--move-to":
             assert contents(src, dest) == before, n
             assert not list(src.rglob("*.png")), n
@@ -502,17 +511,11 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, clas
     assert killed == (20 if mode == "--move-to" else 16)  # a copy has no source to unlink: 4 steps a file
 
 
-def test_sigkill_of_a_real_move_at_random_steps(converted, clashing, tmp_path):
-    src, dest = clashing
-    pristine = tmp_path / "pristine"
-    shutil.copytree(src, pristine, copy_function=shutil.copy2)
-    shutil.copytree(dest, tmp_path / "pristine-dest")
-    before = contents(src, dest)
-    out = tmp_path / "r.jsonl"
-    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+def test_sigkill_of_a_real_move_at_random_steps(converted, trial):
+    src, dest, out, before = trial.src, trial.dest, trial.out, trial.before
     args = [src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest]
     for n in np.random.default_rng(5).choice(np.arange(1, 21), 2, replace=False):
-        restore(src, dest, pristine, tmp_path / "pristine-dest")
+        trial.restore()
         code, _ = cli(*args, env={**ENV, "CITYCLASSIFIER_KILL_AT_TRANSFER_STEP": str(n)})
         assert code == -signal.SIGKILL
         assert cli(*args)[0] == 0
