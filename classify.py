@@ -52,6 +52,7 @@ from scoring import (
     first_line,
     is_done,
     iter_files,
+    loader_batches,
     model_threads,
     path_key,
 )
@@ -97,6 +98,10 @@ def parse_args(argv=None):
                              "are compute-bound; otherwise the cores the decoding workers leave free, at least 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32")
+    parser.add_argument("--crop-on", choices=["auto", "workers", "device"], default="auto",
+                        help="where images are resized and cut into views: workers (auto), or device: the GPU "
+                             "does it and the decoding workers only decode (the same bytes as Pillow's resize; "
+                             "try it where the CPUs cannot keep a GPU busy)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="five-crop tiling of large images (default: as each model's processor says)")
     parser.add_argument("--combine", choices=["mean", "median", "max", "min"],
@@ -264,11 +269,9 @@ def score_files(args, scorer, store):
         while True:
             stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
                                 markers)
-            loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate, pin_memory=scorer.device.type == "cuda",
-                                                 prefetch_factor=4 if args.workers else None)
+            batches = loader_batches(stream, args.batch_size, args.workers, scorer.device)
             try:
-                for metas, grouped in loader:
+                for metas, grouped in batches:
                     rows, ok, bad = score_batch(scorer, metas, grouped)
                     journal.write(rows)
                     scored, failed = scored + ok, failed + bad
@@ -289,7 +292,7 @@ def score_files(args, scorer, store):
                 journal.write(rows)
                 failed += len(rows)
                 bar.update(len(rows))
-                del loader
+                del batches
                 done = store.done()[0]  # what this rank wrote so far is skipped by the new workers
     journal.close()
     if world > 1:
@@ -381,7 +384,8 @@ def main(argv=None):
             raise UsageError(f"{path}: no such file or folder")
     check_destination(args)
     try:
-        scorer = Scorer(args.model, device=args.device, dtype=args.dtype, tiling=args.tiling, combine=args.combine)
+        scorer = Scorer(args.model, device=args.device, dtype=args.dtype, tiling=args.tiling, combine=args.combine,
+                        crop=args.crop_on)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.label:

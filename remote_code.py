@@ -22,6 +22,7 @@ from cityclassifier.configuration_cityclassifier import CityClassifierConfig  # 
 from cityclassifier.image_processing import (  # noqa: E402
     CityClassifierImageProcessor,
     resize_for_tiling,
+    resize_like_pil,
     tile_boxes,
     tiling_size,
     to_rgb,
@@ -45,6 +46,7 @@ __all__ = [
     "CityClassifierImageProcessor",
     "combine_tiles",
     "resize_for_tiling",
+    "resize_like_pil",
     "scatter_tiles",
     "tile_boxes",
     "tiling_size",

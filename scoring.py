@@ -280,8 +280,9 @@ def process_alive(pid):
 
 
 def collate(items):
-    """-> (metas, per group (the real tiles only, as `Scorer.preprocess` made them, tile_mask (batch,
-    slots)) for the decodable images, or None). Padding never leaves the worker: it is half the tiles."""
+    """-> (metas, per group (the real tiles only, as `Scorer.preprocess` made them: one tensor, or a
+    list of whole images for "device" cropping; tile_mask (batch, slots)) for the decodable images, or
+    None). Padding never leaves the worker: it is half the tiles."""
     metas = [meta for meta, _ in items]
     good = [inputs for _, inputs in items if inputs is not None]
     if not good:
@@ -292,8 +293,62 @@ def collate(items):
         mask = torch.zeros(len(tiles), good[0][g][1], dtype=torch.long)
         for row, views in zip(mask, tiles):
             row[: len(views)] = 1
-        grouped.append((torch.from_numpy(np.concatenate(tiles)), mask))
+        if isinstance(tiles[0], DeviceImage):  # whole images of any size: one tensor each
+            grouped.append(([torch.from_numpy(image.pixels) for image in tiles], mask))
+        else:
+            grouped.append((torch.from_numpy(np.concatenate(tiles)), mask))
     return metas, grouped
+
+
+def micro_batch(batch_size, workers, device):
+    """Images per decoding worker's batch. A worker fills each batch alone, so with whole batches
+    the first came only after every worker had decoded `batch_size` images, and a collection of a
+    few batches per worker arrived all at once at the end: on an H100 with 15 workers and 600
+    images, classify.py made 286 crops/s of the 396 its workers could decode, the GPU idle while
+    they decoded and they idle while it ran. On a GPU they hand out small batches (batch / workers,
+    at least 2) and `merge_batches` joins them in the main process."""
+    if device.type != "cuda" or workers <= 1:
+        return batch_size
+    return max(2, -(-batch_size // workers))
+
+
+def join_batches(parts, device):
+    """(metas, grouped) batches from `collate` -> one: metas chained; per group, whole-image lists
+    chained, crop tensors copied to `device` as they are (pinned: no wait) and joined there."""
+    if len(parts) == 1:
+        return parts[0]
+    metas = [meta for part_metas, _ in parts for meta in part_metas]
+    good = [grouped for _, grouped in parts if grouped is not None]
+    if not good:
+        return metas, None
+    joined = []
+    for g in range(len(good[0])):
+        tiles = [grouped[g][0] for grouped in good]
+        if isinstance(tiles[0], list):
+            tiles = [image for images in tiles for image in images]
+        else:
+            tiles = torch.cat([t.to(device, non_blocking=True) for t in tiles])
+        joined.append((tiles, torch.cat([grouped[g][1] for grouped in good])))
+    return metas, joined
+
+
+def loader_batches(dataset, batch_size, workers, device):
+    """Batches of at least `batch_size` images (fewer at the end) as `collate` makes them, from a
+    dataset of (meta, `Scorer.preprocess` output) items (`FileStream`, or a map-style dataset),
+    decoded by `workers` processes into pinned memory on a GPU (see `micro_batch`)."""
+    on_gpu = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device),
+                                         num_workers=workers, collate_fn=collate, pin_memory=on_gpu,
+                                         prefetch_factor=4 if workers else None)
+    pending, count = [], 0
+    for metas, grouped in loader:
+        pending.append((metas, grouped))
+        count += len(metas)
+        if count >= batch_size:
+            yield join_batches(pending, device)
+            pending, count = [], 0
+    if pending:
+        yield join_batches(pending, device)
 
 
 def is_done(done, key):
@@ -377,16 +432,66 @@ def default_batch_size(device, model):
     return int(min(64, max(8, free // 2 // (5 * view_bytes))))
 
 
-def view_tiles(processor, image, tiling, on_gpu):
-    """The real tiles of one image: uint8 crops (k, S, S, 3) for a GPU, which normalises them itself
-    (a quarter of the bytes to copy), or (k, 3, S, S) float32 normalised here, in the decoding worker,
-    for a CPU: measured on a 2-core EPYC, normalising in the model's process cost 15% of the throughput."""
+@dataclass
+class DeviceImage:
+    """A decoded RGB image (H, W, 3) uint8 whose `views` crops the model's device cuts itself
+    (`CityClassifierImageProcessor.device_views`, the same bytes as the CPU's crops)."""
+
+    pixels: np.ndarray
+    views: int
+
+    def __len__(self):
+        return self.views
+
+
+CROP_MODES = ("normalised", "uint8", "device")
+
+
+def view_tiles(processor, image, tiling, mode):
+    """The real tiles of one image, for `collate`, in one of three forms by where the model runs:
+    "normalised": (k, 3, S, S) float32, normalised here in the decoding worker, for a CPU (measured
+    on a 2-core EPYC, normalising in the model's process cost 15% of the throughput); "uint8":
+    (k, S, S, 3) crops, a quarter of the bytes, normalised by the GPU; "device": the whole decoded
+    image (`DeviceImage`), resized, cut and normalised by the GPU, so that the decoding workers only
+    decode (resizing was 55% of their time: the GPU must not wait for them)."""
+    if mode == "device":
+        image = processor.prepare(image, tiling)  # RGB; non-RGB modes already resized, as the original
+        pixels = np.asarray(image)  # read-only from Pillow: torch wants to be able to write
+        return DeviceImage(pixels if pixels.flags.writeable else pixels.copy(),
+                           5 if processor.is_tiled(*image.size, tiling) else 1)
     crops = [processor.resize_and_crop(view) for view in processor.views(image, tiling=tiling)]
-    return np.stack(crops) if on_gpu else np.stack([processor.normalize_pixels(crop) for crop in crops])
+    return np.stack(crops) if mode == "uint8" else np.stack([processor.normalize_pixels(crop) for crop in crops])
 
 
-def model_pixels(processor, tiles, device, dtype):
-    """Tiles from `view_tiles` -> normalised (n, 3, S, S) pixels on `device` in `dtype`."""
+def crop_mode(device, processors, requested="auto"):
+    """Where views are cut: by the decoding workers ("normalised" crops for a CPU, "uint8" for a GPU)
+    unless `requested` is "device": the model's device resizes and cuts them from the whole decoded
+    image, the same bytes (BILINEAR/BICUBIC processors only; on a CPU too, for tests). Not the GPU
+    default yet: on an H100 its workers fed 586 crops/s against 396, but classify.py ended slower
+    (230 against 286 crops/s) while whole worker batches kept the GPU waiting (see `micro_batch`)."""
+    if requested not in ("auto", "workers", "device"):
+        raise ValueError(f"crop mode must be auto, workers or device, got {requested!r}")
+    if requested == "device":
+        if not all(processor.device_views_supported() for processor in processors):
+            raise ValueError("cropping on the device needs BILINEAR or BICUBIC resampling and crop <= size")
+        return "device"
+    return "uint8" if device.type == "cuda" else "normalised"
+
+
+def device_crops(processor, images, tile_mask, device):
+    """Whole images from `collate` ("device" mode) -> their views' uint8 crops (n, S, S, 3), cut on
+    `device`; `tile_mask` (on the CPU: reading it must not wait for the GPU) says how many views each
+    has (5: tiled), as the decoding worker decided."""
+    counts = tile_mask.sum(1).tolist()
+    return torch.cat([processor.device_views(image.to(device, non_blocking=True), tiling=count > 1)
+                      for image, count in zip(images, counts)])
+
+
+def model_pixels(processor, tiles, tile_mask, device, dtype):
+    """Tiles from `collate` (a tensor of crops, or a list of whole images with `tile_mask` counting
+    their views) -> normalised (n, 3, S, S) pixels on `device` in `dtype`."""
+    if isinstance(tiles, list):
+        tiles = device_crops(processor, tiles, tile_mask, device)
     tiles = tiles.to(device, non_blocking=True)
     if tiles.dtype == torch.uint8:
         tiles = processor.normalize_tensor(tiles)
@@ -463,7 +568,7 @@ class Scorer:
     `combine` override what each model's processor and config say, for this scorer only.
     """
 
-    def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None):
+    def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None, crop="auto"):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.models, self.groups = [], []
@@ -482,6 +587,7 @@ class Scorer:
                 groups[signature] = len(self.groups)
                 self.groups.append([])
             self.groups[groups[signature]].append(scoring)
+        self.crop_mode = crop_mode(self.device, self.processors, crop)
 
     @property
     def processors(self):
@@ -511,7 +617,7 @@ class Scorer:
         out = []
         for group in self.groups:
             processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
-            out.append((view_tiles(processor, image, on, self.device.type == "cuda"), processor.tile_slots(on)))
+            out.append((view_tiles(processor, image, on, self.crop_mode), processor.tile_slots(on)))
         return out
 
     def work_pixels(self, width, height, tiling=None):
@@ -542,6 +648,8 @@ class Scorer:
 
         grouped_inputs: per group (the real tiles, tile_mask (batch, tiles)), from `collate`."""
         for group, (pixels, tile_mask) in zip(self.groups, grouped_inputs):
+            if isinstance(pixels, list):  # whole images: the device cuts their views
+                pixels = device_crops(group[0].processor, pixels, tile_mask, self.device)
             tile_mask = tile_mask.to(self.device)
             embeds = torch.cat([self.embed(group[0], chunk) for chunk in pixels.split(self.chunk_views(pixels))])
             image_embeds = scatter_tiles(embeds, tile_mask)
@@ -551,7 +659,7 @@ class Scorer:
 
     def embed(self, m, tiles):
         """Tiles from `preprocess` -> (n, dim) embeddings on the model's device."""
-        return m.model.get_image_features(model_pixels(m.processor, tiles, self.device, self.dtype))
+        return m.model.get_image_features(model_pixels(m.processor, tiles, None, self.device, self.dtype))
 
     def chunk_views(self, pixels):
         """Views per backbone call: all, except for uint8 crops on a CPU, normalised as many at a time

@@ -4,12 +4,18 @@
 It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-sized model folder
 (nothing from the Hub), then measures:
 - the raw backbone's crops/s (fp16 and bf16, sdpa, `--raw-batch` crops a call): the ceiling;
-- classify.py's crops/s with its defaults, and its ratio to the raw fp16 figure;
+- the data path alone (classify.py's decoding workers and batches, no model), with views cut by
+  the workers (the default) and by the GPU (workers only decode): the crops/s the CPUs can feed;
+- classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
+  ratio to the raw fp16 figure and how busy the GPU was over the whole run (start-up included);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
 - head-only training's embedding pass (train_hf.embed_all), crops/s and ratio to the raw figure;
+- the original's head-only recipe end to end (train_hf.py), at batch 1 and 32: head steps/s, and the
+  time for 3215 images and 30K steps (batch 1) or as many images seen (batch 32), extrapolated from
+  the embedding rate and the steps/s;
 - full-mode training steps/s with the shipped model's config (configs/default_model.json);
-- the shipped model's scores on the GPU (fp16) against the CPU (float32): largest difference and
-  decisions flipped at 0.5.
+- the shipped model's scores on the GPU (fp16) against the CPU (float32), and with views cut by the
+  GPU against cut by the workers (both on the GPU): largest difference and decisions flipped at 0.5.
 A crop is one 336 px view through the backbone: five for a tiled image, one otherwise.
 
   python bench/bench_gpu.py --out bench/gpu.json            # on a CUDA machine, about 5 minutes
@@ -17,6 +23,9 @@ A crop is one 336 px view through the backbone: five for a tiled image, one othe
 
 --dry-run uses a tiny CLIP, a dozen small images and a few steps, in float32 on the CPU: it checks
 that every path runs (a test runs it), and its figures mean nothing.
+
+Each measurement that fails is recorded as {"error": ...} and the others still run; the JSON is
+rewritten after each one, so a run cut short keeps what it measured. Exit 1 if any failed.
 """
 
 import argparse
@@ -25,7 +34,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,15 +121,60 @@ def raw_backbone(model, device, dtype, batch, seconds):
     return calls * batch / (time.perf_counter() - start)
 
 
+class GpuBusy:
+    """Samples the GPU's utilisation (NVML, through torch) every 0.1 s while in the `with` block:
+    the mean is how busy the card was. None where NVML is not there (a CPU, a dry run)."""
+
+    def __init__(self, device):
+        self.device, self.samples, self.stop = device, [], threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception:  # noqa: BLE001 - no NVML: no figure
+                return self
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.1):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    @property
+    def percent(self):
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
 def classify_run(data, model_dir, out, device, extra=()):
-    """(seconds of scoring, as classify.py reports them, its stderr)."""
+    """(seconds of scoring, as classify.py reports them, mean GPU busy % over the whole run or None)."""
     command = [sys.executable, str(ROOT / "classify.py"), str(data), "--model", str(model_dir), "--out", str(out),
-               "--no-resume", "--device", device, *extra]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+               "--no-resume", "--device", device.type, *extra]
+    with GpuBusy(device) as busy:
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     if done.returncode not in (0, 1):
-        raise SystemExit(f"classify.py failed:\n{done.stderr[-3000:]}")
-    summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]
-    return float(summary.split(" in ")[1].split("s ")[0]), done.stderr
+        raise RuntimeError(f"classify.py failed:\n{done.stderr[-3000:]}")
+    summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]  # "N scored, 0 failed in
+    images = int(summary.split()[0]) + int(summary.split()[2])  # 2.3s (260.87 img/s)": the rate has 5 digits
+    return images / float(summary.split("(")[1].split(" img/s")[0]), busy.percent
+
+
+def data_path(data, model_dir, device, crop):
+    """Crops/s of classify.py's data path alone: its decoding workers and batches, no model call
+    (with crop "device" the workers only decode: the GPU's resizing is not in this figure)."""
+    from scoring import MAX_PIXELS, FileStream, Scorer, default_batch_size, default_workers, loader_batches
+
+    scorer = Scorer([str(model_dir)], device=device.type, crop=crop)
+    workers = default_workers(device)
+    stream = FileStream([str(data)], scorer, np.array([], dtype=np.int64), 0, 1, MAX_PIXELS)
+    start, crops = time.perf_counter(), 0
+    for _, grouped in loader_batches(stream, default_batch_size(device, scorer.models[0].model), workers, device):
+        crops += int(grouped[0][1].sum()) if grouped else 0
+    return {"crops_per_s": crops / (time.perf_counter() - start), "workers": workers, "crop_mode": scorer.crop_mode}
 
 
 def original_loop(model_dir, files, device, dtype):
@@ -156,6 +212,39 @@ def head_only_embedding(data, model_dir, device, dtype):
     return int(mask.sum()) / seconds, int(mask.sum())
 
 
+def train(args, out):
+    """Runs train_hf.py on a JSON of arguments; -> its loss.csv rows that carry a steps/s figure."""
+    import csv
+
+    config_file = Path(out).with_suffix(".json")
+    config_file.write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, str(ROOT / "train_hf.py"), str(config_file)], env=ENV,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"train_hf.py failed:\n{done.stderr[-3000:]}")
+    with open(Path(out) / "loss.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("train_steps_per_second")], done.stderr
+
+
+def head_only_recipe(data, model_dir, out, device, steps, batch, embed_crops_per_s, crops_per_image):
+    """The original's recipe (frozen backbone, cached embeddings, 30K steps of batch 1) through
+    train_hf.py at `batch`: head steps/s, and the recipe's time for 3215 images and 30K images seen
+    (30K / batch steps), extrapolated from the embedding rate and the steps/s."""
+    args = {"dataset_name": str(data), "model_name_or_path": str(model_dir), "output_dir": str(out),
+            "max_steps": steps, "per_device_train_batch_size": batch, "learning_rate": 1.5e-6,
+            "label_loss_weights": "1.0,0.5", "eval_strategy": "no", "save_strategy": "no",
+            "load_best_model_at_end": False, "logging_steps": steps, "report_to": "none", "seed": 0,
+            "top_loss_images": 0, "fp16": device.type == "cuda"}
+    if device.type != "cuda":
+        args["use_cpu"] = True
+    start = time.perf_counter()
+    rows, _ = train(args, out)
+    steps_per_s = float(rows[-1]["train_steps_per_second"])
+    embed_s = 3215 * crops_per_image / embed_crops_per_s
+    return {"batch": batch, "steps": steps, "steps_per_s": steps_per_s, "wall_s": time.perf_counter() - start,
+            "recipe_3215_images_30k_seen_s_extrapolated": embed_s + 30000 / batch / steps_per_s}
+
+
 def full_training(data, out, device, steps):
     """Steps/s of full-mode training with the shipped model's architecture and batch (Trainer's figure)."""
     config = json.loads((ROOT / "configs" / "default_model.json").read_text())
@@ -166,35 +255,32 @@ def full_training(data, out, device, steps):
             "report_to": "none", "dataloader_num_workers": max(1, (os.cpu_count() or 2) - 1), "seed": 0}
     if device.type != "cuda":
         args.update(use_cpu=True, bf16=False, per_device_train_batch_size=4)
-    config_file = Path(out).with_suffix(".json")
-    config_file.write_text(json.dumps(args))
-    done = subprocess.run([sys.executable, str(ROOT / "train_hf.py"), str(config_file)], env=ENV,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"train_hf.py failed:\n{done.stderr[-3000:]}")
-    import csv
-
-    with open(Path(out) / "loss.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("train_steps_per_second")]
+    rows, _ = train(args, out)
     return float(rows[-1]["train_steps_per_second"])
 
 
 def agreement(files, device):
-    """The shipped model's scores, GPU in its auto dtype against CPU float32."""
+    """The shipped model's scores: GPU in its auto dtype against CPU float32, and on the GPU with views
+    cut by the GPU against cut by the decoding workers (the same bytes: only batching differs)."""
     from scoring import Scorer, collate, load_image
 
-    def scores(where, dtype):
-        scorer = Scorer([str(ROOT)], device=where, dtype=dtype)
+    def scores(where, dtype, crop="auto"):
+        scorer = Scorer([str(ROOT)], device=where, dtype=dtype, crop=crop)
         out = []
         for start in range(0, len(files), 8):
             items = [(None, scorer.preprocess(load_image(path))) for path in files[start : start + 8]]
             out += [row["default:Chromatic Aberration"] for row in scorer.score(collate(items)[1])]
         return np.array(out)
 
+    def compare(a, b):
+        return {"max_abs_diff": float(np.abs(a - b).max()), "flips_at_0.5": int(((a >= 0.5) != (b >= 0.5)).sum())}
+
     cpu = scores("cpu", "float32")
     gpu = scores(device.type, "auto")
-    return {"images": len(files), "max_abs_diff": float(np.abs(gpu - cpu).max()),
-            "flips_at_0.5": int(((gpu >= 0.5) != (cpu >= 0.5)).sum())}
+    report = {"images": len(files), **compare(gpu, cpu)}
+    if device.type == "cuda":
+        report["crop_on_gpu_vs_workers"] = compare(scores(device.type, "auto", "device"), gpu)
+    return report
 
 
 def main():
@@ -203,16 +289,41 @@ def main():
     parser.add_argument("--images", type=int, default=600, help="synthetic images (default: 600)")
     parser.add_argument("--raw-batch", type=int, default=160, help="crops per raw backbone call (default: 160)")
     parser.add_argument("--train-steps", type=int, default=200, help="full-mode training steps (default: 200)")
+    parser.add_argument("--head-steps", type=int, default=3000,
+                        help="head-only recipe steps at batch 1, a third of them at 32 (default: 3000; 30K "
+                             "extrapolated)")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="NAME",
+                        help="measurements to leave out, by their JSON key (e.g. full_training_steps_per_s)")
+    parser.add_argument("--raw-seconds", type=float, default=15, help="seconds per raw backbone figure")
     parser.add_argument("--dry-run", action="store_true", help="tiny, on the CPU: checks every path, under 2 minutes")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
         raise SystemExit("error: no CUDA device: run this on a GPU machine, or pass --dry-run")
     if args.dry_run:
-        args.images, args.raw_batch, args.train_steps = 12, 8, 4
+        args.images, args.raw_batch, args.train_steps, args.head_steps = 12, 8, 4, 20
     half = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
               "cores": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    failed = []
+
+    def measure(name, what, *call):
+        """report[name] = what(*call), or {"error": ...}; the JSON is rewritten either way."""
+        if name in args.skip:
+            return {"skipped": True}
+        log(f"{name}: measuring")
+        begin = time.perf_counter()
+        try:
+            report[name] = what(*call)
+        except Exception as error:  # noqa: BLE001 - one failed measurement must not lose the others
+            traceback.print_exc()
+            report[name] = {"error": f"{type(error).__name__}: {str(error)[-2000:]}"}
+            failed.append(name)
+        log(f"{name}: {time.perf_counter() - begin:.1f}s {json.dumps(report[name])}")
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return report[name]
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         log("making data and a random ViT-L/14-336 folder")
@@ -223,34 +334,51 @@ def main():
         processor = CityClassifierImageProcessor.from_pretrained(model_dir)
         crops = count_crops(files, processor)
         report["data"] = {"images": len(files), "crops": crops}
-        log("raw backbone")
         model = CityClassifierForImageClassification.from_pretrained(model_dir)
-        raw = {str(dtype).split(".")[1]: raw_backbone(model, device, dtype, args.raw_batch, 3 if args.dry_run else 15)
-               for dtype in half}
-        report["raw_backbone_crops_per_s"] = raw
-        ceiling = raw[str(half[0]).split(".")[1]]
+        raw = measure("raw_backbone_crops_per_s", lambda: {
+            str(dtype).split(".")[1]: raw_backbone(model, device, dtype, args.raw_batch,
+                                                   3 if args.dry_run else args.raw_seconds)
+            for dtype in half})
+        ceiling = raw.get(str(half[0]).split(".")[1])
         del model
-        log("classify.py")
-        seconds, _ = classify_run(tmp / "data" / "train", model_dir, tmp / "scores.jsonl", device.type)
-        report["classify"] = {"crops_per_s": crops / seconds, "images_per_s": len(files) / seconds,
-                              "ratio_to_raw": crops / seconds / ceiling}
-        log("the original's one-image loop")
-        report["original_loop_images_per_s"] = original_loop(model_dir, files[: min(len(files), 100)], device,
-                                                             half[0])
-        report["classify"]["speedup_over_original_loop"] = report["classify"]["images_per_s"] / \
-            report["original_loop_images_per_s"]
-        log("head-only embedding pass")
-        rate, embedded = head_only_embedding(tmp / "data", model_dir, device, half[0])
-        report["head_only_embedding"] = {"crops_per_s": rate, "crops": embedded, "ratio_to_raw": rate / ceiling}
-        log("full-mode training, shipped config")
-        report["full_training_steps_per_s"] = full_training(tmp / "data", tmp / "run", device, args.train_steps)
-        log("GPU against CPU scores, shipped model")
-        report["gpu_vs_cpu"] = agreement(files[: min(len(files), 200)], device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        def ratio(crops_per_s):
+            return crops_per_s / ceiling if ceiling else None
+
+        for crop in ("device", "workers"):  # on a CPU (a dry run) too
+            measure(f"data_path_crop_{crop}", lambda: {
+                **(path := data_path(tmp / "data" / "train", model_dir, device, crop)),
+                "ratio_to_raw": ratio(path["crops_per_s"])})
+
+        def classify(*extra):
+            seconds, busy = classify_run(tmp / "data" / "train", model_dir, tmp / "scores.jsonl", device, extra)
+            return {"crops_per_s": crops / seconds, "images_per_s": len(files) / seconds,
+                    "ratio_to_raw": ratio(crops / seconds), "gpu_busy_percent": busy, "options": " ".join(extra)}
+
+        measure("classify", classify)
+        measure("classify_crop_on_device", classify, "--crop-on", "device")
+        loop = measure("original_loop_images_per_s", original_loop, model_dir, files[: min(len(files), 100)], device,
+                       half[0])
+        if isinstance(loop, float) and "error" not in report["classify"]:
+            report["classify"]["speedup_over_original_loop"] = report["classify"]["images_per_s"] / loop
+
+        def embedding():
+            rate, embedded = head_only_embedding(tmp / "data", model_dir, device, half[0])
+            return {"crops_per_s": rate, "crops": embedded, "ratio_to_raw": ratio(rate)}
+
+        embed = measure("head_only_embedding", embedding)
+        if "crops_per_s" in embed:
+            for batch, steps in ((1, args.head_steps), (32, max(1, args.head_steps // 3))):
+                measure(f"head_only_recipe_batch_{batch}", head_only_recipe, tmp / "data", model_dir,
+                        tmp / f"head{batch}", device, steps, batch, embed["crops_per_s"], crops / len(files))
+        measure("full_training_steps_per_s", full_training, tmp / "data", tmp / "run", device, args.train_steps)
+        measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)
     print(json.dumps(report, indent=2))
-    log(f"wrote {args.out}")
+    log(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

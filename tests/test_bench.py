@@ -16,8 +16,16 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     images, crops = report["data"]["images"], report["data"]["crops"]
     assert images == 12 and images <= crops <= 5 * images and (crops - images) % 4 == 0  # 1 or 5 crops an image
     assert report["raw_backbone_crops_per_s"]["float32"] > 0
-    for key in ("classify", "head_only_embedding"):
-        assert report[key]["crops_per_s"] > 0 and report[key]["ratio_to_raw"] > 0
-    assert report["head_only_embedding"]["crops"] == crops  # every real tile embedded once
+    for key in ("data_path_crop_device", "data_path_crop_workers", "classify", "classify_crop_on_device",
+                "head_only_embedding"):
+        assert report[key]["crops_per_s"] > 0 and report[key]["ratio_to_raw"] > 0, report[key]
+    assert report["data_path_crop_device"]["crop_mode"] == "device"  # the GPU's road, on the CPU
+    assert report["data_path_crop_workers"]["crop_mode"] == "normalised"
+    assert report["classify_crop_on_device"]["options"] == "--crop-on device"
+    assert report["classify"]["gpu_busy_percent"] is None  # no GPU to sample
+    for batch in (1, 32):
+        recipe = report[f"head_only_recipe_batch_{batch}"]
+        assert recipe["batch"] == batch and recipe["steps"] == (20 if batch == 1 else 6) and recipe["steps_per_s"] > 0
+        assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / batch / recipe["steps_per_s"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself

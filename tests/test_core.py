@@ -54,7 +54,9 @@ def reference_scores(image, clip_dir, head_file, arch="class", combine="mean", t
 
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
     clip = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
-    views = reference_views(image.convert("RGB"), tiling and arch == "class")
+    # the original resized in the file's own mode, cropped, and its CLIPImageProcessor converted each
+    # view with a plain convert("RGB") (newer transformers composite alpha on white: not the original)
+    views = [view.convert("RGB") for view in reference_views(image, tiling and arch == "class")]
     with torch.no_grad():
         embeds = clip(**processor(views, return_tensors="pt")).image_embeds.double()
     z = reference_head(load_file(str(head_file)), embeds).numpy()
@@ -222,12 +224,17 @@ def test_labels_give_a_weighted_loss_and_embeds_path_matches(converted):
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "1"])
 def test_image_modes_are_converted_to_rgb_as_the_original(converted, tiny_clip, releases, mode):
+    """Small, tiled without resizing, and tiled after the resize to 1536 px in the file's own mode."""
     from transformers import pipeline
 
     pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
-    image = make_image(150, 100, mode=mode)
-    expected = reference_scores(image, tiny_clip, releases["ca"])
-    assert np.abs(pipeline_scores(pipe, image, ["Pass", "Chromatic Aberration"]) - expected).max() < 1e-5
+    for size in [(150, 50), (150, 100), (1700, 900)]:
+        image = make_image(*size, mode=mode)
+        if mode in ("RGBA", "LA"):  # transparency that varies: premultiplied resizing shows
+            image.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, size[::-1], dtype=np.uint8)))
+        expected = reference_scores(image, tiny_clip, releases["ca"])
+        got = pipeline_scores(pipe, image, ["Pass", "Chromatic Aberration"])
+        assert np.abs(got - expected).max() < 1e-5, (size, got, expected)
 
 
 def test_sixteen_bit_and_tiny_images(converted, tiny_clip, releases):
