@@ -277,8 +277,8 @@ def score_files(args, scorer, store):
                     scored, failed = scored + ok, failed + bad
                     bar.update(len(metas))
                 break
-            except RuntimeError as error:
-                if "DataLoader worker" not in str(error):
+            except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
+                if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
                     raise
                 culprits = markers.culprits(error)
                 deaths += not culprits

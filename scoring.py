@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,8 +341,15 @@ def loader_batches(dataset, batch_size, workers, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device),
                                          num_workers=workers, collate_fn=collate, pin_memory=on_gpu,
                                          prefetch_factor=4 if workers else None)
+    batches = iter(loader)
+    if workers and threading.current_thread() is threading.main_thread():
+        # The iterator installed torch's SIGCHLD handler, which raises a worker's death wherever the
+        # main thread happens to be (seen inside a progress bar's exit, while handling a death that
+        # had surfaced as a reset connection): the loader's own liveness check reports it instead,
+        # at the next batch, where the tools catch it.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pending, count = [], 0
-    for metas, grouped in loader:
+    for metas, grouped in batches:
         pending.append((metas, grouped))
         count += len(metas)
         if count >= batch_size:
