@@ -5,10 +5,13 @@ import math
 from transformers import CLIPVisionConfig, PretrainedConfig
 
 ARCHES = ("class", "score")
+VIT_L_14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_size": 336, "patch_size": 14, "projection_dim": 768}  # openai/clip-vit-large-patch14-336
 TILE_COMBINES = ("mean", "median", "max", "min")
 
-# The standard image-classification pipeline renormalises with a softmax whenever num_labels > 1,
-# which would change the original's max/min/median scores; this routes the task to our subclass.
+# Loaded by path with trust_remote_code, the image-classification task goes to our subclass: it
+# reads files as classify.py does (EXIF, 16-bit scaled) and can drop class 0. Any other pipeline
+# reports the same numbers too: see `problem_type` below.
 CUSTOM_PIPELINES = {
     "image-classification": {
         "impl": "modeling_cityclassifier.CityClassifierImageClassificationPipeline",
@@ -22,7 +25,8 @@ class CityClassifierConfig(PretrainedConfig):
     """Holds the backbone's `CLIPVisionConfig`, the head sizes and how tile scores are combined.
 
     Args:
-        vision_config: a `CLIPVisionConfig` or its dict; `projection_dim` is the head's input size.
+        vision_config: a `CLIPVisionConfig` (copied) or its dict; `projection_dim` is the head's input
+            size. Default: ViT-L/14 at 336 px, the original's backbone, matching the processor's default.
         arch: "class" (softmax over `num_labels` outputs) or "score" (one output, (tanh(z) + 1) / 2).
         head_hidden_size: width of the head's residual block (1024 in every released model).
         head_dropout: dropout before the head's LeakyReLU (0.1 in the original).
@@ -65,18 +69,24 @@ class CityClassifierConfig(PretrainedConfig):
             raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout!r}")
         if arch == "score":
             kwargs.setdefault("id2label", {0: "score"})
-            kwargs.setdefault("problem_type", "regression")
         elif "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = {0: "Pass", 1: "Chromatic Aberration"}
+        # What this model's `logits` are: per label, the log-odds of its score (scores are per-label
+        # probabilities that are not renormalised, or the score model's value in [0, 1]), so every
+        # pipeline's default, a sigmoid for multi-label models, reports the original's numbers. A
+        # value saved by older versions of this code (regression, or none) is superseded.
+        kwargs["problem_type"] = "multi_label_classification"
         kwargs.setdefault("custom_pipelines", CUSTOM_PIPELINES)
         super().__init__(**kwargs)
         if not getattr(self, "label2id", None):
             self.label2id = {name: int(i) for i, name in self.id2label.items()}
 
         if vision_config is None:
-            vision_config = CLIPVisionConfig(projection_dim=768)
+            vision_config = CLIPVisionConfig(**VIT_L_14_336)  # the original's backbone; the processor's 336 px
         elif isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
+        else:
+            vision_config = CLIPVisionConfig(**vision_config.to_dict())  # a copy: the stem changes num_channels
         self.vision_config = vision_config
         self.arch = arch
         self.head_hidden_size = head_hidden_size

@@ -19,8 +19,9 @@ class CityClassifierOutput(ImageClassifierOutput):
     """`ImageClassifierOutput` plus the combined scores and what each tile saw.
 
     Args:
-        logits: (batch, num_labels). Class models: log of the combined probabilities, so a softmax
-            gives them back when they sum to one (mean, one view). Score models: atanh(2 * score - 1).
+        logits: (batch, num_labels): the log-odds of `scores`, log(s) - log(1 - s), so a sigmoid gives
+            them back (the multi-label convention, `config.problem_type`: what any image-classification
+            pipeline applies). For a score model that is 2z, as (tanh(z) + 1) / 2 = sigmoid(2z).
         scores: (batch, num_labels), the original's numbers: combined probabilities, not renormalised,
             or the (tanh(z) + 1) / 2 score.
         tile_scores: (batch, tiles, num_labels), per tile; NaN where `tile_mask` is 0.
@@ -245,11 +246,11 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self._loss(scores, logits, labels)
+            loss = self._loss(scores, labels)
             if self.training and stem_features is not None and self.config.stem_aux_loss_weight > 0:
                 probe = scatter_tiles(self.stem.probe_logits(stem_features).float(), tile_mask)
-                probe_scores, probe_logits = self._combine(probe, tile_mask, how)[1:]
-                loss = loss + self.config.stem_aux_loss_weight * self._loss(probe_scores, probe_logits, labels)
+                probe_scores = self._combine(probe, tile_mask, how)[1]
+                loss = loss + self.config.stem_aux_loss_weight * self._loss(probe_scores, labels)
 
         return CityClassifierOutput(
             loss=loss, logits=logits, scores=scores, tile_scores=tile_scores, image_embeds=image_embeds
@@ -260,27 +261,35 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         tile_scores = z.softmax(-1) if self.config.arch == "class" else (z.tanh() + 1) / 2
         tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
         scores = combine_tiles(tile_scores, tile_mask, how)
-        if self.config.arch == "class":
-            logits = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
-        else:
-            logits = (scores * 2 - 1).clamp(-1 + 1e-7, 1 - 1e-7).atanh()
-        return tile_scores, scores, logits
+        finfo = torch.finfo(scores.dtype)
+        s = scores.clamp(finfo.tiny, 1 - finfo.eps / 2)  # 0 and 1 would give infinite log-odds
+        return tile_scores, scores, s.log() - (-s).log1p()  # (batch, labels) log-odds
 
-    def _loss(self, scores, logits, labels):
+    def _loss(self, scores, labels):
+        """Class models: cross-entropy with the label weights on the combined probabilities; score
+        models: squared error of the score."""
         labels = labels.to(scores.device)
         if self.config.arch == "class":
             weight = scores.new_tensor(self.config.label_loss_weights)
-            return nn.functional.nll_loss(logits, labels.long(), weight=weight)
+            return nn.functional.nll_loss(scores.clamp_min(torch.finfo(scores.dtype).tiny).log(), labels.long(),
+                                          weight=weight)
         return nn.functional.mse_loss(scores.squeeze(-1), labels.to(scores.dtype).view(-1))
 
 
 class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
     """The image-classification pipeline, returning the model's `scores` as the original prints them.
 
-    The stock pipeline applies a softmax to `logits` whenever num_labels > 1, which would renormalise
-    max/min/median tile combinations. With no `function_to_apply` given, this one reports `scores`.
-    It also hands images to the processor in their own mode, so 16-bit images are scaled, not clipped.
+    The stock pipeline gives the same numbers for RGB pictures (a sigmoid of the log-odds `logits`)
+    but converts every picture to RGB first; this one hands images to the processor in their own
+    mode (16-bit scaled, not clipped; non-RGB modes resized as the original did), and, as the
+    original's option, leaves class 0 ("Pass") out with `drop_class_0=True`.
     """
+
+    def _sanitize_parameters(self, drop_class_0=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        if drop_class_0 is not None:
+            postprocess["drop_class_0"] = bool(drop_class_0)
+        return preprocess, forward, postprocess
 
     def check_model_type(self, supported_models):
         pass  # our model class is registered with the Auto classes only when loaded as remote code
@@ -297,13 +306,17 @@ class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
             raise ValueError(f"one image per input, got an array of shape {tuple(image.shape)}: pass a list of images")
         return self.image_processor(images=image, return_tensors="pt").to(self.model.dtype)
 
-    def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
+    def postprocess(self, model_outputs, function_to_apply=None, top_k=5, drop_class_0=False):
         if function_to_apply is not None:
-            return super().postprocess(model_outputs, function_to_apply=function_to_apply, top_k=top_k)
-        scores = model_outputs["scores"][0].float()
-        labels = self.model.config.id2label
-        results = [{"label": labels[i], "score": s.item()} for i, s in enumerate(scores)]
-        results.sort(key=lambda r: r["score"], reverse=True)
+            results = super().postprocess(model_outputs, function_to_apply=function_to_apply,
+                                          top_k=self.model.config.num_labels)
+        else:
+            scores = model_outputs["scores"][0].float()
+            labels = self.model.config.id2label
+            results = [{"label": labels[i], "score": s.item()} for i, s in enumerate(scores)]
+            results.sort(key=lambda r: r["score"], reverse=True)
+        if drop_class_0 and self.model.config.num_labels > 1:
+            results = [r for r in results if r["label"] != self.model.config.id2label[0]]
         return results[: min(top_k, len(results))] if top_k is not None else results
 
 

@@ -483,7 +483,7 @@ def highest_loss(model, ds, paths, batch_size, count):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model(**batch)
             labels = batch["labels"].long()
-            losses = -out.logits.gather(1, labels[:, None])[:, 0]
+            losses = -out.scores.clamp_min(1e-38).log().gather(1, labels[:, None])[:, 0]  # cross-entropy
             label_scores = out.scores.gather(1, labels[:, None])[:, 0]
             for loss, label, score in zip(losses.tolist(), labels.tolist(), label_scores.tolist()):
                 rows.append({"path": paths[len(rows)], "label": label, "loss": loss, "label_score": score})

@@ -86,6 +86,23 @@ def test_config_rejects_bad_values_naming_the_field():
             CityClassifierConfig(**kwargs)
 
 
+def test_config_defaults_fit_the_processor_and_leave_a_passed_vision_config_alone():
+    from transformers import CLIPVisionConfig
+
+    from remote_code import CityClassifierConfig, CityClassifierImageProcessor
+
+    default = CityClassifierConfig()
+    vision = default.vision_config  # ViT-L/14-336, as the original; the processor's default is 336 px
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (1024, 24, 14, 768)
+    assert default.pixel_size == CityClassifierImageProcessor().crop_size["height"] == 336
+    assert default.problem_type == "multi_label_classification"
+    assert CityClassifierConfig(arch="score", problem_type="regression").problem_type == "multi_label_classification"
+    passed = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=7, patch_size=7, projection_dim=16)
+    config = CityClassifierConfig(vision_config=passed, stem={"channels": [8], "kernel_sizes": [3], "pool": 6})
+    assert config.vision_config.num_channels == 8 and passed.num_channels == 3  # a copy was changed
+
+
 def test_save_and_load_round_trip(converted, tmp_path):
     from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
 
@@ -109,17 +126,23 @@ def test_save_and_load_round_trip(converted, tmp_path):
                          ids=["small", "tiled", "odd-aspect", "quirk-upscale", "tall-downscale"])
 @pytest.mark.parametrize("combine", ["mean", "median", "max", "min"])
 def test_class_pipeline_matches_original_formulas(converted, tiny_clip, releases, size, combine):
-    from transformers import pipeline
+    """Every construction reports the original's numbers: by path (our pipeline class, through the
+    config), and transformers' stock pipeline built from loaded objects (a sigmoid of the logits)."""
+    from transformers import ImageClassificationPipeline, pipeline
 
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    image = make_image(*size, seed=size[0])
     for key, labels in (("ca", ["Pass", "Chromatic Aberration"]), ("compression", ["Pass", "JPEG", "WEBP"])):
-        from remote_code import CityClassifierForImageClassification
-
-        model = CityClassifierForImageClassification.from_pretrained(converted[key], tile_combine=combine)
-        pipe = pipeline("image-classification", model=model, image_processor=str(converted[key]),
-                        pipeline_class=_pipeline_class(), trust_remote_code=True)
-        image = make_image(*size, seed=size[0])
         expected = reference_scores(image, tiny_clip, releases[key], combine=combine)
-        assert np.abs(pipeline_scores(pipe, image, labels) - expected).max() < 1e-5
+        model = CityClassifierForImageClassification.from_pretrained(converted[key], tile_combine=combine)
+        processor = CityClassifierImageProcessor.from_pretrained(converted[key])
+        stock = pipeline("image-classification", model=model, image_processor=processor)
+        assert type(stock) is ImageClassificationPipeline
+        ours = pipeline("image-classification", model=model, image_processor=str(converted[key]),
+                        pipeline_class=_pipeline_class(), trust_remote_code=True)
+        for pipe in (stock, ours):
+            assert np.abs(pipeline_scores(pipe, image, labels) - expected).max() < 1e-5, type(pipe)
 
 
 def _pipeline_class():
@@ -131,12 +154,31 @@ def _pipeline_class():
 def test_score_model_never_tiles_and_matches(converted, tiny_clip, releases):
     from transformers import pipeline
 
-    pipe = pipeline("image-classification", model=str(converted["score"]), trust_remote_code=True)
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    ours = pipeline("image-classification", model=str(converted["score"]), trust_remote_code=True)
+    stock = pipeline("image-classification", model=CityClassifierForImageClassification.from_pretrained(
+        converted["score"]), image_processor=CityClassifierImageProcessor.from_pretrained(converted["score"]))
     for size in [(50, 40), (300, 200)]:
         image = make_image(*size)
         expected = reference_scores(image, tiny_clip, releases["score"], arch="score")
-        result = pipe(image, top_k=None)
-        assert len(result) == 1 and abs(result[0]["score"] - float(expected[0, 0])) < 1e-5
+        for pipe in (ours, stock):
+            result = pipe(image, top_k=None)
+            assert len(result) == 1 and abs(result[0]["score"] - float(expected[0, 0])) < 1e-5, type(pipe)
+
+
+def test_class_0_can_be_left_out_as_the_original_allows(converted, tiny_clip, releases):
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=str(converted["compression"]), trust_remote_code=True)
+    image = make_image(200, 130)
+    expected = reference_scores(image, tiny_clip, releases["compression"])
+    result = pipe(image, top_k=None, drop_class_0=True)
+    assert sorted(r["label"] for r in result) == ["JPEG", "WEBP"]
+    assert np.abs(np.array([{r["label"]: r["score"] for r in result}[k] for k in ("JPEG", "WEBP")])
+                  - expected[1:]).max() < 1e-5
+    assert [r["label"] for r in pipe(image, top_k=1, drop_class_0=True)] == [max(result, key=lambda r: r["score"])["label"]]
+    assert len(pipe(image, top_k=None)) == 3  # kept by default
 
 
 def test_tiling_off_matches_single_view(converted, tiny_clip, releases):
@@ -215,7 +257,8 @@ def test_labels_give_a_weighted_loss_and_embeds_path_matches(converted):
     with torch.no_grad():
         out = model(**inputs, labels=labels)
         again = model(image_embeds=out.image_embeds[:, 0], labels=labels)
-    logp = out.logits
+    logp = out.scores.log()  # the original's weighted cross-entropy on the probabilities
+    assert torch.allclose(torch.sigmoid(out.logits), out.scores, atol=1e-6)  # logits: their log-odds
     w = torch.tensor([1.0, 0.5])
     expected = -(w[labels] * logp[torch.arange(2), labels]).sum() / w[labels].sum()
     assert torch.allclose(out.loss, expected, atol=1e-6)
