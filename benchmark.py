@@ -50,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
                         help="model dtype (default: float32, the reference numbers)")
     parser.add_argument("--update-card", type=Path, metavar="MODEL_DIR",
-                        help="write the headline metrics into MODEL_DIR/README.md as a model-index block")
+                        help="write the headline metrics into MODEL_DIR/README.md as a model-index block (refused "
+                             "when the card reports another dataset or split, unless --force)")
+    parser.add_argument("--force", action="store_true", help="with --update-card: replace another dataset's results")
     return parser.parse_args(argv)
 
 
@@ -136,9 +138,9 @@ def model_scores(name, records, args):
     default = f"tiling-{scorer.models[0].combine}" if scorer.models[0].tiling and tiles_ok else "no-tiling"
     results, failed = {}, {}
     for tiling in ((True, False) if tiles_ok else (False,)):
-        passes = tqdm(batches(records, scorer, args, tiling), total=-(-len(records) // args.batch_size), unit="batch",
-                      desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
-        for indices, grouped, errors in passes:
+        bar = tqdm(total=len(records), unit="img", desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
+        for indices, grouped, errors in batches(records, scorer, args, tiling):
+            bar.update(len(indices) + len(errors))  # decoding workers send partial batches: count images
             for i, error in errors.items():
                 if i not in failed:
                     tqdm.write(f"error: {records[i].get('path', f'row {i}')}: {error} (left out)", file=sys.stderr)
@@ -151,6 +153,7 @@ def model_scores(name, records, args):
                     variant = f"tiling-{strategy}" if tiling else "no-tiling"
                     combined = combine_tiles(tiles, mask, strategy).numpy()
                     results.setdefault(variant, {}).update(zip(indices, combined))
+        bar.close()
     return scorer.models[0].key, default, results, failed
 
 
@@ -353,19 +356,33 @@ def eval_results(summary):
     return results
 
 
-def update_card(model_dir, summary):
-    """Writes a metrics.json summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest."""
+def load_card(model_dir, dataset, split, force=False):
+    """MODEL_DIR/README.md as a ModelCard (a new one if missing). One that reports results on another
+    dataset or split is refused unless `force`: its published numbers would be replaced by figures
+    of a different evaluation. Checked before any scoring."""
     from huggingface_hub import ModelCard
 
     readme = Path(model_dir) / "README.md"
     card = ModelCard.load(readme) if readme.exists() else ModelCard("---\nlibrary_name: transformers\n---\n")
+    published = {(r.dataset_type, r.dataset_split) for r in card.data.eval_results or []}
+    if published - {(dataset, split)} and not force:
+        shown = ", ".join(f"{d} ({s})" for d, s in sorted(published, key=str))
+        raise UsageError(f"{readme} reports results on {shown}, not {dataset} ({split}): pass --force to replace them")
+    return card
+
+
+def update_card(model_dir, summary, force=False):
+    """Writes a metrics.json summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest."""
+    card = load_card(model_dir, summary["dataset"], summary["split"], force)
     card.data.eval_results = eval_results(summary)
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
-    card.save(readme)
+    card.save(Path(model_dir) / "README.md")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.update_card:
+        load_card(args.update_card, args.dataset, args.split, args.force)  # refuse before hours of scoring
     records = load_records(args.dataset, args.split, args.max_images)
     scored, failed = [], {}
     for name in args.model:
@@ -408,7 +425,7 @@ def main(argv=None):
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "report.md").write_text(report_md(results, args, len(records), written))
     if args.update_card:
-        update_card(args.update_card, summary)
+        update_card(args.update_card, summary, args.force)
     print((args.out / "report.md").read_text())
     return 0
 

@@ -110,19 +110,62 @@ def parse_args(argv=None):
     cpu_bf16 = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = {**defaults, **json.loads(Path(argv[0]).read_text())}
+        if values.get("bf16") == "auto":
+            values["bf16"] = native_bf16()
         if cpu_bf16 and values.get("bf16"):
             values["use_cpu"] = True
         data, model, training = parser.parse_dict(values)
     else:
         parser.set_defaults(**defaults)
-        if cpu_bf16 and any(a == "--bf16" or a.startswith("--bf16=") for a in argv) and "--use_cpu" not in argv:
+        argv = [str(native_bf16()) if a == "auto" and i and argv[i - 1] == "--bf16" else
+                f"--bf16={native_bf16()}" if a == "--bf16=auto" else a for i, a in enumerate(argv)]
+        if cpu_bf16 and bf16_asked(argv) and "--use_cpu" not in argv:
             argv = [*argv, "--use_cpu", "true"]
         data, model, training = parser.parse_args_into_dataclasses(argv)
+    if training.bf16 and cpu_bf16 and not native_bf16():
+        print("note: --bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and much slower than "
+              "float32; --bf16 auto uses it only where it is native", file=sys.stderr)
     training.remove_unused_columns = False  # set_transform needs the raw image column
     if training.load_best_model_at_end and training.metric_for_best_model is None:
         training.metric_for_best_model = "roc_auc" if model.arch == "class" else "loss"
         training.greater_is_better = model.arch == "class"
     return data, model, training
+
+
+def bf16_asked(argv):
+    """Whether a command line turns bf16 on: `--bf16`, `--bf16 true`, `--bf16=true` (or yes, 1)."""
+    for i, arg in enumerate(argv):
+        if arg == "--bf16":
+            value = argv[i + 1] if i + 1 < len(argv) else "--"
+            return value.startswith("--") or value.lower() in ("true", "yes", "1", "t", "y")
+        if arg.startswith("--bf16="):
+            return arg.split("=", 1)[1].lower() in ("true", "yes", "1", "t", "y")
+    return False
+
+
+def native_bf16():
+    """`--bf16 auto`: bf16 where the hardware computes it natively, a GPU that supports it or a CPU
+    with AVX512-BF16/AMX (as classify.py chooses its dtype); float32 elsewhere."""
+    from scoring import cpu_has_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def check_push(training_args):
+    """--push_to_hub needs the Hub and a token: checked before any data is read or embedded."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import constants, whoami
+
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub: the Hub is switched off here (HF_HUB_OFFLINE is set)")
+    try:
+        whoami(token=training_args.hub_token)
+    except Exception as error:  # noqa: BLE001 - no token, a bad one, or no network: one line
+        raise UsageError(f"--push_to_hub: cannot reach the Hub with a token ({str(error).splitlines()[0]}); "
+                         "log in with `hf auth login` or pass --hub_token") from None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -245,10 +288,10 @@ def random_view(processor, image, rng):
 def build_model(model_args, label_ids, label_names):
     """(model, processor, train_backbone) from a CityClassifier, a CLIP, or a fresh --vision_config."""
     from transformers import (
-        AutoConfig,
         CLIPImageProcessor,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
+        PretrainedConfig,
     )
 
     num_labels = (max(label_ids) + 1) if model_args.arch == "class" else 1
@@ -281,11 +324,11 @@ def build_model(model_args, label_ids, label_names):
         raise UsageError("--stem builds a new backbone: give it with --vision_config")
     if not model_args.model_name_or_path:
         raise UsageError("give --model_name_or_path (a CLIP or CityClassifier model) or --vision_config")
-    try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    try:  # the config's fields only: a model folder's own code is never run
+        config = PretrainedConfig.get_config_dict(model_args.model_name_or_path)[0]
     except (OSError, ValueError) as error:
         raise UsageError(f"{model_args.model_name_or_path}: cannot load a config ({str(error).splitlines()[0]})") from None
-    if config.model_type == "cityclassifier":
+    if config.get("model_type") == "cityclassifier":
         model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
         if model.config.num_labels != num_labels:
             raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, the data {num_labels}")
@@ -509,6 +552,7 @@ def main(argv=None):
     set_seed(training_args.seed)
     if model_args.arch not in ("class", "score"):
         raise UsageError(f"--arch must be class or score, got {model_args.arch!r}")
+    check_push(training_args)
 
     splits = load_splits(data_args)
     label_ids = check_dataset(splits, data_args, model_args.arch)
@@ -568,6 +612,7 @@ def main(argv=None):
         train_dataset=train_rows,
         eval_dataset=eval_ds,
         data_collator=collate,
+        processing_class=processor,  # saved with every checkpoint: each loads in a pipeline
         compute_metrics=compute_metrics_fn(model_args.arch),
         callbacks=[history.callback],
     )
@@ -579,8 +624,7 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=checkpoint)
 
     output = Path(training_args.output_dir)
-    trainer.save_model(str(output))
-    processor.save_pretrained(str(output))
+    trainer.save_model(str(output))  # the model and its processor
     history.write()
     if eval_ds is not None:
         trainer.save_metrics("eval", trainer.evaluate())

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import make_image
 
@@ -64,3 +65,23 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["roc_auc"] == round(head["metrics"]["roc_auc"], 4)
     assert "Chromatic Aberration" in card.text  # the body is kept
+
+
+def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_path):
+    import benchmark
+    from toolkit import UsageError
+
+    card_dir = tmp_path / "card"
+    card_dir.mkdir()
+    summary = {"dataset": "data/real", "split": "test", "models": {"m tiling-mean": {
+        "headline": True, "metrics": {"roc_auc": 0.9}}}}
+    benchmark.update_card(card_dir, summary)
+    before = (card_dir / "README.md").read_text()
+    # refused up front, before the (here missing) dataset is even read: a one-line usage error
+    with pytest.raises(UsageError, match=r"reports results on data/real \(test\).*--force"):
+        benchmark.main(["--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                        "--update-card", str(card_dir)])
+    assert (card_dir / "README.md").read_text() == before
+    benchmark.update_card(card_dir, {**summary, "split": "validation"}, force=True)
+    assert "validation" in (card_dir / "README.md").read_text()
+    benchmark.update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine

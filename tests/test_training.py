@@ -211,3 +211,39 @@ def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
     config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": True}))
     _, _, training = train_hf.parse_args([str(config)])
     assert training.bf16 and training.use_cpu
+
+
+def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    import scoring
+    import train_hf
+
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": "auto"}))
+    for native in (False, True):
+        monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: native)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        for argv in ([str(config)], ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "auto"],
+                     ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16=auto"]):
+            training = train_hf.parse_args(argv)[2]
+            assert training.bf16 is native and training.use_cpu is native, (native, argv)
+    for name in ("default_model.json", "default_model_stage2.json", "default_model_stage3.json"):
+        assert json.loads((REPO / "configs" / name).read_text())["bf16"] == "auto"
+
+
+def test_push_to_hub_is_checked_before_any_data_is_read(tmp_path):
+    import train_hf
+    from toolkit import UsageError
+
+    with pytest.raises(UsageError, match="--push_to_hub: the Hub is switched off"):  # tests run offline
+        train_hf.main(["--dataset_name", str(tmp_path / "no-such-data"), "--output_dir", str(tmp_path / "o"),
+                       "--vision_config", TINY_VISION, "--push_to_hub", "true"])
+
+
+def test_checkpoints_hold_the_processor_and_load_in_a_pipeline(synthetic, tmp_path):
+    from transformers import pipeline
+
+    out = train(tmp_path, synthetic, "--vision_config", TINY_VISION)
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "preprocessor_config.json").is_file()
+    pipe = pipeline("image-classification", model=str(checkpoint), trust_remote_code=True)
+    assert {r["label"] for r in pipe(make_image(120, 90), top_k=None)} == {"Pass", "Chromatic Aberration"}
