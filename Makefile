@@ -29,12 +29,13 @@ browser:
 
 # pytest exits 5 when it collected no test: that fails here too.
 test-main: $(VENV)/.installed browser
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-$(COMPAT)/.installed: Makefile
+$(COMPAT)/.installed: Makefile requirements-model.txt
 	$(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install --quiet torch==2.13.0
-	$(COMPAT)/bin/python -m pip install --quiet transformers==$(OLDEST_TRANSFORMERS) safetensors pillow numpy \
+	$(COMPAT)/bin/python -m pip install --quiet -r requirements-model.txt transformers==$(OLDEST_TRANSFORMERS) \
 		pytest scikit-learn tqdm
 	touch $@
 

@@ -40,7 +40,8 @@ def annotate(image, boxes, scores):
     for index, (box, score) in enumerate(zip(boxes, scores)):
         draw.rectangle(box, outline=tile_colour(score), width=width)
         label = f"{'tile ' + str(index + 1) if len(boxes) > 1 else 'image'}: {score:.2f}"
-        draw.text((box[0] + 2 * width, box[1] + 2 * width), label, fill=tile_colour(score), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+        draw.text((box[0] + 2 * width, box[1] + 2 * width), label, fill=tile_colour(score), font=font, stroke_width=2,
+                  stroke_fill=(0, 0, 0))
     return canvas
 
 
@@ -54,8 +55,8 @@ def original_boxes(image, processor, tiling=None):
         return [(0, 0, w - 1, h - 1)]
     tw, th = tiling_size(w, h, processor.tile_resize_limit)
     sx, sy = w / tw, h / th
-    return [(round(l * sx), round(t * sy), round(r * sx) - 1, round(b * sy) - 1)
-            for l, t, r, b in tile_boxes(tw, th, tile)]
+    return [(round(left * sx), round(top * sy), round(right * sx) - 1, round(bottom * sy) - 1)
+            for left, top, right, bottom in tile_boxes(tw, th, tile)]
 
 
 class Demo:

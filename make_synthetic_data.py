@@ -270,7 +270,7 @@ def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
     """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
     rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split]])
     jobs = []
-    for i in range(count):
+    for _ in range(count):
         if rng.random() < positive_fraction:
             effect = POSITIVES[int(rng.integers(0, len(POSITIVES)))]
         elif rng.random() < 0.4:

@@ -195,7 +195,8 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         if pixel_values.device.type != "cpu":
             return self.stem(pixel_values)
         stem = self.config.stem
-        view_bytes = stem["channels"][0] * pixel_values[0, 0].numel() * pixel_values.element_size() // stem["strides"][0] ** 2
+        view_bytes = (stem["channels"][0] * pixel_values[0, 0].numel() * pixel_values.element_size()
+                      // stem["strides"][0] ** 2)
         chunk = max(1, STEM_CHUNK_BYTES // max(1, view_bytes))
         return torch.cat([self.stem(views) for views in pixel_values.split(chunk)])
 

@@ -50,7 +50,8 @@ def build(args):
     pickles = sorted(p.name for p in args.model.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     config = json.loads((args.model / "config.json").read_text())
     if config.get("model_type") != "cityclassifier":
-        raise UsageError(f"{args.model / 'config.json'}: model_type is {config.get('model_type')!r}, not cityclassifier")
+        raise UsageError(f"{args.model / 'config.json'}: model_type is {config.get('model_type')!r}, "
+                         "not cityclassifier")
     summary = None
     if args.metrics:
         try:

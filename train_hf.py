@@ -43,14 +43,16 @@ IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(metadata={"help": "A local image folder (with train/ validation/ test/ splits) or a Hub dataset id."})
+    dataset_name: str = field(
+        metadata={"help": "A local image folder (with train/ validation/ test/ splits) or a Hub dataset id."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on; none to skip."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the labels."})
     class_names: str | None = field(
-        default=None, metadata={"help": "Comma-separated names for label ids 0, 1, ... (e.g. 'Pass,Chromatic Aberration')."}
+        default=None,
+        metadata={"help": "Comma-separated names for label ids 0, 1, ... (e.g. 'Pass,Chromatic Aberration')."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation images."})
@@ -84,8 +86,8 @@ class ModelArguments:
                           "by the strides' product times pool."},
     )
     stem_aux_loss_weight: float = field(
-        default=1.0, metadata={"help": "With --stem: weight of the training loss of a linear probe on the stem's pooled "
-                                       "features (deep supervision; 0 turns it off)."})
+        default=1.0, metadata={"help": "With --stem: weight of the training loss of a linear probe on the stem's "
+                                       "pooled features (deep supervision; 0 turns it off)."})
     train_backbone: bool | None = field(
         default=None, metadata={"help": "Train the backbone too (default: only when built from --vision_config)."}
     )
@@ -327,11 +329,13 @@ def build_model(model_args, label_ids, label_names):
     try:  # the config's fields only: a model folder's own code is never run
         config = PretrainedConfig.get_config_dict(model_args.model_name_or_path)[0]
     except (OSError, ValueError) as error:
-        raise UsageError(f"{model_args.model_name_or_path}: cannot load a config ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{model_args.model_name_or_path}: cannot load a config "
+                         f"({str(error).splitlines()[0]})") from None
     if config.get("model_type") == "cityclassifier":
         model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
         if model.config.num_labels != num_labels:
-            raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, the data {num_labels}")
+            raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, "
+                             f"the data {num_labels}")
         processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor, bool(model_args.train_backbone)
     clip = CLIPVisionModelWithProjection.from_pretrained(model_args.model_name_or_path)
@@ -429,8 +433,9 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
     embeds, masks = [], []
     try:
         with torch.inference_mode(), autocast:
-            for _, [(tiles, mask)] in tqdm(loader_batches(views, batch_size, workers, device), unit="batch",
-                                           total=-(-len(views) // batch_size), desc=f"Embedding views on {device.type}"):
+            batches = loader_batches(views, batch_size, workers, device)
+            for _, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
+                                           desc=f"Embedding views on {device.type}"):
                 real = model.get_image_features(model_pixels(processor, tiles, mask, device, torch.float32))
                 embeds.append(scatter_tiles(real.float(), mask.to(device)).cpu())
                 masks.append(mask)

@@ -335,10 +335,10 @@ def main():
         crops = count_crops(files, processor)
         report["data"] = {"images": len(files), "crops": crops}
         model = CityClassifierForImageClassification.from_pretrained(model_dir)
-        raw = measure("raw_backbone_crops_per_s", lambda: {
-            str(dtype).split(".")[1]: raw_backbone(model, device, dtype, args.raw_batch,
+        raw = measure("raw_backbone_crops_per_s", lambda backbone: {
+            str(dtype).split(".")[1]: raw_backbone(backbone, device, dtype, args.raw_batch,
                                                    3 if args.dry_run else args.raw_seconds)
-            for dtype in half})
+            for dtype in half}, model)
         ceiling = raw.get(str(half[0]).split(".")[1])
         del model
         if device.type == "cuda":
@@ -348,7 +348,7 @@ def main():
             return crops_per_s / ceiling if ceiling else None
 
         for crop in ("device", "workers"):  # on a CPU (a dry run) too
-            measure(f"data_path_crop_{crop}", lambda: {
+            measure(f"data_path_crop_{crop}", lambda crop=crop: {
                 **(path := data_path(tmp / "data" / "train", model_dir, device, crop)),
                 "ratio_to_raw": ratio(path["crops_per_s"])})
 

@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO, make_image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_image
 
 
@@ -23,9 +22,9 @@ def test_baseline_scores_a_shifted_image_above_its_clean_original():
 
 
 def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
-    import benchmark
     from huggingface_hub import ModelCard
 
+    import benchmark
     import make_synthetic_data as m
 
     data = tmp_path / "data" / "test"

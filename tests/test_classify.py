@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, make_image
+from PIL import Image
 from test_core import bomb_png
 
 

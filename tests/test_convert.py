@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import REPO, original_head_state, write_release
+from safetensors.torch import save_file
 
 
 def test_released_configs_become_labels_and_arch(converted):
@@ -34,8 +33,9 @@ def test_missing_config_names_classes_by_index(tmp_path, tiny_clip):
 
 
 def test_float16_output(tmp_path, tiny_clip, releases):
-    import convert_original
     from safetensors import safe_open
+
+    import convert_original
 
     convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(tmp_path / "h"),
                            "--dtype", "float16"])

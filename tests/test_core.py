@@ -2,18 +2,17 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import zlib
-import struct
 
 import numpy as np
 import pytest
 import torch
+from conftest import CLIP_SIZE, REPO, make_image
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import CLIP_SIZE, REPO, make_image
 
 # ---------------------------------------------------------------------------------------------
 # An independent statement of ORIGINAL.md: PIL crops, transformers' own CLIPImageProcessor, the
@@ -93,7 +92,8 @@ def test_config_defaults_fit_the_processor_and_leave_a_passed_vision_config_alon
 
     default = CityClassifierConfig()
     vision = default.vision_config  # ViT-L/14-336, as the original; the processor's default is 336 px
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (1024, 24, 14, 768)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == \
+        (1024, 24, 14, 768)
     assert default.pixel_size == CityClassifierImageProcessor().crop_size["height"] == 336
     assert default.problem_type == "multi_label_classification"
     assert CityClassifierConfig(arch="score", problem_type="regression").problem_type == "multi_label_classification"
@@ -177,7 +177,8 @@ def test_class_0_can_be_left_out_as_the_original_allows(converted, tiny_clip, re
     assert sorted(r["label"] for r in result) == ["JPEG", "WEBP"]
     assert np.abs(np.array([{r["label"]: r["score"] for r in result}[k] for k in ("JPEG", "WEBP")])
                   - expected[1:]).max() < 1e-5
-    assert [r["label"] for r in pipe(image, top_k=1, drop_class_0=True)] == [max(result, key=lambda r: r["score"])["label"]]
+    best = max(result, key=lambda r: r["score"])["label"]
+    assert [r["label"] for r in pipe(image, top_k=1, drop_class_0=True)] == [best]
     assert len(pipe(image, top_k=None)) == 3  # kept by default
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from conftest import make_image
 
 
@@ -30,7 +29,8 @@ def test_resize_like_pil_gives_pillows_bytes(resample):
             pixels = np.repeat(np.repeat(pixels[::7, ::7], 7, 0), 7, 1)[:height, :width].copy()
         expected = pil_resize(pixels, (out_width, out_height), resample)
         got = resize_like_pil(torch.from_numpy(pixels), (out_width, out_height), resample).numpy()
-        assert got.shape == expected.shape and np.array_equal(got, expected), (trial, pixels.shape, out_width, out_height)
+        assert got.shape == expected.shape and np.array_equal(got, expected), \
+            (trial, pixels.shape, out_width, out_height)
         left, top = int(rng.integers(0, out_width)), int(rng.integers(0, out_height))
         right, bottom = int(rng.integers(left + 1, out_width + 1)), int(rng.integers(top + 1, out_height + 1))
         window = resize_like_pil(torch.from_numpy(pixels), (out_width, out_height), resample,

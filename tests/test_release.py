@@ -40,8 +40,9 @@ class FakeApi:
 
 
 def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
-    import release
     from huggingface_hub import ModelCard
+
+    import release
 
     out = tmp_path / "dist"
     assert release.main(["--model", str(converted["ca"]), "--repo-id", "me/ca", "--tag", "v1.16", "--metrics",

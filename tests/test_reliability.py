@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, make_image
 from toolkit import UsageError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -363,7 +363,8 @@ def test_exit_status_2_with_one_line_for_what_cannot_work(converted, tmp_path, m
     assert len(rows_of(out)) == 2
     # a real process: exit status 2 and a one-line error
     code, err = cli(src, *model, "--device", "xyz", "--out", tmp_path / "r.jsonl")
-    assert code == 2 and err.strip().splitlines()[-1] == "error: --device xyz: not a device (use auto, cpu, cuda or cuda:N)"
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "error: --device xyz: not a device (use auto, cpu, cuda or cuda:N)"
 
 
 def test_a_full_disk_mid_run_keeps_the_rows_so_far_and_exits_2(converted, tmp_path):

@@ -4,7 +4,6 @@ on a clear case."""
 import json
 
 import numpy as np
-
 from conftest import REPO
 
 

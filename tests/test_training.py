@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, make_image
 
 TINY_VISION = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -79,7 +78,8 @@ def train(tmp_path, synthetic, *extra):
     args = ["--dataset_name", str(synthetic), "--output_dir", str(out), "--head_hidden_size", "32",
             "--max_steps", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
             "--class_names", "Pass,Chromatic Aberration", "--disable_tqdm", "true", "--eval_strategy", "steps",
-            "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "true", "--logging_steps", "1",
+            "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "true",
+            "--logging_steps", "1",
             *extra]
     assert train_hf.main([str(a) for a in args]) == 0
     return out
@@ -220,7 +220,7 @@ def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch)
     config = tmp_path / "args.json"
     config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": "auto"}))
     for native in (False, True):
-        monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: native)
+        monkeypatch.setattr(scoring, "cpu_has_bf16", lambda native=native: native)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         for argv in ([str(config)], ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "auto"],
                      ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16=auto"]):
