@@ -123,9 +123,10 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     """Weight init and loading plumbing shared by CityClassifier models."""
 
     config_class = CityClassifierConfig
-    base_model_prefix = "cityclassifier"
+    base_model_prefix = "clip"  # the CLIP tower: `model.base_model`
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True  # the CLIP encoder's layers
     _no_split_modules = ["CLIPEncoderLayer"]
     _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
 
@@ -170,6 +171,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
     def __init__(self, config: CityClassifierConfig):
         super().__init__(config)
         self.stem = CityClassifierStem(config.stem, config.num_labels) if config.stem else None
+        config.vision_config._attn_implementation = config._attn_implementation  # attn_implementation= reaches CLIP
         self.clip = CLIPVisionModelWithProjection(config.vision_config)
         self.head = CityClassifierHead(
             config.vision_config.projection_dim, config.head_hidden_size, config.num_labels, config.head_dropout
@@ -180,12 +182,13 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         """(n, 3, H, W) pixels -> (n, projection_dim) projected, un-normalised embeddings, as the original uses."""
         return self._embed(pixel_values)[0]
 
-    def _embed(self, pixel_values):
-        """(embeddings, stem features or None) of (n, 3, H, W) pixels."""
+    def _embed(self, pixel_values, **clip_options):
+        """(embeddings, stem features or None, CLIP's output) of (n, 3, H, W) pixels; `clip_options`
+        (output_hidden_states, output_attentions) go to the CLIP tower."""
         pixel_values = pixel_values.to(self.dtype)
         features = self._stem_features(pixel_values) if self.stem is not None else None
-        embeds = self.clip(pixel_values=features if features is not None else pixel_values).image_embeds
-        return embeds, features
+        clip = self.clip(pixel_values=features if features is not None else pixel_values, **clip_options)
+        return clip.image_embeds, features, clip
 
     def _stem_features(self, pixel_values):
         """The stem on (n, 3, H, W) pixels; on a CPU a few views at a time. Its first activations are
@@ -211,6 +214,8 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         image_embeds=None,
         labels=None,
         tile_combine=None,
+        output_hidden_states=None,
+        output_attentions=None,
         return_dict=None,
         **kwargs,
     ):
@@ -221,7 +226,13 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             image_embeds: (batch, tiles, dim) or (batch, dim) precomputed embeddings, instead of pixels.
             labels: (batch,) label ids for class models, or scores in [0, 1] for score models.
             tile_combine: overrides `config.tile_combine` for this call.
+            output_hidden_states, output_attentions: the CLIP tower's, per real view (padding tiles
+                never reach it): tuples of (views, tokens, ...) tensors, views in batch order.
+            return_dict: False returns a tuple, as transformers' models do.
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        clip_options = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        clip = None
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("pass exactly one of pixel_values and image_embeds")
         if image_embeds is None:
@@ -231,7 +242,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             if tile_mask is None:
                 tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
             flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            embeds, stem_features = self._embed(flat[tile_mask.bool().flatten()])  # padding never reaches it
+            embeds, stem_features, clip = self._embed(flat[tile_mask.bool().flatten()], **clip_options)  # real only
             image_embeds = scatter_tiles(embeds, tile_mask)
         else:
             stem_features = None
@@ -253,9 +264,12 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
                 probe_scores = self._combine(probe, tile_mask, how)[1]
                 loss = loss + self.config.stem_aux_loss_weight * self._loss(probe_scores, labels)
 
-        return CityClassifierOutput(
-            loss=loss, logits=logits, scores=scores, tile_scores=tile_scores, image_embeds=image_embeds
+        output = CityClassifierOutput(
+            loss=loss, logits=logits, scores=scores, tile_scores=tile_scores, image_embeds=image_embeds,
+            hidden_states=clip.hidden_states if clip is not None else None,
+            attentions=clip.attentions if clip is not None else None,
         )
+        return output if return_dict else output.to_tuple()
 
     def _combine(self, z, tile_mask, how):
         """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""

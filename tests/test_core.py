@@ -394,3 +394,27 @@ def test_tools_reach_the_model_code_only_through_remote_code():
     offenders = [f"{p.name}:{n}" for p in tools for n, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*(from|import) cityclassifier\b", line)]
     assert len(tools) > 8 and offenders == []
+
+
+def test_transformers_model_conventions(converted):
+    """return_dict, hidden states and attentions, attn_implementation, gradient checkpointing and
+    base_model behave as in CLIP's own classes."""
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    inputs = CityClassifierImageProcessor.from_pretrained(converted["ca"])(
+        [make_image(200, 130), make_image(50, 40, seed=1)], return_tensors="pt")  # 5 + 1 real views
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"], attn_implementation="eager").eval()
+    assert model.clip.config._attn_implementation == "eager" and model.base_model is model.clip
+    with torch.no_grad():
+        out = model(**inputs, labels=torch.tensor([1, 0]), output_hidden_states=True, output_attentions=True)
+        plain = model(**inputs, labels=torch.tensor([1, 0]), return_dict=False)
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and out.hidden_states[0].shape[0] == 6
+    heads = model.config.vision_config.num_attention_heads
+    assert len(out.attentions) == layers and out.attentions[0].shape[:2] == (6, heads)
+    assert isinstance(plain, tuple) and torch.allclose(plain[0], out.loss) and torch.allclose(plain[1], out.logits)
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    model(**inputs, labels=torch.tensor([1, 0])).loss.backward()
+    assert model.clip.vision_model.encoder.layers[0].mlp.fc1.weight.grad is not None
