@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model_cards import BASELINE, dataset_id, load_card, update_card
 from toolkit import UsageError, label_from_folder, run_cli
 
 ROOT = Path(__file__).resolve().parent
 STRATEGIES = ("mean", "median", "max", "min")
-BASELINE = "fringe-baseline"
 
 
 def parse_args(argv=None):
@@ -337,52 +337,11 @@ def report_md(results, args, n, written):
     return "\n".join(lines) + "\n"
 
 
-def eval_results(summary):
-    """huggingface_hub EvalResults for the headline learned models of a metrics.json summary."""
-    from huggingface_hub import EvalResult
-
-    dataset = summary["dataset"]
-    results = []
-    for name, entry in summary["models"].items():
-        if not entry["headline"] or name == BASELINE:
-            continue
-        for metric in ("roc_auc", "pr_auc", "accuracy", "f1", "recall", "precision", "mae", "spearman"):
-            value = entry["metrics"].get(metric)
-            if value is not None:
-                results.append(EvalResult(
-                    task_type="image-classification", dataset_type=dataset,
-                    dataset_name=f"{Path(dataset).name} ({summary['split']})", dataset_split=summary["split"],
-                    metric_type=metric, metric_value=round(value, 4), metric_name=f"{metric} ({name})"))
-    return results
-
-
-def load_card(model_dir, dataset, split, force=False):
-    """MODEL_DIR/README.md as a ModelCard (a new one if missing). One that reports results on another
-    dataset or split is refused unless `force`: its published numbers would be replaced by figures
-    of a different evaluation. Checked before any scoring."""
-    from huggingface_hub import ModelCard
-
-    readme = Path(model_dir) / "README.md"
-    card = ModelCard.load(readme) if readme.exists() else ModelCard("---\nlibrary_name: transformers\n---\n")
-    published = {(r.dataset_type, r.dataset_split) for r in card.data.eval_results or []}
-    if published - {(dataset, split)} and not force:
-        shown = ", ".join(f"{d} ({s})" for d, s in sorted(published, key=str))
-        raise UsageError(f"{readme} reports results on {shown}, not {dataset} ({split}): pass --force to replace them")
-    return card
-
-
-def update_card(model_dir, summary, force=False):
-    """Writes a metrics.json summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest."""
-    card = load_card(model_dir, summary["dataset"], summary["split"], force)
-    card.data.eval_results = eval_results(summary)
-    card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
-    card.save(Path(model_dir) / "README.md")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.update_card:
-        load_card(args.update_card, args.dataset, args.split, args.force)  # refuse before hours of scoring
+        load_card(args.update_card, dataset_id({"dataset": args.dataset, "local": Path(args.dataset).is_dir()}),
+                  args.split, args.force)  # refused before hours of scoring
     records = load_records(args.dataset, args.split, args.max_images)
     scored, failed = [], {}
     for name in args.model:
@@ -418,7 +377,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     headline = {name: r for name, r in results.items() if r["headline"]}
     written = plots(args.out, headline, labels, records, args.threshold)
-    summary = {"dataset": args.dataset, "split": args.split, "images": len(records), "skipped": skipped,
+    summary = {"dataset": args.dataset, "local": Path(args.dataset).is_dir(), "split": args.split,
+               "images": len(records), "skipped": skipped,
                "threshold": args.threshold, "target_precision": args.target_precision,
                "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"]}
                           for name, r in results.items()}}

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from model_cards import card_text, hub_id
 from remote_code import (
     CityClassifierConfig,
     CityClassifierForImageClassification,
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", required=True, type=Path, help="model folder to write")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weight dtype")
+    parser.add_argument("--repo-id", help="the Hub id the model card's usage snippet names (default: --out's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser.parse_args(argv)
 
@@ -85,91 +87,58 @@ def read_release_config(path, head_path, outputs):
     return release
 
 
+def model_from_clip(clip_name, tiling, dtype=torch.float32, **config):
+    """(model, processor): a CityClassifier whose CLIP tower holds `clip_name`'s weights (a folder or a
+    Hub id) under a new head built from `config`, and CLIP's preprocessing (its image processor's
+    sizes, mean and std; without one, CLIP's standard at the model's resolution). The config names
+    the CLIP only by Hub id, never by a path on this machine. train_hf.py builds its models here too."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    try:
+        clip = CLIPVisionModelWithProjection.from_pretrained(clip_name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{clip_name}: cannot load a CLIP vision model ({str(error).splitlines()[0]})") from None
+    vision = {**clip.config.to_dict(), "_name_or_path": hub_id(clip_name) or ""}
+    model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **config))
+    model.clip.load_state_dict(clip.state_dict())
+    try:
+        clip_processor = CLIPImageProcessor.from_pretrained(clip_name)
+        sizes = {"size": dict(clip_processor.size), "crop_size": dict(clip_processor.crop_size),
+                 "image_mean": clip_processor.image_mean, "image_std": clip_processor.image_std}
+    except OSError:  # a bare vision checkpoint
+        side = clip.config.image_size
+        sizes = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    return model, CityClassifierImageProcessor(tiling=tiling, **sizes)
+
+
 def convert(args):
     head = read_head(args.head)
     hidden, features = head["up.0.weight"].shape
     outputs = head["down.5.bias"].shape[0]
     release = read_release_config(args.config, args.head, outputs)
     arch = release.get("arch", "class")
-
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    try:
-        clip = CLIPVisionModelWithProjection.from_pretrained(args.clip, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{args.clip}: cannot load a CLIP vision model ({str(error).splitlines()[0]})") from None
-    if clip.config.projection_dim != features:
-        raise UsageError(
-            f"{args.head}: head takes {features}-d embeddings but {args.clip} projects to "
-            f"{clip.config.projection_dim}-d"
-        )
-    try:
-        clip_processor = CLIPImageProcessor.from_pretrained(args.clip)
-        size, crop_size = clip_processor.size, clip_processor.crop_size
-        mean, std = clip_processor.image_mean, clip_processor.image_std
-    except OSError:  # a bare vision checkpoint: CLIP's standard preprocessing at the model's resolution
-        size = {"shortest_edge": clip.config.image_size}
-        crop_size = {"height": clip.config.image_size, "width": clip.config.image_size}
-        mean = std = None
-
     name = release.get("name", args.head.stem)
-    label_kwargs = {}
+    labels = {}
     if arch == "class":
-        label_kwargs["id2label"] = {int(i): label for i, label in release["labels"].items()}
-        label_kwargs["label_loss_weights"] = RELEASED_LOSS_WEIGHTS.get(name)
-    config = CityClassifierConfig(
-        vision_config=clip.config.to_dict(),
-        arch=arch,
-        head_hidden_size=hidden,
-        original_name=name,
-        original_rev=release.get("rev"),
-        **label_kwargs,
-    )
-    model = CityClassifierForImageClassification(config)
-    model.clip.load_state_dict(clip.state_dict())
+        labels["id2label"] = {int(i): label for i, label in release["labels"].items()}
+        labels["label_loss_weights"] = RELEASED_LOSS_WEIGHTS.get(name)
+    model, processor = model_from_clip(args.clip, tiling=arch == "class", arch=arch, head_hidden_size=hidden,
+                                       original_name=name, original_rev=release.get("rev"), **labels)
+    projection = model.config.vision_config.projection_dim
+    if projection != features:
+        raise UsageError(f"{args.head}: head takes {features}-d embeddings but {args.clip} projects to {projection}-d")
     model.head.load_state_dict(head)
     model.to(getattr(torch, args.dtype)).eval()
-    processor = CityClassifierImageProcessor(
-        tiling=arch == "class", size=dict(size), crop_size=dict(crop_size), image_mean=mean, image_std=std
-    )
+    model.config.vision_config.dtype = args.dtype  # save_pretrained records the top config's dtype only
 
+    repo_id = args.repo_id or args.out.name
+    source = f"Backbone: `{hub_id(args.clip) or 'a local CLIP folder'}`; head: `{args.head.name}`."
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(config, args))
-    print(f"wrote {args.out}: {arch} model {name} {release.get('rev') or ''}, labels {config.id2label}")
+        (tmp / "README.md").write_text(card_text(model.config.to_dict(), repo_id, source=source))
+    print(f"wrote {args.out}: {arch} model {name} {release.get('rev') or ''}, labels {model.config.id2label}")
     return 0
-
-
-def model_card(config, args):
-    """A short Hub model card for a converted release."""
-    labels = "\n".join(f"| {i} | {name} |" for i, name in config.id2label.items())
-    title = f"{config.original_name} {config.original_rev or ''}".strip()
-    return f"""---
-library_name: transformers
-pipeline_tag: image-classification
-license: mit
-tags:
-- cityclassifier
-- anime
----
-
-# {title}
-
-city96's CityClassifiers model `{title}` as a transformers model (`trust_remote_code=True`).
-Converted with `convert_original.py` from head `{args.head.name}` and CLIP backbone `{args.clip}`;
-its scores equal the original code's (tiling and `{config.tile_combine}` combination included).
-
-| id | label |
-| --- | --- |
-{labels}
-
-```python
-from transformers import pipeline
-pipe = pipeline("image-classification", model="PATH_OR_REPO", trust_remote_code=True)
-pipe("image.png", top_k=None)
-```
-"""
 
 
 def main(argv=None):

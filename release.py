@@ -18,12 +18,12 @@ import json
 import shutil
 from pathlib import Path
 
+from model_cards import card_text
 from toolkit import UsageError, atomic_output_dir, run_cli
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py")
 MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
-CLIP_BASE = "openai/clip-vit-large-patch14-336"
 
 
 def parse_args(argv=None):
@@ -63,65 +63,10 @@ def build(args):
             shutil.copy2(args.model / name, tmp / name)
         for name in CODE_FILES:  # the repo's code: the version these tools were tested with
             shutil.copy2(ROOT / name, tmp / name)
-        (tmp / "README.md").write_text(card_text(config, args, summary))
+        (tmp / "README.md").write_text(card_text(config, args.repo_id, args.license, summary))
     if pickles:
         print(f"left out pickled files (weights ship as safetensors only): {', '.join(pickles)}")
     return config
-
-
-def card_text(config, args, summary):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from benchmark import eval_results
-
-    converted = config.get("original_name")
-    base = CLIP_BASE if converted and config["vision_config"].get("hidden_size") == 1024 else None
-    labels = list(config.get("id2label", {}).values())
-    data = ModelCardData(
-        license=args.license, library_name="transformers", pipeline_tag="image-classification",
-        tags=["cityclassifier", "anime", "image-quality", "dataset-cleaning", "custom_code"],
-        base_model=base, datasets=[summary["dataset"]] if summary and "/" in summary["dataset"] and
-        not Path(summary["dataset"]).exists() else None,
-        model_name=args.repo_id.split("/")[1], eval_results=eval_results(summary) if summary else None,
-    )
-    title = f"{converted} {config.get('original_rev') or ''}".strip() if converted else args.repo_id.split("/")[1]
-    origin = (f"city96's CityClassifiers release `{title}`, converted with `convert_original.py`; its scores equal "
-              "the original code's.") if converted else "Trained with cityclassifier's `train_hf.py`."
-    table = ""
-    if summary:
-        rows = [f"| {name} | " + " | ".join(f"{entry['metrics'].get(m, float('nan')):.3f}" for m in
-                                             ("roc_auc", "pr_auc", "accuracy", "f1")) + " |"
-                for name, entry in summary["models"].items() if entry["headline"] and "roc_auc" in entry["metrics"]]
-        table = (f"\n## Evaluation\n\n{summary['dataset']} ({summary['split']}, {summary['images']} images), "
-                 f"threshold {summary['threshold']}:\n\n| model | ROC AUC | PR AUC | accuracy | F1 |\n"
-                 "| --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
-    body = f"""
-# {title}
-
-{origin} Labels: {', '.join(labels) or 'one score in [0, 1]'}.
-Tiling: {'five crops on large images' if config.get('arch') == 'class' else 'none (a score model)'};
-tile combination `{config.get('tile_combine', 'mean')}`.
-
-## Usage
-
-```python
-from transformers import pipeline
-
-pipe = pipeline("image-classification", model="{args.repo_id}", trust_remote_code=True)
-pipe("image.png", top_k=None)
-```
-
-```python
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-model = AutoModelForImageClassification.from_pretrained("{args.repo_id}", trust_remote_code=True, tile_combine="max")
-processor = AutoImageProcessor.from_pretrained("{args.repo_id}", trust_remote_code=True, tiling=False)
-```
-
-Whole folders, resumable and safe on bad files: `python classify.py FOLDER --model {args.repo_id}` from the
-cityclassifier tool-kit.
-{table}"""
-    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 
 
 def upload(args, api=None):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convert_original import model_from_clip
 from remote_code import (
     ROOT,
     CityClassifierConfig,
@@ -289,12 +290,7 @@ def random_view(processor, image, rng):
 
 def build_model(model_args, label_ids, label_names):
     """(model, processor, train_backbone) from a CityClassifier, a CLIP, or a fresh --vision_config."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        PretrainedConfig,
-    )
+    from transformers import CLIPVisionConfig, PretrainedConfig
 
     num_labels = (max(label_ids) + 1) if model_args.arch == "class" else 1
     if model_args.arch == "class":
@@ -338,18 +334,7 @@ def build_model(model_args, label_ids, label_names):
                              f"the data {num_labels}")
         processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor, bool(model_args.train_backbone)
-    clip = CLIPVisionModelWithProjection.from_pretrained(model_args.model_name_or_path)
-    model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=clip.config.to_dict(), **head))
-    model.clip.load_state_dict(clip.state_dict())
-    try:
-        clip_processor = CLIPImageProcessor.from_pretrained(model_args.model_name_or_path)
-        processor = CityClassifierImageProcessor(
-            tiling=model_args.arch == "class", size=dict(clip_processor.size), crop_size=dict(clip_processor.crop_size),
-            image_mean=clip_processor.image_mean, image_std=clip_processor.image_std)
-    except OSError:
-        size = clip.config.image_size
-        processor = CityClassifierImageProcessor(
-            tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
     return model, processor, bool(model_args.train_backbone)
 
 

@@ -68,19 +68,36 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
 
 def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_path):
     import benchmark
+    from model_cards import update_card
     from toolkit import UsageError
 
     card_dir = tmp_path / "card"
     card_dir.mkdir()
     summary = {"dataset": "data/real", "split": "test", "models": {"m tiling-mean": {
         "headline": True, "metrics": {"roc_auc": 0.9}}}}
-    benchmark.update_card(card_dir, summary)
+    update_card(card_dir, summary)
     before = (card_dir / "README.md").read_text()
     # refused up front, before the (here missing) dataset is even read: a one-line usage error
     with pytest.raises(UsageError, match=r"reports results on data/real \(test\).*--force"):
         benchmark.main(["--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                         "--update-card", str(card_dir)])
     assert (card_dir / "README.md").read_text() == before
-    benchmark.update_card(card_dir, {**summary, "split": "validation"}, force=True)
+    update_card(card_dir, {**summary, "split": "validation"}, force=True)
     assert "validation" in (card_dir / "README.md").read_text()
-    benchmark.update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine
+    update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine
+
+
+def test_a_local_dataset_appears_in_cards_by_name_only(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from model_cards import card_text, update_card
+
+    folder = tmp_path / "data" / "real"
+    folder.mkdir(parents=True)
+    summary = {"dataset": str(folder), "local": True, "split": "test", "images": 4, "threshold": 0.5,
+               "models": {"m tiling-mean": {"headline": True, "metrics": {"roc_auc": 0.9}}}}
+    update_card(tmp_path, summary)
+    text = card_text({"arch": "class", "id2label": {"0": "Pass", "1": "CA"}}, "me/m", summary=summary)
+    for written in ((tmp_path / "README.md").read_text(), text):
+        assert str(tmp_path) not in written and "real (test)" in written
+    assert ModelCard(text).data.datasets is None  # metadata names Hub datasets only

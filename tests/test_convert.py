@@ -41,6 +41,29 @@ def test_float16_output(tmp_path, tiny_clip, releases):
                            "--dtype", "float16"])
     with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("head.up.0.weight").dtype == torch.float16
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["dtype"] == config["vision_config"]["dtype"] == "float16"
+
+
+def test_card_and_config_hold_no_local_path_and_a_working_snippet(tmp_path, tiny_clip, releases):
+    from huggingface_hub import ModelCard
+
+    import convert_original
+    from model_cards import CLIP_BASE, base_model, hub_id
+
+    out = tmp_path / "ca-v1.16"
+    assert convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(out),
+                                  "--repo-id", "me/ca-v1.16"]) == 0
+    for name in ("config.json", "README.md"):
+        assert str(tmp_path) not in (out / name).read_text() and str(tiny_clip) not in (out / name).read_text(), name
+    card = ModelCard.load(out / "README.md")
+    assert "custom_code" in card.data.tags and card.data.library_name == "transformers"
+    assert 'pipeline("image-classification", model="me/ca-v1.16", trust_remote_code=True)' in card.text
+    assert card.data.base_model is None  # a local CLIP folder: no Hub id to name
+    assert hub_id("openai/clip-vit-large-patch14-336") and not hub_id(str(tiny_clip)) and not hub_id("./a/b")
+    config = json.loads((out / "config.json").read_text())
+    assert base_model({**config, "vision_config": {**config["vision_config"], "hidden_size": 1024}}) == CLIP_BASE
+    assert base_model({"vision_config": {"_name_or_path": "someone/clip"}}) == "someone/clip"
 
 
 def run_convert(*args):
