@@ -229,81 +229,102 @@ def _sort_key(value):
 
 
 def plots(out, results, labels, records, threshold):
+    """Writes the figures of the binary headline models into `out`; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import auc, confusion_matrix, precision_recall_curve, roc_curve
-
     headline = {name: r for name, r in results.items() if r["binary"]}
     if not headline:
         return []
-    written = []
-    for kind in ("roc", "pr"):
-        fig, ax = plt.subplots(figsize=(5.5, 5))
-        for name, r in headline.items():
-            s = r["scores"][:, 1]
-            if kind == "roc":
-                x, y, _ = roc_curve(labels, s)
-                ax.plot(x, y, label=f"{name} (AUC {auc(x, y):.3f})")
-            else:
-                y, x, _ = precision_recall_curve(labels, s)
-                ax.plot(x, y, label=f"{name} (AP {r['metrics'].get('pr_auc', float('nan')):.3f})")
-        ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
-        ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
-        ax.set_title("ROC" if kind == "roc" else "precision-recall")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
-        fig.tight_layout()
-        fig.savefig(out / f"{kind}.png", dpi=100)
-        plt.close(fig)
-        written.append(f"{kind}.png")
+    figures = [("roc.png", roc_plot), ("pr.png", pr_plot), ("confusion.png", confusion_plot),
+               ("histograms.png", histogram_plot)]
+    if any("strength" in r for r in records):
+        figures.append(("strength.png", strength_plot))
+    for name, draw in figures:
+        save_figure(draw(headline, labels, threshold), out / name)
+    return [name for name, _ in figures]
 
-    names = list(headline)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        matrix = confusion_matrix(labels, (headline[name]["scores"][:, 1] >= threshold).astype(int), labels=[0, 1])
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def roc_plot(headline, labels, threshold):
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, r in headline.items():
+        x, y, _ = roc_curve(labels, r["scores"][:, 1])
+        ax.plot(x, y, label=f"{name} (AUC {auc(x, y):.3f})")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def pr_plot(headline, labels, threshold):
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, r in headline.items():
+        y, x, _ = precision_recall_curve(labels, r["scores"][:, 1])
+        ax.plot(x, y, label=f"{name} (AP {r['metrics'].get('pr_auc', float('nan')):.3f})")
+    ax.set(xlabel="recall", ylabel="precision", title="precision-recall")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def confusion_plot(headline, labels, threshold):
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    fig, axes = plt.subplots(1, len(headline), figsize=(3.6 * len(headline), 3.4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], headline.items()):
+        matrix = confusion_matrix(labels, (r["scores"][:, 1] >= threshold).astype(int), labels=[0, 1])
         ax.imshow(matrix, cmap="Blues")
         for (i, j), v in np.ndenumerate(matrix):
             ax.text(j, i, str(v), ha="center", va="center", color="black")
         ax.set_xticks([0, 1], ["pass", "flagged"])
         ax.set_yticks([0, 1], ["clean", "aberrated"])
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=100)
-    plt.close(fig)
+    return fig
 
-    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        s = headline[name]["scores"][:, 1]
-        bins = np.linspace(0, 1, 26)
+
+def histogram_plot(headline, labels, threshold):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(headline), figsize=(3.8 * len(headline), 3.2), squeeze=False)
+    bins = np.linspace(0, 1, 26)
+    for ax, (name, r) in zip(axes[0], headline.items()):
+        s = r["scores"][:, 1]
         ax.hist(s[labels == 0], bins=bins, alpha=0.6, label="label 0")
         ax.hist(s[labels == 1], bins=bins, alpha=0.6, label="label 1")
         ax.axvline(threshold, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "histograms.png", dpi=100)
-    plt.close(fig)
-    written += ["confusion.png", "histograms.png"]
+    return fig
 
-    if any("strength" in r for r in records):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, r in headline.items():
-            rows = {k: v for k, v in r["by"].get("strength", {}).items() if _sort_key(k)[0] == 0 and float(k) > 0}
-            if rows:
-                ax.plot([float(k) for k in rows], [v["flagged"] for v in rows.values()], marker="o", label=name)
-        ax.set_xlabel("aberration strength (px)")
-        ax.set_ylabel(f"detected (score >= {threshold})")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "strength.png", dpi=100)
-        plt.close(fig)
-        written.append("strength.png")
-    return written
+
+def strength_plot(headline, labels, threshold):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in headline.items():
+        rows = {k: v for k, v in r["by"].get("strength", {}).items() if _sort_key(k)[0] == 0 and float(k) > 0}
+        if rows:
+            ax.plot([float(k) for k in rows], [v["flagged"] for v in rows.values()], marker="o", label=name)
+    ax.set(xlabel="aberration strength (px)", ylabel=f"detected (score >= {threshold})", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def report_md(results, args, n, written):

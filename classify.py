@@ -254,53 +254,14 @@ def score_files(args, scorer, store):
                                                             args.workers))
     done, old_errors = store.done()
     exclude = excluded_folders(args)
-    notice = (lambda text: print(f"note: {display_text(text)}", file=sys.stderr)) if rank == 0 else None
-    total = None
-    if rank == 0:  # the progress bar's total: files not in the output yet, each counted once
-        keys = {path_key(path) for path in iter_files(args.paths, exclude, notice)}
-        total = sum(not is_done(done, key) for key in keys) // world
+    total = pending_count(args, done, exclude, world) if rank == 0 else None
     journal = store.writer(rank, world)
-    scored = failed = 0
     start = time.time()
-    with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar, \
-            tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
-        markers = WorkerMarkers(marker_dir)
-        deaths = 0
-        while True:
-            stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
-                                markers)
-            batches = loader_batches(stream, args.batch_size, args.workers, scorer.device)
-            try:
-                for metas, grouped in batches:
-                    rows, ok, bad = score_batch(scorer, metas, grouped)
-                    journal.write(rows)
-                    scored, failed = scored + ok, failed + bad
-                    bar.update(len(metas))
-                break
-            except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
-                if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
-                    raise
-                culprits = markers.culprits(error)
-                deaths += not culprits
-                if deaths > 2:
-                    raise UsageError(f"decoding processes keep dying without a file to blame ({first_line(error)}); "
-                                     "try --workers 0 or a lower --max-pixels") from None
-                rows = [{"path": path, "width": None, "height": None, "error": reason}
-                        for path, reason in culprits.items()]
-                for row in rows:
-                    tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)
-                journal.write(rows)
-                failed += len(rows)
-                bar.update(len(rows))
-                del batches
-                done = store.done()[0]  # what this rank wrote so far is skipped by the new workers
+    with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar:
+        scored, failed = score_stream(args, scorer, store, done, exclude, journal, bar, rank, world)
     journal.close()
     if world > 1:
-        on = scorer.device if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces on GPUs only
-        totals = torch.tensor([scored, failed], device=on)
-        torch.distributed.all_reduce(totals)
-        scored, failed = totals.tolist()
-        torch.distributed.barrier()
+        scored, failed = gather_counts(scorer, scored, failed)
     if rank == 0:
         if world > 1:
             store.merge_parts()
@@ -311,6 +272,64 @@ def score_files(args, scorer, store):
         if old_errors:
             print(f"{old_errors} file(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
     return rank, failed + old_errors
+
+
+def pending_count(args, done, exclude, world):
+    """The progress bar's total: input files not in the output yet, each counted once (notes printed)."""
+    notice = lambda text: print(f"note: {display_text(text)}", file=sys.stderr)  # noqa: E731
+    keys = {path_key(path) for path in iter_files(args.paths, exclude, notice)}
+    return sum(not is_done(done, key) for key in keys) // world
+
+
+def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world):
+    """Decodes and scores this rank's share of the files not in `done` into `journal`; a decoding
+    worker that dies (killed by the kernel) costs its file an error row and the loader restarts
+    without the files written so far. Returns (scored, failed)."""
+    scored = failed = deaths = 0
+    with tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
+        markers = WorkerMarkers(marker_dir)
+        while True:
+            stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
+                                markers)
+            batches = loader_batches(stream, args.batch_size, args.workers, scorer.device)
+            try:
+                for metas, grouped in batches:
+                    rows, ok, bad = score_batch(scorer, metas, grouped)
+                    journal.write(rows)
+                    scored, failed = scored + ok, failed + bad
+                    bar.update(len(metas))
+                return scored, failed
+            except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
+                if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
+                    raise
+                rows = death_rows(markers, error)
+                deaths += not rows
+                if deaths > 2:
+                    raise UsageError(f"decoding processes keep dying without a file to blame ({first_line(error)}); "
+                                     "try --workers 0 or a lower --max-pixels") from None
+                journal.write(rows)
+                failed += len(rows)
+                bar.update(len(rows))
+                del batches
+                done = store.done()[0]  # what this rank wrote so far is skipped by the new workers
+
+
+def death_rows(markers, error):
+    """Error rows (printed too) for the files that decoding workers were on when they died."""
+    rows = [{"path": path, "width": None, "height": None, "error": reason}
+            for path, reason in markers.culprits(error).items()]
+    for row in rows:
+        tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)
+    return rows
+
+
+def gather_counts(scorer, scored, failed):
+    """(scored, failed) summed over all ranks."""
+    on = scorer.device if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces on GPUs only
+    totals = torch.tensor([scored, failed], device=on)
+    torch.distributed.all_reduce(totals)
+    torch.distributed.barrier()
+    return tuple(totals.tolist())
 
 
 def score_batch(scorer, metas, grouped):

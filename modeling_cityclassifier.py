@@ -182,6 +182,14 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         """(n, 3, H, W) pixels -> (n, projection_dim) projected, un-normalised embeddings, as the original uses."""
         return self._embed(pixel_values)[0]
 
+    def embed_tiles(self, pixel_values, tile_mask):
+        """The real tiles' pixels (n, 3, H, W) in batch order, or an iterable of such chunks (to bound
+        memory) -> (batch, tiles, projection_dim) embeddings, zeros in the padding slots of `tile_mask`
+        (batch, tiles): what `forward` gives the head, for tools that embed once for several heads or
+        cache embeddings (`forward(image_embeds=..., tile_mask=...)` takes them back)."""
+        chunks = [pixel_values] if torch.is_tensor(pixel_values) else pixel_values
+        return scatter_tiles(torch.cat([self.get_image_features(chunk) for chunk in chunks]), tile_mask)
+
     def _embed(self, pixel_values, **clip_options):
         """(embeddings, stem features or None, CLIP's output) of (n, 3, H, W) pixels; `clip_options`
         (output_hidden_states, output_attentions) go to the CLIP tower."""

@@ -19,7 +19,6 @@ from PIL import Image, ImageFile, ImageOps
 from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
-    scatter_tiles,
 )
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
@@ -659,15 +658,12 @@ class Scorer:
             if isinstance(pixels, list):  # whole images: the device cuts their views
                 pixels = device_crops(group[0].processor, pixels, tile_mask, self.device)
             tile_mask = tile_mask.to(self.device)
-            embeds = torch.cat([self.embed(group[0], chunk) for chunk in pixels.split(self.chunk_views(pixels))])
-            image_embeds = scatter_tiles(embeds, tile_mask)
+            chunks = (model_pixels(group[0].processor, chunk, None, self.device, self.dtype)
+                      for chunk in pixels.split(self.chunk_views(pixels)))
+            image_embeds = group[0].model.embed_tiles(chunks, tile_mask)
             for m in group:
                 yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask,
                                  tile_combine=combine or m.combine), tile_mask
-
-    def embed(self, m, tiles):
-        """Tiles from `preprocess` -> (n, dim) embeddings on the model's device."""
-        return m.model.get_image_features(model_pixels(m.processor, tiles, None, self.device, self.dtype))
 
     def chunk_views(self, pixels):
         """Views per backbone call: all, except for uint8 crops on a CPU, normalised as many at a time

@@ -404,7 +404,6 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
 
     from tqdm import tqdm
 
-    from remote_code import scatter_tiles
     from scoring import crop_mode, loader_batches, model_pixels, model_threads
 
     on_gpu = device.type == "cuda"
@@ -421,8 +420,8 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
             batches = loader_batches(views, batch_size, workers, device)
             for _, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
                                            desc=f"Embedding views on {device.type}"):
-                real = model.get_image_features(model_pixels(processor, tiles, mask, device, torch.float32))
-                embeds.append(scatter_tiles(real.float(), mask.to(device)).cpu())
+                pixels = model_pixels(processor, tiles, mask, device, torch.float32)
+                embeds.append(model.embed_tiles(pixels, mask.to(device)).float().cpu())
                 masks.append(mask)
     finally:
         torch.set_num_threads(threads)
@@ -535,7 +534,6 @@ def inference_transform(processor, labels_of, embedded):
 
 def main(argv=None):
     from transformers import Trainer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     data_args, model_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -548,48 +546,19 @@ def main(argv=None):
     label_ids = check_dataset(splits, data_args, model_args.arch)
     names = data_args.class_names.split(",") if data_args.class_names else None
     model, processor, train_backbone = build_model(model_args, label_ids or [0], names)
-    rng = np.random.default_rng(training_args.seed)
-
-    def labels_for(split):
-        to_id = label_mapping(splits[split], data_args)
-        if model_args.arch == "score":
-            return lambda batch: [float(v) for v in batch[LABEL]]
-        return lambda batch: [to_id(v) for v in batch[LABEL]]
-
     train_ds = splits[data_args.train_split]
     eval_ds = splits.get(data_args.eval_split) if data_args.eval_split else None
-    train_labels = labels_for(data_args.train_split)
-    eval_labels = labels_for(data_args.eval_split) if eval_ds is not None else None
+    train_labels = labels_of_split(train_ds, data_args, model_args.arch)
     if train_backbone:
         if data_args.cache_views:
             train_ds = cache_random_views(train_ds, processor, data_args, training_args.seed)
-
-        def train_transform(batch):
-            if "view" in batch:  # cached views, raw bytes (decoding nested lists is 100x slower): flip anew
-                size = processor.crop_size["height"]
-                views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
-                views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
-            else:
-                views = [random_view(processor, decode(image), rng) for image in batch[IMAGE]]
-            pixels = np.stack([processor.normalize_pixels(v) for v in views])[:, None]  # (batch, 1, 3, S, S)
-            return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
-                    "labels": train_labels(batch)}
+        train_ds.set_transform(full_mode_transform(processor, train_labels, training_args.seed))
+        train_rows = train_ds
     else:
-        for module in model.backbone_modules():
-            module.requires_grad_(False)
-        from scoring import default_batch_size, default_workers
-
-        device = training_args.device
-        batch_size = max(default_batch_size(device, model), training_args.per_device_eval_batch_size)
-        workers = training_args.dataloader_num_workers or default_workers(device)
-        precision = embedding_precision(training_args)
-        train_ds = embed_views(train_ds, model, processor, batch_size, device, precision, workers)
-        eval_ds = embed_views(eval_ds, model, processor, batch_size, device, precision, workers) \
-            if eval_ds is not None else None
-    train_rows = EmbeddedViews(train_ds, train_labels) if not train_backbone else train_ds
-    if train_backbone:
-        train_ds.set_transform(train_transform)
+        train_ds, eval_ds = embed_splits(model, processor, [train_ds, eval_ds], training_args)
+        train_rows = EmbeddedViews(train_ds, train_labels)
     if eval_ds is not None:
+        eval_labels = labels_of_split(eval_ds, data_args, model_args.arch)
         eval_ds.set_transform(inference_transform(processor, eval_labels, embedded=not train_backbone))
     else:
         training_args.eval_strategy = "no"
@@ -606,12 +575,7 @@ def main(argv=None):
         compute_metrics=compute_metrics_fn(model_args.arch),
         callbacks=[history.callback],
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint in ("True", "true", "last"):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is None:
-            raise UsageError(f"{training_args.output_dir}: no checkpoint to resume from")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
 
     output = Path(training_args.output_dir)
     trainer.save_model(str(output))  # the model and its processor
@@ -624,6 +588,61 @@ def main(argv=None):
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return 0
+
+
+def labels_of_split(ds, data_args, arch):
+    """batch -> its labels: label ids for class models, floats for score models."""
+    if arch == "score":
+        return lambda batch: [float(v) for v in batch[LABEL]]
+    to_id = label_mapping(ds, data_args)
+    return lambda batch: [to_id(v) for v in batch[LABEL]]
+
+
+def full_mode_transform(processor, labels_of, seed):
+    """`set_transform` for training the backbone: one random view per image and step (the inference
+    resize rule, a random crop where inference tiles, CLIP's resize, a random flip), or a cached view
+    flipped anew (--cache_views)."""
+    rng = np.random.default_rng(seed)
+
+    def transform(batch):
+        if "view" in batch:  # cached views, raw bytes (decoding nested lists is 100x slower)
+            size = processor.crop_size["height"]
+            views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
+            views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
+        else:
+            views = [random_view(processor, decode(image), rng) for image in batch[IMAGE]]
+        pixels = np.stack([processor.normalize_pixels(v) for v in views])[:, None]  # (batch, 1, 3, S, S)
+        return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
+                "labels": labels_of(batch)}
+
+    return transform
+
+
+def embed_splits(model, processor, splits, training_args):
+    """Head-only training: freezes the backbone and gives each split (None stays None) its cached
+    embeddings, computed on the training device."""
+    from scoring import default_batch_size, default_workers
+
+    for module in model.backbone_modules():
+        module.requires_grad_(False)
+    device = training_args.device
+    batch_size = max(default_batch_size(device, model), training_args.per_device_eval_batch_size)
+    workers = training_args.dataloader_num_workers or default_workers(device)
+    precision = embedding_precision(training_args)
+    return [embed_views(ds, model, processor, batch_size, device, precision, workers) if ds is not None else None
+            for ds in splits]
+
+
+def checkpoint_to_resume(training_args):
+    """--resume_from_checkpoint: a path as given, or `last`/`true`: the newest in the output folder."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint in ("True", "true", "last"):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise UsageError(f"{training_args.output_dir}: no checkpoint to resume from")
+    return checkpoint
 
 
 def list_highest_loss(model, images, train_ds, train_backbone, processor, labels_of, data_args, training_args, output):
