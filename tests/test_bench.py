@@ -23,9 +23,8 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     assert report["data_path_crop_workers"]["crop_mode"] == "normalised"
     assert report["classify_crop_on_device"]["options"] == "--crop-on device"
     assert report["classify"]["gpu_busy_percent"] is None  # no GPU to sample
-    for batch in (1, 32):
-        recipe = report[f"head_only_recipe_batch_{batch}"]
-        assert recipe["batch"] == batch and recipe["steps"] == (20 if batch == 1 else 6) and recipe["steps_per_s"] > 0
-        assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / batch / recipe["steps_per_s"]
+    recipe = report["head_only_recipe_batch_1"]
+    assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
+    assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
