@@ -254,30 +254,36 @@ def save_figure(fig, path):
 
 
 def roc_plot(headline, labels, threshold):
-    import matplotlib.pyplot as plt
     from sklearn.metrics import auc, roc_curve
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, r in headline.items():
+    def curve(r):
         x, y, _ = roc_curve(labels, r["scores"][:, 1])
-        ax.plot(x, y, label=f"{name} (AUC {auc(x, y):.3f})")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
+        return x, y, f"AUC {auc(x, y):.3f}"
+
+    return curve_plot(headline, curve, "ROC", "false positive rate", "true positive rate", "lower right")
 
 
 def pr_plot(headline, labels, threshold):
-    import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve
+
+    def curve(r):
+        y, x, _ = precision_recall_curve(labels, r["scores"][:, 1])
+        return x, y, f"AP {r['metrics'].get('pr_auc', float('nan')):.3f}"
+
+    return curve_plot(headline, curve, "precision-recall", "recall", "precision", "lower left")
+
+
+def curve_plot(headline, curve, title, xlabel, ylabel, legend_at):
+    """One curve per model: `curve(result)` -> (x, y, what the legend adds to its name)."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, r in headline.items():
-        y, x, _ = precision_recall_curve(labels, r["scores"][:, 1])
-        ax.plot(x, y, label=f"{name} (AP {r['metrics'].get('pr_auc', float('nan')):.3f})")
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall")
+        x, y, note = curve(r)
+        ax.plot(x, y, label=f"{name} ({note})")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc=legend_at)
     return fig
 
 

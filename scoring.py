@@ -306,7 +306,7 @@ def micro_batch(batch_size, workers, device):
     few batches per worker arrived all at once at the end: on an H100 with 15 workers and 600
     images, classify.py made 286 crops/s of the 396 its workers could decode, the GPU idle while
     they decoded and they idle while it ran. On a GPU they hand out small batches (batch / workers,
-    at least 2) and `merge_batches` joins them in the main process."""
+    at least 2) and `join_batches` joins them in the main process."""
     if device.type != "cuda" or workers <= 1:
         return batch_size
     return max(2, -(-batch_size // workers))
