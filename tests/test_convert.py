@@ -1,13 +1,10 @@
 """convert_original.py: the three released kinds convert; every bad input is one line, exit 2, nothing written."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, original_head_state, write_release
+from conftest import original_head_state, write_release
 from safetensors.torch import save_file
 
 
@@ -66,10 +63,16 @@ def test_card_and_config_hold_no_local_path_and_a_working_snippet(tmp_path, tiny
     assert base_model({"vision_config": {"_name_or_path": "someone/clip"}}) == "someone/clip"
 
 
-def run_convert(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO / "convert_original.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env)
+def run_convert(capsys, *args):
+    """(exit status, stderr) of the command line, run in this process: the script's `__main__` is
+    `run_cli(main)`, and a fresh Python would spend seconds importing torch for each call."""
+    import convert_original
+    from toolkit import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(convert_original.main, [str(a) for a in args])
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def bad_inputs(tmp_path):
@@ -84,7 +87,7 @@ def bad_inputs(tmp_path):
             "feature-mismatch": (wide, "768-d")}
 
 
-def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip):
+def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys):
     import convert_original
     from toolkit import UsageError
 
@@ -94,7 +97,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip):
             convert_original.main(["--head", str(head), "--clip", str(tiny_clip), "--out", str(out)])
         assert str(head) in str(error.value) and "\n" not in str(error.value)
         assert not out.exists() and not list(tmp_path.glob(f".out-{name}*"))
-    done = run_convert("--head", tmp_path / "nope.safetensors", "--clip", tiny_clip, "--out", tmp_path / "x")
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
-    assert done.stderr.startswith("error: ") and "nope.safetensors" in done.stderr
-    assert run_convert("--clip", tiny_clip).returncode == 2  # argparse: missing --head and --out
+    code, err = run_convert(capsys, "--head", tmp_path / "nope.safetensors", "--clip", tiny_clip,
+                            "--out", tmp_path / "x")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert err.startswith("error: ") and "nope.safetensors" in err
+    assert run_convert(capsys, "--clip", tiny_clip)[0] == 2  # argparse: missing --head and --out
