@@ -304,14 +304,19 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         resized = short_edge * int(short_edge * max(width, height) / min(width, height))
         return max(largest, resized)
 
+    def clip_resize(self, width, height):
+        """CLIP's preprocessing of a width x height view: (the short-edge resize's size, the centre
+        crop's box (left, top, right, bottom) in the resized image)."""
+        short_edge, crop = self.size["shortest_edge"], self.crop_size["height"]
+        size = (short_edge, int(short_edge * height / width)) if width <= height else \
+            (int(short_edge * width / height), short_edge)
+        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
+        return size, (left, top, left + crop, top + crop)
+
     def resize_and_crop(self, view):
         """One RGB PIL view -> (crop, crop, 3) uint8: CLIP's bicubic short-edge resize and centre crop."""
-        short_edge, crop = self.size["shortest_edge"], self.crop_size["height"]
-        w, h = view.size
-        size = (short_edge, int(short_edge * h / w)) if w <= h else (int(short_edge * w / h), short_edge)
-        view = view.resize(size, self.resample)
-        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
-        return np.asarray(view)[top : top + crop, left : left + crop]
+        size, (left, top, right, bottom) = self.clip_resize(*view.size)
+        return np.asarray(view.resize(size, self.resample))[top:bottom, left:right]
 
     def device_views_supported(self):
         """Whether `device_views` can stand in for `views` + `resize_and_crop` (BILINEAR/BICUBIC only)."""
@@ -321,22 +326,20 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         """(H, W, 3) uint8 torch tensor of an RGB image, on any device -> its views' crops
         (k, crop, crop, 3) uint8 on that device: the same bytes as `resize_and_crop` of each of
         `views(image)`, made where the tensor is (a GPU cuts and resizes, the CPU only decodes)."""
-        short_edge, crop = self.size["shortest_edge"], self.crop_size["height"]
+        import torch
+
+        tile = 2 * self.size["shortest_edge"]
         height, width = pixels.shape[0], pixels.shape[1]
         if self.is_tiled(width, height, tiling):
             size = tiling_size(width, height, self.tile_resize_limit)
             resized = resize_like_pil(pixels, size, PIL.Image.BILINEAR)
-            import torch
-
             views = torch.stack([resized[top:bottom, left:right] for left, top, right, bottom in
-                                 tile_boxes(*size, 2 * short_edge)])
-            width = height = 2 * short_edge
+                                 tile_boxes(*size, tile)])
+            width = height = tile
         else:
             views = pixels[None]
-        size = (short_edge, int(short_edge * height / width)) if width <= height else \
-            (int(short_edge * width / height), short_edge)
-        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
-        return resize_like_pil(views, size, self.resample, (left, top, left + crop, top + crop))
+        size, box = self.clip_resize(width, height)
+        return resize_like_pil(views, size, self.resample, box)
 
     def normalize_pixels(self, pixels):
         """(H, W, 3) uint8 -> (3, H, W) float32, rescaled and normalised in CLIPImageProcessor's order
