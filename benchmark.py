@@ -12,6 +12,8 @@ each), or a Hub dataset id with a `label` column.
 
 For every model it scores all images once with tiling and combines the tiles with each strategy
 (mean, median, max, min), and once without tiling; the model's own strategy is the headline.
+`--passes tiling,grid` adds grid tiling (every part of a large picture at native resolution) and
+leaves the pass without tiling out.
 Thresholds: the scores are cut at --threshold, and the report also gives the lowest threshold whose
 precision reaches --target-precision, since users filter datasets by threshold.
 """
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--target-precision", type=float, default=0.95, help="report the threshold reaching it")
     parser.add_argument("--max-images", type=int, help="evaluate a random subset of this size")
     parser.add_argument("--no-baseline", action="store_true", help="skip the classical fringe baseline")
+    parser.add_argument("--passes", type=passes_list, default=["tiling", "no-tiling"],
+                        help="comma-separated scoring passes: tiling (the model's saved tiling, each tile strategy), "
+                             "no-tiling, grid (grid tiling at native resolution, each strategy) "
+                             "(default: tiling,no-tiling)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -54,6 +60,15 @@ def parse_args(argv=None):
                              "when the card reports another dataset or split, unless --force)")
     parser.add_argument("--force", action="store_true", help="with --update-card: replace another dataset's results")
     return parser.parse_args(argv)
+
+
+def passes_list(text):
+    passes = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(passes) - {"tiling", "no-tiling", "grid"})
+    if unknown or not passes:
+        raise argparse.ArgumentTypeError(f"unknown pass(es) {', '.join(unknown) or '(none)'}: "
+                                         "choose from tiling, no-tiling, grid")
+    return list(dict.fromkeys(passes))
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -94,7 +109,24 @@ def load_records(dataset, split, max_images=None):
     if max_images and len(records) > max_images:
         keep = np.random.default_rng(0).choice(len(records), max_images, replace=False)
         records = [records[i] for i in sorted(keep)]
-    return records
+    return [derive_columns(record) for record in records]
+
+
+MAX_BREAKDOWN_VALUES = 40  # a metadata column with more distinct values (file names, pixel sizes) is not a breakdown
+MEGAPIXEL_BUCKETS = ((1.0, "under 1 MP"), (4.0, "1-4 MP"), (float("inf"), "4 MP and more"))
+
+
+def derive_columns(record):
+    """Adds breakdowns made of metadata columns: `megapixels` (a size bucket, from width and height)
+    and `clean family` (the picture family of clean images only: their false-positive rate per family)."""
+    try:
+        pixels = float(record["width"]) * float(record["height"]) / 1e6
+        record["megapixels"] = next(name for limit, name in MEGAPIXEL_BUCKETS if pixels < limit)
+    except (KeyError, TypeError, ValueError):
+        pass
+    if record.get("effect") == "clean" and record.get("family"):
+        record["clean family"] = record["family"]
+    return record
 
 
 def batches(records, scorer, args, tiling):
@@ -137,8 +169,12 @@ def model_scores(name, records, args):
     tiles_ok = model.config.arch == "class"  # score models never tile
     default = f"tiling-{scorer.models[0].combine}" if scorer.models[0].tiling and tiles_ok else "no-tiling"
     results, failed = {}, {}
-    for tiling in ((True, False) if tiles_ok else (False,)):
-        bar = tqdm(total=len(records), unit="img", desc=f"{scorer.models[0].key} tiling {'on' if tiling else 'off'}")
+    passes = [p for p in args.passes if tiles_ok or p == "no-tiling"] or ["no-tiling"]
+    for name_of_pass in passes:
+        tiling = name_of_pass != "no-tiling"
+        if name_of_pass == "grid":
+            scorer = Scorer([name], device=args.device, dtype=args.dtype, tiling_mode="grid")
+        bar = tqdm(total=len(records), unit="img", desc=f"{scorer.models[0].key} {name_of_pass}")
         for indices, grouped, errors in batches(records, scorer, args, tiling):
             bar.update(len(indices) + len(errors))  # decoding workers send partial batches: count images
             for i, error in errors.items():
@@ -150,10 +186,12 @@ def model_scores(name, records, args):
             for _, output, mask in scorer.outputs(grouped):
                 tiles, mask = output.tile_scores.float().cpu(), mask.cpu()
                 for strategy in (STRATEGIES if tiling else ("mean",)):
-                    variant = f"tiling-{strategy}" if tiling else "no-tiling"
+                    variant = f"{name_of_pass}-{strategy}" if tiling else "no-tiling"
                     combined = combine_tiles(tiles, mask, strategy).numpy()
                     results.setdefault(variant, {}).update(zip(indices, combined))
         bar.close()
+    if default not in results:  # its pass was not asked for
+        default = next(iter(results), default)
     return scorer.models[0].key, default, results, failed
 
 
@@ -352,11 +390,24 @@ def report_md(results, args, n, written):
                      f"{fmt(m.get('false_positive_rate'))} | {fmt(m.get('ece'))} | {target} |")
     headline = [name for name, r in results.items() if r["headline"]]
     for column in sorted({c for r in results.values() for c in r["by"]}):
+        values = results[headline[0]]["by"][column]
+        if not any("roc_auc" in row for row in values.values()):
+            continue
+        lines += ["", f"## ROC AUC by {column}", "",
+                  "| " + column + " | n | positives | " + " | ".join(headline) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in headline) + " |"]
+        for value, row in values.items():
+            if "roc_auc" in row:
+                cells = " | ".join(fmt(results[h]["by"][column][value].get("roc_auc")) for h in headline)
+                lines.append(f"| {value} | {row['n']} | {row['positives']} | {cells} |")
+    for column in sorted({c for r in results.values() for c in r["by"]}):
         lines += ["", f"## By {column}", "", "share flagged (recall for label 1, false-positive rate for label 0)", "",
                   "| " + column + " | label | n | " + " | ".join(headline) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in headline) + " |"]
         values = results[headline[0]]["by"][column]
         for value, row in values.items():
+            if value == "None":  # images without this column (e.g. `clean family` of non-clean images)
+                continue
             label = "1" if row["positives"] == row["n"] else "0" if row["positives"] == 0 else "mixed"
             cells = " | ".join(f"{results[h]['by'][column][value]['flagged']:.3f}" for h in headline)
             lines.append(f"| {value} | {label} | {row['n']} | {cells} |")
@@ -389,7 +440,8 @@ def main(argv=None):
                                            "headline": variant == default}
     if not args.no_baseline and all(r["binary"] for r in results.values()):
         results[BASELINE] = {"scores": baseline_scores(records, args.workers), "binary": True, "headline": True}
-    metadata_columns = sorted({k for r in records for k in r if k not in ("path", "image", "label")})
+    metadata_columns = sorted(c for c in {k for r in records for k in r if k not in ("path", "image", "label")}
+                              if len({str(r.get(c)) for r in records}) <= MAX_BREAKDOWN_VALUES)
     for r in results.values():
         if r["scores"].shape[1] == 1:
             import evaluate

@@ -10,7 +10,7 @@ top label, and `error` (null when fine, else a one-line reason).
 
 Resumable: rows are appended and flushed per batch; running the same command again skips every
 file already in the output (a killed run loses at most its in-flight batches). A rerun with another
-model, weights, --tiling, --combine or --fast-decode is refused (use --no-resume). One process
+model, weights, --tiling, --tiling-mode, --combine or --fast-decode is refused (use --no-resume). One process
 writes an output at a time. `.jsonl` output is written live; for `.csv` and `.parquet` the rows go
 to a hidden `.OUT.jsonl` beside it, and the table is rebuilt from it at the end of each run.
 
@@ -104,6 +104,11 @@ def parse_args(argv=None):
                              "try it where the CPUs cannot keep a GPU busy)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="five-crop tiling of large images (default: as each model's processor says)")
+    parser.add_argument("--tiling-mode", choices=["five", "grid"],
+                        help="five: the original's five crops after shrinking to a 1536 px short side; grid: crops "
+                             "covering the whole picture at native resolution (up to the processor's "
+                             "grid_max_tiles, 48 by default), for multi-megapixel pictures with small fringes; "
+                             "slower on them (default: as each model's processor says)")
     parser.add_argument("--combine", choices=["mean", "median", "max", "min"],
                         help="how tile scores combine (default: as each model's config says)")
     parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
@@ -404,7 +409,7 @@ def main(argv=None):
     check_destination(args)
     try:
         scorer = Scorer(args.model, device=args.device, dtype=args.dtype, tiling=args.tiling, combine=args.combine,
-                        crop=args.crop_on)
+                        crop=args.crop_on, tiling_mode=args.tiling_mode)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.label:

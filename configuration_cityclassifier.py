@@ -8,6 +8,7 @@ ARCHES = ("class", "score")
 VIT_L_14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                 "image_size": 336, "patch_size": 14, "projection_dim": 768}  # openai/clip-vit-large-patch14-336
 TILE_COMBINES = ("mean", "median", "max", "min")
+FRINGE_DEFAULTS = {"block": 48, "max_shift": 3, "min_edge": 0.02, "blocks": 12}
 
 # Loaded by path with trust_remote_code, the image-classification task goes to our subclass: it
 # reads files as classify.py does (EXIF, 16-bit scaled) and can drop class 0. Any other pipeline
@@ -41,6 +42,12 @@ class CityClassifierConfig(PretrainedConfig):
             full-resolution convolutions see them and a max-pool keeps them.
         stem_aux_loss_weight: in training only, adds this weight times the loss of a linear probe on
             the stem's pooled features (deep supervision: gives the stem a direct signal early on).
+        fringe_features: None (the original), or measurements of how far red and blue edges sit from
+            green ones in each view (`CityClassifierFringe`), appended to CLIP's embedding as the
+            head's input: True for the defaults, or {"block": 48, "max_shift": 3, "min_edge": 0.02,
+            "blocks": 12} (block side and largest shift in view pixels; the smallest mean green
+            gradient, in normalised units, of a block that is measured; how many of the blocks with
+            most edges are measured).
     """
 
     model_type = "cityclassifier"
@@ -57,6 +64,7 @@ class CityClassifierConfig(PretrainedConfig):
         label_loss_weights=None,
         stem=None,
         stem_aux_loss_weight=0.0,
+        fringe_features=None,
         **kwargs,
     ):
         if arch not in ARCHES:
@@ -126,6 +134,26 @@ class CityClassifierConfig(PretrainedConfig):
             raise ValueError(f"stem_aux_loss_weight must be >= 0, got {stem_aux_loss_weight}")
         self.stem = stem
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
+        self.fringe_features = self.fringe_spec(fringe_features)
+
+    @staticmethod
+    def fringe_spec(value):
+        """`fringe_features` as stored: None/False -> None, True -> the defaults, a dict -> completed and checked."""
+        if value is None or value is False:
+            return None
+        spec = dict(FRINGE_DEFAULTS)
+        if value is not True:
+            if not isinstance(value, dict) or set(value) - set(FRINGE_DEFAULTS):
+                raise ValueError(f"fringe_features must be true or a dict with keys {sorted(FRINGE_DEFAULTS)}, "
+                                 f"got {value!r}")
+            spec.update(value)
+        spec = {"block": int(spec["block"]), "max_shift": int(spec["max_shift"]), "min_edge": float(spec["min_edge"]),
+                "blocks": int(spec["blocks"])}
+        if (spec["max_shift"] < 1 or spec["block"] < 2 * spec["max_shift"] + 2 or spec["min_edge"] < 0
+                or spec["blocks"] < 1):
+            raise ValueError(f"fringe_features needs max_shift >= 1, block >= 2 * max_shift + 2, min_edge >= 0 and "
+                             f"blocks >= 1, got {spec}")
+        return spec
 
     @property
     def pixel_size(self):

@@ -1,4 +1,5 @@
-"""CityClassifier's image processor: the original's five-crop tiling, then CLIP preprocessing per tile."""
+"""CityClassifier's image processor: the original's five-crop tiling (or a grid of crops covering the
+whole picture at native resolution), then CLIP preprocessing per tile."""
 
 import functools
 import math
@@ -11,11 +12,14 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 NUM_TILES = 5
+TILING_MODES = ("five", "grid")
 NATIVE_RESIZE_MODES = {"1", "P", "L", "LA", "RGB", "RGBA", "CMYK"}  # resized for tiling before conversion
 
 
 class CityClassifierImageProcessorKwargs(TypedDict, total=False):
     tiling: bool
+    tiling_mode: str
+    grid_max_tiles: int
     tile_resize_limit: int
     size: dict
     crop_size: dict
@@ -126,6 +130,36 @@ def tile_views(image, crop, resize_limit, tiling=True):
         return [image]
     image = resize_for_tiling(image, resize_limit)
     return [image.crop(box) for box in tile_boxes(*image.size, tile)]
+
+
+def grid_layout(width, height, tile, max_tiles):
+    """Grid tiling of a width x height image: (the size it is cut at, the tiles' boxes). Native size
+    when ceil(w / tile) * ceil(h / tile) tiles are at most `max_tiles`, else scaled down until they
+    are; the tiles of a row (a column) are spread evenly from edge to edge, overlapping a little, so
+    every pixel is in one."""
+    def count(w, h):
+        return math.ceil(w / tile) * math.ceil(h / tile)
+
+    scale = 1.0
+    while count(round(width * scale), round(height * scale)) > max_tiles and min(width, height) * scale > tile:
+        scale *= 0.97
+    size = (max(tile, round(width * scale)), max(tile, round(height * scale))) if scale < 1 else (width, height)
+
+    def starts(length):
+        n = math.ceil(length / tile)
+        return [0] if n == 1 else [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+    return size, [(x, y, x + tile, y + tile) for y in starts(size[1]) for x in starts(size[0])]
+
+
+def grid_views(image, crop, max_tiles):
+    """Grid tiling's views of one RGB image: the whole image, as the original, when it is too small
+    to tile; else (2*crop)-pixel tiles covering it at native resolution (see `grid_layout`)."""
+    if not is_tiled(*image.size, crop):
+        return [image]
+    size, boxes = grid_layout(*image.size, 2 * crop, max_tiles)
+    image = image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
+    return [image.crop(box) for box in boxes]
 
 
 # ------------------------------------------------------------------ Pillow's resize, on any torch device
@@ -251,6 +285,11 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     image too small to tile fills slot 0 and `tile_mask` marks the rest as padding. Each view is
     preprocessed exactly as `CLIPImageProcessor` does (bicubic resize of the short edge, centre
     crop, rescale, normalise, in float32).
+
+    `tiling_mode="grid"` (not the original's) replaces the five crops of a large image by a grid of
+    crops covering all of it at native resolution, without the `tile_resize_limit` shrink: up to
+    `grid_max_tiles` tiles, scaled down only beyond that; a batch then has as many tile slots as its
+    most-tiled image. Fringes of a few pixels in a multi-megapixel picture stay a few pixels wide.
     """
 
     model_input_names = ["pixel_values", "tile_mask"]
@@ -259,6 +298,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     def __init__(
         self,
         tiling=True,
+        tiling_mode="five",
+        grid_max_tiles=48,
         tile_resize_limit=1536,
         size=None,
         crop_size=None,
@@ -270,6 +311,12 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     ):
         super().__init__(**kwargs)
         self.tiling = bool(tiling)
+        if tiling_mode not in TILING_MODES:
+            raise ValueError(f"tiling_mode must be one of {', '.join(TILING_MODES)}, got {tiling_mode!r}")
+        self.tiling_mode = tiling_mode
+        self.grid_max_tiles = int(grid_max_tiles)
+        if self.grid_max_tiles < 4:
+            raise ValueError(f"grid_max_tiles must be at least 4, got {grid_max_tiles!r}")
         self.tile_resize_limit = int(tile_resize_limit)
         self.size = dict(size or {"shortest_edge": 336})
         self.crop_size = dict(crop_size or {"height": 336, "width": 336})
@@ -287,7 +334,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         options = {name: value for name, value in options.items() if value is not None}
         if not options:
             return self
-        fields = {"tiling": self.tiling, "tile_resize_limit": self.tile_resize_limit, "size": self.size,
+        fields = {"tiling": self.tiling, "tiling_mode": self.tiling_mode, "grid_max_tiles": self.grid_max_tiles,
+                  "tile_resize_limit": self.tile_resize_limit, "size": self.size,
                   "crop_size": self.crop_size, "resample": self.resample, "rescale_factor": self.rescale_factor,
                   "image_mean": self.image_mean, "image_std": self.image_std}
         return type(self)(**{**fields, **options})
@@ -297,6 +345,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         for tiling, or CLIP's short-edge resize of each view (a 10000x3 strip becomes 1120000x336)."""
         short_edge = self.size["shortest_edge"]
         largest = width * height
+        if self.is_tiled(width, height, tiling) and self.tiling_mode == "grid":
+            return largest  # tiles are cut from the image as it is, or from a smaller copy
         if self.is_tiled(width, height, tiling):
             tiled = tiling_size(width, height, self.tile_resize_limit)
             largest = max(largest, tiled[0] * tiled[1])
@@ -319,8 +369,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         return np.asarray(view.resize(size, self.resample))[top:bottom, left:right]
 
     def device_views_supported(self):
-        """Whether `device_views` can stand in for `views` + `resize_and_crop` (BILINEAR/BICUBIC only)."""
-        return int(self.resample) in PIL_FILTERS and self.crop_size["height"] <= self.size["shortest_edge"]
+        """Whether `device_views` can stand in for `views` + `resize_and_crop` (BILINEAR/BICUBIC only,
+        the original's five-crop tiling only)."""
+        return (int(self.resample) in PIL_FILTERS and self.crop_size["height"] <= self.size["shortest_edge"]
+                and self.tiling_mode == "five")
 
     def device_views(self, pixels, tiling=None):
         """(H, W, 3) uint8 torch tensor of an RGB image, on any device -> its views' crops
@@ -370,7 +422,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         return is_tiled(width, height, self.size["shortest_edge"], self.tiling if tiling is None else tiling)
 
     def tile_slots(self, tiling=None):
-        """Tile slots per image in `pixel_values`: 5 with tiling, else 1."""
+        """Tile slots per image in `pixel_values`: 5 with tiling, else 1 (grid tiling: at least so many;
+        a batch has as many as its most-tiled image)."""
         return NUM_TILES if (self.tiling if tiling is None else tiling) else 1
 
     def prepare(self, image, tiling=None):
@@ -380,19 +433,23 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         alpha, CMYK in CMYK: done here in that order, for those modes (converting a crop equals
         cropping the converted image). Other modes (16-bit, float) become RGB first (`to_rgb`)."""
         image = as_pil(image)
-        if image.mode in NATIVE_RESIZE_MODES and self.is_tiled(*image.size, tiling):
+        if image.mode in NATIVE_RESIZE_MODES and self.is_tiled(*image.size, tiling) and self.tiling_mode == "five":
             image = resize_for_tiling(image, self.tile_resize_limit)
         return to_rgb(image)
 
     def views(self, image, tiling=None):
-        """The RGB PIL views the model sees for one image (1, or 5 when tiled)."""
+        """The RGB PIL views the model sees for one image (1, or 5 when tiled; grid tiling: the grid's)."""
         tiling = self.tiling if tiling is None else tiling
+        if tiling and self.tiling_mode == "grid":
+            return grid_views(self.prepare(image, tiling), self.size["shortest_edge"], self.grid_max_tiles)
         return tile_views(self.prepare(image, tiling), self.size["shortest_edge"], self.tile_resize_limit, tiling)
 
     def preprocess(
         self,
         images,
         tiling=None,
+        tiling_mode=None,
+        grid_max_tiles=None,
         return_tensors=None,
         tile_resize_limit=None,
         size=None,
@@ -414,14 +471,15 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         Args:
             images: a PIL image (any mode), a numpy array or torch tensor ((H, W), (H, W, C) or
                 (C, H, W); uint8, or floats in [0, 1]), a batch of them (N, ...), or a list.
-            tiling, tile_resize_limit, size, crop_size, resample, rescale_factor, image_mean,
-                image_std: override the saved settings for this call.
+            tiling, tiling_mode, grid_max_tiles, tile_resize_limit, size, crop_size, resample,
+                rescale_factor, image_mean, image_std: override the saved settings for this call.
             input_data_format: "channels_first" or "channels_last" where an array's layout is in doubt.
             do_resize, do_center_crop, do_rescale, do_normalize, do_convert_rgb: accepted as True only
                 (the model's numbers need every step); data_format: "channels_first" only.
         Returns:
             `BatchFeature` with `pixel_values` (batch, tiles, 3, crop, crop), tiles = 5 with tiling
-            and 1 without, and `tile_mask` (batch, tiles) int64.
+            (grid tiling: the most any image has, at least 5) and 1 without, and `tile_mask`
+            (batch, tiles) int64.
         """
         kwargs = {name: value for name, value in kwargs.items() if value is not None}
         if kwargs:
@@ -434,17 +492,19 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         if data_format is not None and str(data_format) not in ("channels_first", "ChannelDimension.FIRST"):
             raise ValueError(f"data_format must be channels_first (pixel_values are (batch, tiles, 3, H, W)), "
                              f"got {data_format}")
-        processor = self.with_options(tile_resize_limit=tile_resize_limit, size=size, crop_size=crop_size,
+        processor = self.with_options(tiling_mode=tiling_mode, grid_max_tiles=grid_max_tiles,
+                                      tile_resize_limit=tile_resize_limit, size=size, crop_size=crop_size,
                                       resample=resample, rescale_factor=rescale_factor, image_mean=image_mean,
                                       image_std=image_std)
         images = as_pil_list(images, input_data_format)
         tiling = self.tiling if tiling is None else tiling
-        slots = processor.tile_slots(tiling)
+        views = [processor.views(image, tiling) for image in images]
+        slots = max([processor.tile_slots(tiling)] + [len(v) for v in views])
         crop = processor.crop_size["height"]
         pixel_values = np.zeros((len(images), slots, 3, crop, crop), dtype=np.float32)
         tile_mask = np.zeros((len(images), slots), dtype=np.int64)
-        for i, image in enumerate(images):
-            for t, view in enumerate(processor.views(image, tiling)):
+        for i, image_views in enumerate(views):
+            for t, view in enumerate(image_views):
                 pixel_values[i, t] = processor.clip_preprocess(view)
                 tile_mask[i, t] = 1
         return BatchFeature({"pixel_values": pixel_values, "tile_mask": tile_mask}, tensor_type=return_tensors)

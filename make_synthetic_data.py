@@ -3,24 +3,36 @@
 
 Clean sources are procedurally drawn anime-like illustrations (flat cel-shaded fills, dark
 outlines, gradients, hair-like strokes, text) and crops of the few real photos that installed
-packages ship. Positives (label 1) add chromatic aberration: red/blue channel shifts, radial
-(lateral) aberration, aberration on part of the image, with and without blur. Negatives (label 0)
-are the clean images plus hard negatives taken from the original model's known weaknesses: HSV
-noise, rough sketches of overlapping semi-transparent lines, JPEG/WebP artefacts, grayscale,
-saturated complementary colour edges (red beside cyan) and screentone.
+packages ship; with --real-pictures, also the pictures of the Debian packages that
+../shared/TRAINING_SOURCES.md allows (photos, painted portraits, clip art, pixel art, 3D renders,
+cartoons: `--install` installs missing ones with apt-get), at their native resolution or scaled
+down, transparent ones composited on varied backgrounds. Each real picture belongs to one split
+for good, chosen by its source group (a wallpaper's folder, a stamp's or sprite's directory), so a
+test split never holds a crop, a resolution or a sibling of a training picture.
+
+Positives (label 1) add chromatic aberration: red/blue channel shifts, radial (lateral) aberration,
+aberration on part of the image, with and without blur. Negatives (label 0) are the clean images
+plus hard negatives taken from the original model's known weaknesses: HSV noise, rough sketches of
+overlapping semi-transparent lines, JPEG/WebP artefacts, grayscale, saturated complementary colour
+edges (red beside cyan) and screentone.
 
 Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
-    OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size
+    OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
+                                                            family, width, height
 Folder names follow the original's convention: the number before the first underscore is the label.
-Everything is deterministic from --seed. This script imports nothing else from the repo.
+Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
+This script imports nothing else from the repo.
 """
 
 import argparse
 import csv
+import hashlib
 import io
 import math
 import os
+import re
+import subprocess
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -45,6 +57,101 @@ def photo_sources():
             continue
         found += sorted(Path(package.__file__).parent.glob(pattern))
     return found
+
+
+# (Debian package, regular expression on the file's path, picture family): the first match wins and
+# files that match none are left out (icons, UI parts, fonts, sprite sheets, masks).
+FAMILIES = ("drawn", "photo", "painted", "clip art", "pixel art", "3D render", "sketch")
+DEBIAN_RULES = (
+    ("plasma-workspace-wallpapers", r"/wallpapers/(BytheWater|ColdRipple|ColorfulCups|DarkestHour|EveningGlow|"
+     r"FallenLeaf|Grey|Kite|MilkyWay|OneStandsOut|Path|Volna|summer_1am)/contents/images/", "photo"),
+    ("plasma-workspace-wallpapers", r"/wallpapers/(Canopee|Cascade|Cluster|Flow|Elarun|Opal|Shell|IceCold|"
+     r"PastelHills|Kokkini|Patak)/contents/images/", "3D render"),
+    ("plasma-workspace-wallpapers", r"/wallpapers/Autumn/contents/images/", "painted"),
+    ("plasma-workspace-wallpapers", r"/wallpapers/(Altai|FlyingKonqui|Honeywave|Kay|SafeLanding)/contents/images/",
+     "drawn"),
+    ("tuxpaint-stamps-default", r"/cartoon/|/symbols/|/alphabets/", "clip art"),
+    ("tuxpaint-stamps-default", r"/stamps/", "photo"),
+    ("naev-data", r"/portraits/|/gfx/planet/exterior/|/gfx/loading/|/gfx/bkg/", "painted"),
+    ("naev-data", r"/gfx/ship/|/gfx/outfit/|/gfx/commodity/|/gfx/planet/space/", "3D render"),
+    ("hedgewars-data", r"/Themes/|/Forts/|/Missions/", "drawn"),
+    ("desktop-base", r"/emblems/|/debian-logos/", "clip art"),
+    ("desktop-base", r"/(plymouth|desktop-base)/", "drawn"),
+    ("neverball-data", r"/shot-", "3D render"),
+    ("freeciv-data", r"/freeciv/(amplio2|hexemplio|trident|isotrident|hex2t|isophex|alio|cimpletoon)/", "pixel art"),
+    ("pingus-data", r"/groundpieces/|/images/(traps|special|entrances|hotspots)/", "pixel art"),
+    ("pingus-data", r"/images/(textures|story)/", "drawn"),
+)
+MIN_PICTURE_SIDE = 128  # smaller files are icons and sprites
+
+
+def picture_group(path):
+    """What a picture's split is decided by: a wallpaper's folder (all its resolutions), else the
+    file's directory (a ship's renders, a theme's pieces, a stamp category)."""
+    parts = Path(path).parts
+    if "wallpapers" in parts:
+        return "/".join(parts[: parts.index("wallpapers") + 2])
+    return str(Path(path).parent)
+
+
+def package_files(package, install=False):
+    """The files of a Debian package (installed with apt-get first when `install`), or None."""
+    listed = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
+    if listed.returncode != 0 and install:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", package], check=False,
+                       stdout=subprocess.DEVNULL)
+        listed = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
+    return listed.stdout.splitlines() if listed.returncode == 0 else None
+
+
+def real_pictures(install=False):
+    """[(path, family, group)] of the allowed Debian packages' pictures, plus the packaged photos."""
+    found, missing = [], []
+    for package in dict.fromkeys(rule[0] for rule in DEBIAN_RULES):
+        files = package_files(package, install)
+        if files is None:
+            missing.append(package)
+            continue
+        rules = [(re.compile(pattern), family) for name, pattern, family in DEBIAN_RULES if name == package]
+        for path in sorted(f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg"))):
+            family = next((family for pattern, family in rules if pattern.search(path)), None)
+            if family and usable_picture(path):
+                found.append((path, family, picture_group(path)))
+    found += [(str(path), "photo", str(path)) for path in photo_sources()]
+    if missing:
+        print(f"warning: Debian package(s) not installed, their pictures left out: {', '.join(missing)} "
+              "(--install installs them)", file=sys.stderr)
+    return found
+
+
+def usable_picture(path):
+    """At least MIN_PICTURE_SIDE on both sides, and not mostly transparent."""
+    try:
+        with Image.open(path) as image:
+            if min(image.size) < MIN_PICTURE_SIDE:
+                return False
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+                return (alpha > 128).mean() > 0.2
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def split_pictures(pictures):
+    """{split: {family: [(path, group)]}}: per family, the groups sorted by a hash of their name,
+    every tenth at ranks 2 and 7 to test, at rank 5 to validation, the rest to train. Fixed: it
+    depends on the files only, never on --seed."""
+    by_family = {}
+    for path, family, group in pictures:
+        by_family.setdefault(family, {}).setdefault(group, []).append(path)
+    splits = {"train": {}, "validation": {}, "test": {}}
+    for family, groups in sorted(by_family.items()):
+        ranked = sorted(groups, key=lambda g: hashlib.sha1(g.encode()).hexdigest())
+        for rank, group in enumerate(ranked):
+            split = "test" if rank % 10 in (2, 7) else "validation" if rank % 10 == 5 else "train"
+            splits[split].setdefault(family, []).extend((path, group) for path in sorted(groups[group]))
+    return splits
 
 
 def random_color(rng, dark=False):
@@ -221,8 +328,37 @@ def recompress(image, rng, fmt):
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-def make_example(seed, effect, photos):
-    """One (image, strength, source) for an effect, fully determined by `seed`."""
+def load_picture(rng, path, backgrounds):
+    """A real picture as RGB, at its native size or scaled down (to 35-100%, never under
+    MIN_PICTURE_SIDE); a transparent one on a flat colour, a gradient, a drawn illustration or
+    another picture of `backgrounds`, as a user's image would look."""
+    with Image.open(path) as image:
+        image.load()
+        transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        image = image.convert("RGBA") if transparent else image.convert("RGB")
+    if rng.random() < 0.5:
+        factor = max(rng.uniform(0.35, 1.0), MIN_PICTURE_SIDE / min(image.size))
+        if factor < 1:
+            image = image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)
+    if transparent:
+        w, h = image.size
+        kind = int(rng.integers(0, 4)) if backgrounds else int(rng.integers(0, 3))
+        if kind == 0:
+            background = Image.new("RGB", (w, h), random_color(rng))
+        elif kind == 1:
+            background = gradient_background(rng, w, h)
+        elif kind == 2:
+            background = draw_illustration(rng, w, h)
+        else:
+            background = crop_photo(rng, backgrounds[int(rng.integers(0, len(backgrounds)))], w, h)
+        background.paste(image, mask=image.getchannel("A"))
+        image = background
+    return image
+
+
+def make_example(seed, effect, photos, picture=None, backgrounds=()):
+    """One (image, strength, source) for an effect, fully determined by `seed`: a drawn
+    illustration, a packaged photo's crop, or `picture` (a real picture's path) when given."""
     rng = np.random.default_rng(seed)
     long = int(rng.choice(LONG_EDGES))
     short = max(128, int(long * rng.uniform(0.5, 1.0)))
@@ -234,7 +370,11 @@ def make_example(seed, effect, photos):
         return rough_sketch(rng, w, h), strength, "sketch"
     if effect == "complementary":
         return complementary_edges(rng, w, h), strength, "drawn"
-    image = crop_photo(rng, photo, w, h) if photo else draw_illustration(rng, w, h)
+    if picture is not None:
+        image, source = load_picture(rng, picture, backgrounds), str(picture)
+        w, h = image.size
+    else:
+        image = crop_photo(rng, photo, w, h) if photo else draw_illustration(rng, w, h)
     if effect in POSITIVES:
         strength = float(rng.choice([1, 1.5, 2, 3, 4, 5, 6, 8]))
         if effect == "radial":
@@ -259,11 +399,30 @@ def make_example(seed, effect, photos):
 
 
 def write_one(job):
-    seed, effect, path, photos = job
-    image, strength, source = make_example(seed, effect, photos)
+    seed, effect, path, photos, picture, family, backgrounds = job
+    image, strength, source = make_example(seed, effect, photos, picture, backgrounds)
+    if family is None:
+        family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return path, effect, strength, source, max(image.size)
+    return path, effect, strength, source, max(image.size), family, image.width, image.height
+
+
+def pick_pictures(planned, split, seed, pictures, real_fraction):
+    """Per planned (seed, effect): (picture path, family) or (None, None) for a generated image. A
+    real picture is taken with probability `real_fraction` (never for sketches and red/cyan edges,
+    which are drawn): first a family, uniformly, then one of its pictures in this split."""
+    rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split], 7])
+    families = sorted(pictures)
+    chosen = []
+    for _, effect in planned:
+        if families and effect not in ("sketch", "complementary") and rng.random() < real_fraction:
+            family = families[int(rng.integers(0, len(families)))]
+            path, _ = pictures[family][int(rng.integers(0, len(pictures[family])))]
+            chosen.append((path, family))
+        else:
+            chosen.append((None, None))
+    return chosen
 
 
 def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
@@ -291,6 +450,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
+    parser.add_argument("--real-pictures", type=float, default=0.0, metavar="FRACTION",
+                        help="share of images made from the allowed Debian packages' pictures and the packaged "
+                             "photos, at native resolution or scaled down, each picture in one split for good "
+                             "(default: 0, only generated images and crops of the packaged photos)")
+    parser.add_argument("--install", action="store_true",
+                        help="with --real-pictures, apt-get install the Debian packages that are missing")
     parser.add_argument(
         "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
@@ -313,7 +478,12 @@ def main(argv=None):
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out}: output folder exists and is not empty", file=sys.stderr)
         return 2
-    photos = [] if args.no_photos else photo_sources()
+    pictures = split_pictures(real_pictures(args.install)) if args.real_pictures > 0 else None
+    # With real pictures, the packaged photos are real pictures too, each in one split only.
+    photos = [] if args.no_photos or pictures is not None else photo_sources()
+    if pictures is not None and not pictures["train"]:
+        print("error: --real-pictures: no pictures found (install the packages, or pass --install)", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     with Pool(args.workers) as pool:
@@ -324,17 +494,27 @@ def main(argv=None):
             folder = args.out / split
             jobs = []
             planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)
-            for i, (seed, effect) in enumerate(planned):
+            chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
+                      else [(None, None)] * len(planned))
+            backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
+            pick = np.random.default_rng([args.seed, len(jobs), 11])
+            for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
                 label = 1 if effect in POSITIVES else 0
-                jobs.append((seed, effect, folder / f"{label}_{effect}" / f"{i:06d}.png", photos))
+                path = folder / f"{label}_{effect}" / f"{i:06d}.png"
+                others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
+                jobs.append((seed, effect, path, photos, picture, family, others))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["file_name", "label", "effect", "strength", "source", "size"])
-                for path, effect, strength, source, size in rows:
+                writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
+                                 "height"])
+                for path, effect, strength, source, size, family, width, height in rows:
                     label = int(effect in POSITIVES)
-                    writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size])
-    print(f"wrote {args.out} ({len(photos)} packaged photos used as sources)")
+                    writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size,
+                                     family, width, height])
+    real = sum(len(v) for split in (pictures or {}).values() for v in split.values())
+    print(f"wrote {args.out} ({len(photos)} packaged photos used as sources"
+          + (f", {real} real pictures" if pictures else "") + ")")
     return 0
 
 

@@ -25,7 +25,8 @@ class CityClassifierOutput(ImageClassifierOutput):
         scores: (batch, num_labels), the original's numbers: combined probabilities, not renormalised,
             or the (tanh(z) + 1) / 2 score.
         tile_scores: (batch, tiles, num_labels), per tile; NaN where `tile_mask` is 0.
-        image_embeds: (batch, tiles, projection_dim), the projected, un-normalised CLIP embeddings.
+        image_embeds: (batch, tiles, features), what the head took per tile: the projected,
+            un-normalised CLIP embeddings, then the fringe measurements when the config has them.
     """
 
     scores: torch.FloatTensor | None = None
@@ -95,6 +96,101 @@ class CityClassifierStem(nn.Module):
     def probe_logits(self, features):
         """(n, C, h, w) stem features -> (n, outputs): a linear probe on their spatial mean and max."""
         return self.probe(torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1))
+
+
+FRINGE_FEATURES = (
+    "fringe_mean",  # |red shift - blue shift| against green, px, averaged over the edge blocks
+    "fringe_max",  # its largest value over the edge blocks
+    "fringe_coherent",  # |the average red-minus-blue vector|: large for a shift of the whole view
+    "red_shift",  # |red shift| against green, averaged
+    "blue_shift",  # |blue shift| against green, averaged
+    "red_gain",  # how much red's correlation with green rises when red is moved back, averaged
+    "blue_gain",  # the same for blue
+    "edge_blocks",  # the share of all blocks with edges enough to measure
+)
+
+
+class CityClassifierFringe(nn.Module):
+    """Colour-fringe measurements of each view, the quantity `fringe_baseline.py` estimates, as
+    features for the head: the view is cut into blocks; in the `blocks` with most green edges, the
+    gradient magnitudes of red and blue are cross-correlated with green's (FFT, Hann-windowed,
+    normalised) over shifts up to `max_shift` px, and the peak, refined to sub-pixel by a parabola,
+    is where red and blue edges sit against green. Returns the (n, len(FRINGE_FEATURES)) float32
+    summaries named in FRINGE_FEATURES. No parameters; not differentiated; float32 whatever the
+    model's dtype."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.block, self.max_shift, self.min_edge = spec["block"], spec["max_shift"], spec["min_edge"]
+        self.measured_blocks = spec["blocks"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values):
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            return self._features(pixel_values.float())
+
+    def _features(self, x):
+        n, _, height, width = x.shape
+        b = max(4, min(self.block, height, width))
+        m = min(self.max_shift, b // 2 - 1)
+        rows, cols = height // b, width // b
+        top, left = (height - rows * b) // 2, (width - cols * b) // 2
+        x = x[..., top : top + rows * b, left : left + cols * b]
+        grad = nn.functional.pad(x[..., :, 2:] - x[..., :, :-2], (1, 1, 0, 0)).abs()  # L1 gradient magnitude
+        grad += nn.functional.pad(x[..., 2:, :] - x[..., :-2, :], (0, 0, 1, 1)).abs()
+        # (n, 3, rows*b, cols*b) -> (n, rows*cols, 3, b, b): one block per row of the middle axis
+        blocks = grad.reshape(n, 3, rows, b, cols, b).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, 3, b, b)
+        edge = blocks[:, :, 1].mean((-1, -2))  # green's mean gradient per block: (n, blocks)
+        edge_share = (edge > self.min_edge).float().mean(1)
+        # Only the blocks with the most edges are correlated: the measurement's cost stays a few ms a view.
+        edge, order = edge.topk(min(self.measured_blocks, rows * cols), dim=1)
+        blocks = blocks.gather(1, order[:, :, None, None, None].expand(-1, -1, 3, b, b))
+        window = torch.hann_window(b, periodic=False, device=x.device, dtype=x.dtype)
+        centred = (blocks - blocks.mean((-1, -2), keepdim=True)) * (window[:, None] * window[None, :])
+        spectra = torch.fft.rfft2(centred)
+        energy = centred.square().sum((-1, -2))  # (n, blocks, 3)
+        shifts = torch.arange(-m, m + 1, device=x.device) % b
+        found = []
+        for channel in (0, 2):  # red, blue against green: c[d] = sum_x channel(x + d) green(x)
+            corr = torch.fft.irfft2(spectra[:, :, channel] * spectra[:, :, 1].conj(), s=(b, b))
+            corr = corr[..., shifts[:, None], shifts[None, :]]  # (n, blocks, 2m+1, 2m+1), centre = no shift
+            corr = corr / (energy[..., channel] * energy[..., 1]).sqrt().clamp_min(1e-12)[..., None, None]
+            found.append(self._peak(corr, m))
+        (red, red_peak, red_zero), (blue, blue_peak, blue_zero) = found
+        weight = ((edge > self.min_edge) & (red_peak > 0.3) & (blue_peak > 0.3)).float()
+        count = weight.sum(1).clamp_min(1)
+        fringe = red - blue  # (n, blocks, 2)
+        length = fringe.norm(dim=-1)
+        features = [
+            (length * weight).sum(1) / count,
+            (length * weight).amax(1),
+            ((fringe * weight[..., None]).sum(1) / count[:, None]).norm(dim=-1),
+            (red.norm(dim=-1) * weight).sum(1) / count,
+            (blue.norm(dim=-1) * weight).sum(1) / count,
+            ((red_peak - red_zero) * weight).sum(1) / count,
+            ((blue_peak - blue_zero) * weight).sum(1) / count,
+            edge_share,
+        ]
+        return torch.stack(features, dim=1)  # (n, len(FRINGE_FEATURES))
+
+    @staticmethod
+    def _peak(corr, m):
+        """(..., 2m+1, 2m+1) correlations -> ((..., 2) sub-pixel (dy, dx) of the peak, its value, the value at 0)."""
+        side = 2 * m + 1
+        flat = corr.flatten(-2)
+        peak, index = flat.max(-1)
+        iy, ix = index // side, index % side
+
+        def refine(i, step):  # a parabola through the peak and its neighbours along one axis
+            inner = (i > 0) & (i < side - 1)
+            left = flat.gather(-1, (index - step * inner.long())[..., None])[..., 0]
+            right = flat.gather(-1, (index + step * inner.long())[..., None])[..., 0]
+            curvature = left - 2 * peak + right
+            offset = torch.where(inner & (curvature < 0), 0.5 * (left - right) / curvature.clamp_max(-1e-12), 0.0)
+            return (i - m).float() + offset
+
+        shift = torch.stack([refine(iy, side), refine(ix, 1)], dim=-1)
+        return shift, peak, corr[..., m, m]
 
 
 def scatter_tiles(values, tile_mask):
@@ -173,13 +269,36 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         self.stem = CityClassifierStem(config.stem, config.num_labels) if config.stem else None
         config.vision_config._attn_implementation = config._attn_implementation  # attn_implementation= reaches CLIP
         self.clip = CLIPVisionModelWithProjection(config.vision_config)
-        self.head = CityClassifierHead(
-            config.vision_config.projection_dim, config.head_hidden_size, config.num_labels, config.head_dropout
-        )
+        self.fringe = CityClassifierFringe(config.fringe_features) if config.fringe_features else None
+        self.head = CityClassifierHead(self.head_inputs(config), config.head_hidden_size, config.num_labels,
+                                       config.head_dropout)
         self.post_init()
 
+    @staticmethod
+    def head_inputs(config):
+        """The head's input size: CLIP's projection, plus the fringe measurements when configured."""
+        return config.vision_config.projection_dim + (len(FRINGE_FEATURES) if config.fringe_features else 0)
+
+    def add_fringe_features(self, spec=None):
+        """Turns on the fringe measurements (`CityClassifierConfig.fringe_features`, default settings
+        when `spec` is None) in a model without them: the head's first layer gets zero weights for
+        the new inputs, so the model scores exactly as before until it is trained."""
+        if self.fringe is not None:
+            return self
+        self.config.fringe_features = type(self.config).fringe_spec(spec if spec is not None else True)
+        self.fringe = CityClassifierFringe(self.config.fringe_features)
+        old = self.head.up[0]
+        new = nn.Linear(self.head_inputs(self.config), old.out_features).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, : old.in_features] = old.weight
+            new.bias.copy_(old.bias)
+        self.head.up[0] = new
+        return self
+
     def get_image_features(self, pixel_values):
-        """(n, 3, H, W) pixels -> (n, projection_dim) projected, un-normalised embeddings, as the original uses."""
+        """(n, 3, H, W) pixels -> (n, features) what the head takes: the projected, un-normalised CLIP
+        embeddings, as the original uses, followed by the fringe measurements when configured."""
         return self._embed(pixel_values)[0]
 
     def embed_tiles(self, pixel_values, tile_mask):
@@ -191,12 +310,17 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         return scatter_tiles(torch.cat([self.get_image_features(chunk) for chunk in chunks]), tile_mask)
 
     def _embed(self, pixel_values, **clip_options):
-        """(embeddings, stem features or None, CLIP's output) of (n, 3, H, W) pixels; `clip_options`
-        (output_hidden_states, output_attentions) go to the CLIP tower."""
+        """(head inputs, stem features or None, CLIP's output) of (n, 3, H, W) pixels: the head's
+        inputs are CLIP's projected embeddings, then the fringe measurements if configured.
+        `clip_options` (output_hidden_states, output_attentions) go to the CLIP tower."""
+        fringe = self.fringe(pixel_values) if self.fringe is not None else None  # float32, on the exact pixels
         pixel_values = pixel_values.to(self.dtype)
         features = self._stem_features(pixel_values) if self.stem is not None else None
         clip = self.clip(pixel_values=features if features is not None else pixel_values, **clip_options)
-        return clip.image_embeds, features, clip
+        embeds = clip.image_embeds
+        if fringe is not None:
+            embeds = torch.cat([embeds, fringe.to(embeds.dtype)], dim=-1)
+        return embeds, features, clip
 
     def _stem_features(self, pixel_values):
         """The stem on (n, 3, H, W) pixels; on a CPU a few views at a time. Its first activations are
@@ -349,6 +473,8 @@ __all__ = [
     "CityClassifierImageClassificationPipeline",
     "CityClassifierOutput",
     "CityClassifierStem",
+    "CityClassifierFringe",
+    "FRINGE_FEATURES",
     "combine_tiles",
     "scatter_tiles",
 ]

@@ -21,6 +21,7 @@ if "cityclassifier" not in sys.modules:
 from cityclassifier.configuration_cityclassifier import CityClassifierConfig  # noqa: E402
 from cityclassifier.image_processing import (  # noqa: E402
     CityClassifierImageProcessor,
+    grid_layout,
     resize_for_tiling,
     resize_like_pil,
     tile_boxes,
@@ -28,7 +29,9 @@ from cityclassifier.image_processing import (  # noqa: E402
     to_rgb,
 )
 from cityclassifier.modeling_cityclassifier import (  # noqa: E402
+    FRINGE_FEATURES,
     CityClassifierForImageClassification,
+    CityClassifierFringe,
     CityClassifierImageClassificationPipeline,
     combine_tiles,
     scatter_tiles,
@@ -41,10 +44,13 @@ CityClassifierImageProcessor.register_for_auto_class("AutoImageProcessor")
 __all__ = [
     "ROOT",
     "CityClassifierConfig",
+    "FRINGE_FEATURES",
     "CityClassifierForImageClassification",
+    "CityClassifierFringe",
     "CityClassifierImageClassificationPipeline",
     "CityClassifierImageProcessor",
     "combine_tiles",
+    "grid_layout",
     "resize_for_tiling",
     "resize_like_pil",
     "scatter_tiles",

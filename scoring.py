@@ -290,7 +290,7 @@ def collate(items):
     grouped = []
     for g in range(len(good[0])):
         tiles = [inputs[g][0] for inputs in good]
-        mask = torch.zeros(len(tiles), good[0][g][1], dtype=torch.long)
+        mask = torch.zeros(len(tiles), max(inputs[g][1] for inputs in good), dtype=torch.long)
         for row, views in zip(mask, tiles):
             row[: len(views)] = 1
         if isinstance(tiles[0], DeviceImage):  # whole images of any size: one tensor each
@@ -328,7 +328,9 @@ def join_batches(parts, device):
             tiles = [image for images in tiles for image in images]
         else:
             tiles = torch.cat([t.to(device, non_blocking=True) for t in tiles])
-        joined.append((tiles, torch.cat([grouped[g][1] for grouped in good])))
+        masks = [grouped[g][1] for grouped in good]
+        slots = max(mask.shape[1] for mask in masks)  # grid tiling: parts may have different slot counts
+        joined.append((tiles, torch.cat([torch.nn.functional.pad(mask, (0, slots - mask.shape[1])) for mask in masks])))
     return metas, joined
 
 
@@ -557,6 +559,7 @@ def load_scoring_model(name, dtype):
 
 def backbone_fingerprint(model):
     digest = hashlib.sha256()
+    digest.update(json.dumps(getattr(model.config, "fringe_features", None), sort_keys=True).encode())
     state = {f"{i}.{name}": tensor for i, module in enumerate(model.backbone_modules())
              for name, tensor in module.state_dict().items()}
     for name, tensor in sorted(state.items()):
@@ -573,13 +576,14 @@ class Scorer:
     `combine` override what each model's processor and config say, for this scorer only.
     """
 
-    def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None, crop="auto"):
+    def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None, crop="auto", tiling_mode=None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.models, self.groups = [], []
         groups = {}
         for name in names:
             model, processor = load_scoring_model(name, self.dtype)
+            processor = processor.with_options(tiling_mode=tiling_mode)
             model.to(self.device).eval()
             key = model_key(name)
             if any(m.key == key for m in self.models):
@@ -622,7 +626,8 @@ class Scorer:
         out = []
         for group in self.groups:
             processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
-            out.append((view_tiles(processor, image, on, self.crop_mode), processor.tile_slots(on)))
+            tiles = view_tiles(processor, image, on, self.crop_mode)
+            out.append((tiles, max(processor.tile_slots(on), len(tiles))))  # grid tiling: may be more than 5
         return out
 
     def work_pixels(self, width, height, tiling=None):
@@ -638,7 +643,7 @@ class Scorer:
             processor = group[0].processor
             crop, limit = processor.size["shortest_edge"], processor.tile_resize_limit
             if processor.is_tiled(width, height, tiling=group[0].tiling):
-                if max(width, height) <= limit:
+                if max(width, height) <= limit or processor.tiling_mode == "grid":
                     return None
                 needs.append(limit)  # resized to this short side before tiling
             else:

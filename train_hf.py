@@ -98,6 +98,11 @@ class ModelArguments:
         default=None, metadata={"help": "Comma-separated loss weight per label id (the original CA model: '1.0,0.5')."}
     )
     tile_combine: str = field(default="mean", metadata={"help": "mean, median, max or min."})
+    fringe_features: bool = field(
+        default=False,
+        metadata={"help": "Give the head measurements of how far red and blue edges sit from green ones in each "
+                          "view, beside CLIP's embedding (config.fringe_features). A CityClassifier without them "
+                          "gets them with zero weights, so training starts from its exact scores."})
 
 
 def parse_args(argv=None):
@@ -303,7 +308,7 @@ def build_model(model_args, label_ids, label_names):
     else:
         labels = {}
     head = {"arch": model_args.arch, "head_hidden_size": model_args.head_hidden_size,
-            "tile_combine": model_args.tile_combine, **labels}
+            "tile_combine": model_args.tile_combine, "fringe_features": model_args.fringe_features or None, **labels}
 
     if model_args.vision_config:
         vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
@@ -333,6 +338,8 @@ def build_model(model_args, label_ids, label_names):
             raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, "
                              f"the data {num_labels}")
         processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
+        if model_args.fringe_features:
+            model.add_fringe_features()
         return model, processor, bool(model_args.train_backbone)
     model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
     return model, processor, bool(model_args.train_backbone)

@@ -202,6 +202,22 @@ def test_full_mode_with_a_convolutional_stem(synthetic, tmp_path):
     assert json.loads((out / "preprocessor_config.json").read_text())["crop_size"]["height"] == 30
 
 
+def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, converted, tmp_path):
+    """The shipped model's stage 4: a CityClassifier fine-tuned with --fringe_features gets them,
+    its head learns weights for them, and the folder scores through the pipeline."""
+    from remote_code import FRINGE_FEATURES, CityClassifierForImageClassification
+
+    out = train(tmp_path, synthetic, "--model_name_or_path", str(converted["ca"]), "--train_backbone", "true",
+                "--fringe_features", "true", "--learning_rate", "0.01")
+    check_trained_folder(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["fringe_features"] == {"block": 48, "max_shift": 3, "min_edge": 0.02, "blocks": 12}
+    model = CityClassifierForImageClassification.from_pretrained(out)
+    projection = model.config.vision_config.projection_dim
+    assert model.head.up[0].in_features == projection + len(FRINGE_FEATURES)
+    assert model.head.up[0].weight[:, projection:].abs().sum() > 0  # trained away from the zero start
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
     import train_hf
