@@ -260,9 +260,47 @@ def test_transparent_pictures_are_composited_before_the_effect(tmp_path):
 def test_benchmark_derives_size_and_clean_family_columns():
     import benchmark
 
-    rows = [benchmark.derive_columns({"width": "2560", "height": "1600", "effect": "clean", "family": "photo"}),
-            benchmark.derive_columns({"width": "300", "height": "200", "effect": "shift", "family": "photo"}),
-            benchmark.derive_columns({"label": 0})]
+    rows = [benchmark.derive_columns({"width": "2560", "height": "1600", "effect": "clean", "family": "photo",
+                                      "strength": "0.0"}),
+            benchmark.derive_columns({"width": "300", "height": "200", "effect": "shift", "family": "photo",
+                                      "strength": "2.0"}),
+            benchmark.derive_columns({"label": 0}),
+            benchmark.derive_columns({"width": "4000", "height": "3000", "effect": "shift", "strength": "1.5"})]
     assert rows[0]["megapixels"] == "4 MP and more" and rows[0]["clean family"] == "photo"
+    assert "strength, 4 MP and more" not in rows[0]
     assert rows[1]["megapixels"] == "under 1 MP" and "clean family" not in rows[1]
+    assert "strength, 4 MP and more" not in rows[1]
     assert "megapixels" not in rows[2]
+    assert rows[3]["strength, 4 MP and more"] == "1.5" and rows[3]["megapixels"] == "4 MP and more"
+
+
+def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
+    import benchmark
+    import make_synthetic_data as m
+
+    data = tmp_path / "data" / "test"
+    rng = np.random.default_rng(0)
+    rows = ["file_name,effect,strength,family,width,height"]
+    for i in range(8):
+        image = make_image(130 + 10 * i, 125, seed=i)
+        effect, strength = ("shift", 3.0) if i % 2 else ("clean", 0.0)
+        if effect == "shift":
+            image = m.channel_shift(image, rng, strength)
+        folder = f"{i % 2}_{effect}"
+        (data / folder).mkdir(parents=True, exist_ok=True)
+        image.save(data / folder / f"{i}.png")
+        rows.append(f"{folder}/{i}.png,{effect},{strength},{'photo' if i < 4 else 'pixel art'},{image.width},125")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    assert benchmark.main(["--model", str(converted["ca"]), "--dataset", str(tmp_path / "data"), "--split", "test",
+                           "--out", str(out), "--workers", "0", "--passes", "tiling,grid", "--no-baseline"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"ca tiling-mean", "ca grid-mean", "ca grid-max"} <= set(metrics["models"])
+    assert "ca no-tiling" not in metrics["models"]
+    assert metrics["models"]["ca grid-mean"]["headline"] and metrics["models"]["ca tiling-mean"]["headline"]
+    assert not metrics["models"]["ca grid-max"]["headline"]
+    by_family = metrics["models"]["ca grid-mean"]["by"]["family"]
+    assert by_family["photo"]["n"] == 4 and "roc_auc" in by_family["photo"]
+    report = (out / "report.md").read_text()
+    assert "## ROC AUC by family" in report and "## By clean family" in report
+    assert "| photo | 4 | 2 |" in report
