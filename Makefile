@@ -41,4 +41,4 @@ $(COMPAT)/.installed: Makefile requirements-model.txt
 
 # The model, processor, pipeline and conversion tests on the oldest supported transformers.
 test-compat: $(COMPAT)/.installed
-	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q tests/test_core.py tests/test_convert.py
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q tests/test_core.py tests/test_convert.py tests/test_fringe_and_grid.py

@@ -480,7 +480,8 @@ def crop_mode(device, processors, requested="auto"):
         raise ValueError(f"crop mode must be auto, workers or device, got {requested!r}")
     if requested == "device":
         if not all(processor.device_views_supported() for processor in processors):
-            raise ValueError("cropping on the device needs BILINEAR or BICUBIC resampling and crop <= size")
+            raise ValueError("cropping on the device needs BILINEAR or BICUBIC resampling, crop <= size and the "
+                             "five-crop tiling (not --tiling-mode grid)")
         return "device"
     return "uint8" if device.type == "cuda" else "normalised"
 

@@ -10,6 +10,9 @@ timed. Writes JSON and prints a Markdown table.
   python bench/bench_classify.py                          # writes bench/results.local.json
   python bench/bench_classify.py --vit-l-images 8         # adds a ViT-L/14-336-sized random backbone
   python bench/bench_classify.py --out bench/results.json # the README's figures
+  python bench/bench_classify.py --compare runs/default_model_stage3 --large-images 12
+      # also: classify.py with another model on the same images (the speed ratio of a new default
+      # model), and 4000x3000 pictures scored with five crops and with grid tiling (crops per MP)
 """
 
 import argparse
@@ -58,6 +61,39 @@ def make_images(folder, count, seed):
         image.save(path, compress_level=1)
         files.append(str(path))
     return files
+
+
+def make_large_images(folder, count, seed, size=(4000, 3000)):
+    """Drawn illustrations (12 megapixels by default), half with a 1.5 px shift: where grid tiling matters."""
+    import numpy as np
+
+    from make_synthetic_data import channel_shift, draw_illustration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(count):
+        image = draw_illustration(rng, *size)
+        image = channel_shift(image, rng, 1.5) if i % 2 else image
+        path = folder / f"large-{i:04d}.png"
+        image.save(path, compress_level=1)
+        files.append(str(path))
+    return files
+
+
+def crops_per_megapixel(model, files, mode):
+    """Views per megapixel that `mode` tiling cuts from these files (their sizes only)."""
+    from PIL import Image
+
+    from remote_code import CityClassifierImageProcessor
+
+    processor = CityClassifierImageProcessor.from_pretrained(model).with_options(tiling_mode=mode)
+    views = pixels = 0
+    for path in files:
+        with Image.open(path) as image:
+            views += len(processor.views(image))
+            pixels += image.width * image.height
+    return views / (pixels / 1e6)
 
 
 WRAPPER = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
@@ -143,15 +179,33 @@ def main():
                         help="JSON to write (default: bench/results.local.json, not committed; the README's "
                              "figures are in bench/results.json)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", help="another model folder run on the same images (e.g. the previous default "
+                                          "model): classify.py's img/s with --model relative to it is reported")
+    parser.add_argument("--large-images", type=int, default=0,
+                        help="large images scored with five crops and with --tiling-mode grid (0: skip)")
+    parser.add_argument("--large-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=(4000, 3000),
+                        help="their size, WxH (default: 4000x3000)")
     args = parser.parse_args()
+    extras = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_images(tmp / "images", args.images, args.seed)
         runs = [bench(args.model, files, tmp, "default", repeat=args.repeat)]
+        if args.compare:
+            runs.append(bench(args.compare, files, tmp, "compare", repeat=args.repeat))
+            extras["classify_vs_compare"] = runs[0]["classify"]["images_per_s"] / runs[1]["classify"]["images_per_s"]
+        if args.large_images:
+            large = make_large_images(tmp / "large", args.large_images, args.seed, args.large_size)
+            for mode in ("five", "grid"):
+                run = bench(args.model, large, tmp, f"large-{mode}", ("--tiling-mode", mode), repeat=args.repeat)
+                run["crops_per_megapixel"] = crops_per_megapixel(args.model, large, mode)
+                runs.append(run)
+            five, grid = runs[-2]["classify"]["images_per_s"], runs[-1]["classify"]["images_per_s"]
+            extras["grid_vs_five_img_per_s"] = grid / five
         if args.vit_l_images:
             runs.append(bench(vit_l_model(tmp / "vit-l"), files[: args.vit_l_images], tmp, "vit-l-14-336",
                               repeat=args.repeat))
-    report = {"machine": machine(), "runs": runs, "date": time.strftime("%Y-%m-%d")}
+    report = {"machine": machine(), "runs": runs, "date": time.strftime("%Y-%m-%d"), **extras}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['machine']['processor']}, {report['machine']['cpus']} cores, "
@@ -162,6 +216,11 @@ def main():
         print(f"| {r['model']} | {r['images']} | {r['baseline']['images_per_s']:.2f} | "
               f"{r['classify']['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['baseline']['peak_rss_mb']:.0f} MB | "
               f"{r['classify']['peak_rss_mb']:.0f} MB |")
+    for r in runs:
+        if "crops_per_megapixel" in r:
+            print(f"{r['model']}: {r['crops_per_megapixel']:.2f} crops per megapixel")
+    for name, value in extras.items():
+        print(f"{name}: {value:.2f}x")
     print(f"wrote {args.out}")
 
 

@@ -26,3 +26,23 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
+
+
+def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
+    """bench/bench_classify.py, tiny: a second model on the same images, and large pictures scored
+    with five crops and with grid tiling, whose crops per megapixel follow from their size."""
+    out = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(converted["ca"]),
+                           "--compare", str(converted["compression"]), "--images", "4", "--repeat", "1",
+                           "--large-images", "2", "--large-size", "300x200", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {run["model"]: run for run in report["runs"]}
+    assert set(runs) == {"default", "compare", "large-five", "large-grid"}
+    assert runs["large-grid"]["classify"]["args"] == ["--tiling-mode", "grid"]
+    megapixels = 300 * 200 / 1e6  # the tiny model's tiles are 60 px: 5 x 4 grid tiles, or 5 crops
+    assert abs(runs["large-grid"]["crops_per_megapixel"] - 20 / megapixels) < 1e-6
+    assert abs(runs["large-five"]["crops_per_megapixel"] - 5 / megapixels) < 1e-6
+    assert report["classify_vs_compare"] > 0 and report["grid_vs_five_img_per_s"] > 0
+    assert report["machine"]["processor"]
