@@ -118,8 +118,9 @@ MEGAPIXEL_BUCKETS = ((1.0, "under 1 MP"), (4.0, "1-4 MP"), (float("inf"), "4 MP 
 
 def derive_columns(record):
     """Adds breakdowns made of metadata columns: `megapixels` (a size bucket, from width and height),
-    `clean family` (the picture family of clean images only: their false-positive rate per family)
-    and `strength, 4 MP and more` (the aberration strength of the largest pictures only)."""
+    `clean family` (the picture family of clean images only: their false-positive rate per family),
+    `shift strength` (the strength of plain channel shifts only) and `strength, 4 MP and more` (the
+    aberration strength of the largest pictures only)."""
     try:
         pixels = float(record["width"]) * float(record["height"]) / 1e6
         record["megapixels"] = next(name for limit, name in MEGAPIXEL_BUCKETS if pixels < limit)
@@ -127,6 +128,8 @@ def derive_columns(record):
         pass
     if record.get("effect") == "clean" and record.get("family"):
         record["clean family"] = record["family"]
+    if record.get("effect") == "shift" and record.get("strength") not in (None, ""):
+        record["shift strength"] = record["strength"]  # the plain channel shift alone, by strength
     if record.get("megapixels") == MEGAPIXEL_BUCKETS[-1][1] and record.get("strength") not in (None, "", "0.0"):
         record["strength, 4 MP and more"] = record["strength"]  # where the 1536 px rule shrinks fringes most
     return record
@@ -257,6 +260,19 @@ def breakdown(records, scores, labels, threshold, column):
             row["roc_auc"] = float(roc_auc_score(y, scores[idx, 1]))
         rows[value] = row
     return rows
+
+
+def write_scores(path, records, headline):
+    """scores.csv: per image, its path, label and metadata, and each headline variant's positive score,
+    for breakdowns the report does not make."""
+    columns = sorted({k for r in records for k in r if k not in ("path", "image", "label")})
+    names = [name for name, r in headline.items() if r["binary"]]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *columns, *names])
+        for i, record in enumerate(records):
+            writer.writerow([record.get("path", f"row {i}"), record["label"], *(record.get(c, "") for c in columns),
+                             *(f"{headline[name]['scores'][i, 1]:.6f}" for name in names)])
 
 
 def _sort_key(value):
@@ -393,7 +409,7 @@ def report_md(results, args, n, written):
                      f"{fmt(m.get('false_positive_rate'))} | {fmt(m.get('ece'))} | {target} |")
     headline = [name for name, r in results.items() if r["headline"]]
     for column in sorted({c for r in results.values() for c in r["by"]}):
-        values = results[headline[0]]["by"][column]
+        values = {value: row for value, row in results[headline[0]]["by"][column].items() if value != "None"}
         if not any("roc_auc" in row for row in values.values()):
             continue
         lines += ["", f"## ROC AUC by {column}", "",
@@ -466,6 +482,7 @@ def main(argv=None):
                "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"]}
                           for name, r in results.items()}}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_scores(args.out / "scores.csv", records, headline)
     (args.out / "report.md").write_text(report_md(results, args, len(records), written))
     if args.update_card:
         update_card(args.update_card, summary, args.force)

@@ -1,6 +1,7 @@
 """Issue #14's tools: scoring and classify.py with fringe models and grid tiling, real pictures in
 the generator (split by source), and the benchmark's per-family breakdowns and passes."""
 
+import csv
 import json
 
 import numpy as np
@@ -152,4 +153,10 @@ def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
     assert by_family["photo"]["n"] == 4 and "roc_auc" in by_family["photo"]
     report = (out / "report.md").read_text()
     assert "## ROC AUC by family" in report and "## By clean family" in report
+    assert "## ROC AUC by clean family" not in report  # clean images only: no positives, no ROC AUC
+    assert "## By shift strength" in report
+    with open(out / "scores.csv", newline="") as f:
+        scored = list(csv.DictReader(f))
+    assert len(scored) == 8 and {"ca tiling-mean", "ca grid-mean", "family", "label"} <= set(scored[0])
+    assert {row["label"] for row in scored} == {"0", "1"}
     assert "| photo | 4 | 2 |" in report

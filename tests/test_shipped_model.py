@@ -38,8 +38,9 @@ def test_shipped_model_ranks_an_aberrated_image_above_its_clean_original():
 
 
 def test_documented_training_configs_rebuild_the_shipped_architecture():
-    """configs/default_model.json builds a model with the shipped weights' shapes and labels, and each
-    later stage fine-tunes the previous stage's output, backbone unfrozen, on images of its own."""
+    """configs/default_model.json builds a model that, with the fringe measurements stage 4 adds,
+    has the shipped weights' shapes and labels, and each later stage fine-tunes the previous stage's
+    output, backbone unfrozen, on images of its own."""
     import safetensors.torch
 
     import train_hf
@@ -48,19 +49,23 @@ def test_documented_training_configs_rebuild_the_shipped_architecture():
     names = data.class_names.split(",")
     model, processor, train_backbone = train_hf.build_model(model_args, [0, 1], names)
     assert train_backbone
+    assert not model_args.fringe_features
+    model.add_fringe_features()  # what stage 4 (--fringe_features) does to stage 3's model
     shipped = safetensors.torch.load_file(str(REPO / "model.safetensors"))
     built = model.state_dict()
     assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in shipped.items()}
     shipped_config = json.loads((REPO / "config.json").read_text())
     assert shipped_config["id2label"] == {"0": names[0], "1": names[1]}
     assert shipped_config["stem"] == model.config.stem
+    assert shipped_config["fringe_features"] == model.config.fringe_features
     assert json.loads((REPO / "preprocessor_config.json").read_text())["crop_size"] == processor.crop_size
 
     datasets = [data.dataset_name]
-    for stage in ("default_model_stage2.json", "default_model_stage3.json"):
+    for stage in ("default_model_stage2.json", "default_model_stage3.json", "default_model_stage4.json"):
         stage_data, stage_model, stage_training = train_hf.parse_args([str(REPO / "configs" / stage)])
         assert stage_model.model_name_or_path == training.output_dir  # starts from the previous stage
         assert stage_model.train_backbone is True
         assert stage_data.dataset_name not in datasets  # fresh images, not another pass over the same ones
         datasets.append(stage_data.dataset_name)
+        assert stage_model.fringe_features == (stage == "default_model_stage4.json")
         training = stage_training
