@@ -297,6 +297,8 @@ def plots(out, results, labels, records, threshold):
                ("histograms.png", histogram_plot)]
     if any("strength" in r for r in records):
         figures.append(("strength.png", strength_plot))
+    if any("family" in r for r in records):
+        figures.append(("families.png", family_plot))
     for name, draw in figures:
         save_figure(draw(headline, labels, threshold), out / name)
     return [name for name, _ in figures]
@@ -387,6 +389,28 @@ def strength_plot(headline, labels, threshold):
     ax.set(xlabel="aberration strength (px)", ylabel=f"detected (score >= {threshold})", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def family_plot(headline, labels, threshold):
+    """ROC AUC per picture family, one bar per headline model."""
+    import matplotlib.pyplot as plt
+
+    families = sorted({f for r in headline.values() for f, row in r["by"].get("family", {}).items()
+                       if "roc_auc" in row})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(families) + 2) + 3, 4))
+    width = 0.8 / max(1, len(headline))
+    for i, (name, r) in enumerate(headline.items()):
+        rows = r["by"].get("family", {})
+        ax.bar([j + i * width for j in range(len(families))], [rows.get(f, {}).get("roc_auc", 0) for f in families],
+               width, label=name)
+    ax.set_xticks([j + width * (len(headline) - 1) / 2 for j in range(len(families))], families)
+    low = min([row["roc_auc"] for r in headline.values() for row in r["by"].get("family", {}).values()
+               if "roc_auc" in row] or [0.5])
+    ax.set(ylabel="ROC AUC", ylim=(max(0.0, low - 0.05), 1.0), title="ROC AUC by picture family")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
+    fig.tight_layout()
     return fig
 
 

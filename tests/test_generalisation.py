@@ -153,6 +153,7 @@ def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
     assert by_family["photo"]["n"] == 4 and "roc_auc" in by_family["photo"]
     report = (out / "report.md").read_text()
     assert "## ROC AUC by family" in report and "## By clean family" in report
+    assert (out / "families.png").is_file()
     assert "## ROC AUC by clean family" not in report  # clean images only: no positives, no ROC AUC
     assert "## By shift strength" in report
     with open(out / "scores.csv", newline="") as f:
