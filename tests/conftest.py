@@ -99,3 +99,25 @@ def make_image(width, height, seed=0, mode="RGB"):
     base = np.stack([x / max(width, 1), y / max(height, 1), (x + y) / max(width + height, 1)], -1) * 200
     pixels = np.clip(base + rng.integers(0, 56, (height, width, 3)), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+def write_benchmark_split(split, count=8, size=(90, 80), step=10, family=None):
+    """A labelled split folder for benchmark.py: `count` images of growing width, odd ones shifted by
+    3 px (`1_shift/`), even ones clean (`0_clean/`), and a metadata.csv with effect and strength (and
+    family, width and height when `family(i)` names each image's family)."""
+    import make_synthetic_data as m
+
+    rng = np.random.default_rng(0)
+    header = "file_name,effect,strength" + (",family,width,height" if family else "")
+    rows = [header]
+    for i in range(count):
+        image = make_image(size[0] + step * i, size[1], seed=i)
+        effect, strength = ("shift", 3.0) if i % 2 else ("clean", 0.0)
+        if effect == "shift":
+            image = m.channel_shift(image, rng, strength)
+        folder = f"{i % 2}_{effect}"
+        (split / folder).mkdir(parents=True, exist_ok=True)
+        image.save(split / folder / f"{i}.png")
+        extra = f",{family(i)},{image.width},{image.height}" if family else ""
+        rows.append(f"{folder}/{i}.png,{effect},{strength}{extra}")
+    (split / "metadata.csv").write_text("\n".join(rows) + "\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image
+from conftest import write_benchmark_split
 
 
 def test_baseline_scores_a_shifted_image_above_its_clean_original():
@@ -25,21 +25,9 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
     from huggingface_hub import ModelCard
 
     import benchmark
-    import make_synthetic_data as m
 
     data = tmp_path / "data" / "test"
-    rng = np.random.default_rng(0)
-    rows = ["file_name,effect,strength"]
-    for i in range(8):
-        image = make_image(90 + 10 * i, 80, seed=i)
-        effect, strength = ("shift", 3.0) if i % 2 else ("clean", 0.0)
-        if effect == "shift":
-            image = m.channel_shift(image, rng, strength)
-        folder = f"{i % 2}_{effect}"
-        (data / folder).mkdir(parents=True, exist_ok=True)
-        image.save(data / folder / f"{i}.png")
-        rows.append(f"{folder}/{i}.png,{effect},{strength}")
-    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    write_benchmark_split(data)
     (data / "1_shift" / "broken.png").write_bytes(b"not a png")  # reported and left out, not fatal
     card_dir = tmp_path / "card"
     shutil.copytree(converted["ca"], card_dir)
@@ -59,7 +47,7 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
     assert head["headline"] is True
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "ece", "threshold_at_target_precision"):
         assert key in head["metrics"]
-    assert set(head["by"]) == {"effect", "strength"} and head["by"]["effect"]["shift"]["n"] == 4
+    assert set(head["by"]) == {"effect", "strength", "shift strength"} and head["by"]["effect"]["shift"]["n"] == 4
     card = ModelCard.load(card_dir / "README.md")
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["roc_auc"] == round(head["metrics"]["roc_auc"], 4)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from conftest import make_image, write_benchmark_split
 from PIL import Image
 
 
@@ -126,21 +126,9 @@ def test_benchmark_derives_size_and_clean_family_columns():
 
 def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
     import benchmark
-    import make_synthetic_data as m
 
-    data = tmp_path / "data" / "test"
-    rng = np.random.default_rng(0)
-    rows = ["file_name,effect,strength,family,width,height"]
-    for i in range(8):
-        image = make_image(130 + 10 * i, 125, seed=i)
-        effect, strength = ("shift", 3.0) if i % 2 else ("clean", 0.0)
-        if effect == "shift":
-            image = m.channel_shift(image, rng, strength)
-        folder = f"{i % 2}_{effect}"
-        (data / folder).mkdir(parents=True, exist_ok=True)
-        image.save(data / folder / f"{i}.png")
-        rows.append(f"{folder}/{i}.png,{effect},{strength},{'photo' if i < 4 else 'pixel art'},{image.width},125")
-    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    write_benchmark_split(tmp_path / "data" / "test", size=(130, 125),
+                          family=lambda i: "photo" if i < 4 else "pixel art")
     out = tmp_path / "report"
     assert benchmark.main(["--model", str(converted["ca"]), "--dataset", str(tmp_path / "data"), "--split", "test",
                            "--out", str(out), "--workers", "0", "--passes", "tiling,grid", "--no-baseline"]) == 0
