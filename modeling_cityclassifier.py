@@ -127,7 +127,12 @@ class CityClassifierFringe(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values):
         with torch.autocast(pixel_values.device.type, enabled=False):
-            return self._features(pixel_values.float())
+            if pixel_values.device.type != "cpu":
+                return self._features(pixel_values.float())
+            # On a CPU a few views at a time, as the stem (see _stem_features): a batch's temporaries
+            # would be blocks that glibc takes fresh from the kernel on every call.
+            chunk = max(1, STEM_CHUNK_BYTES // (4 * pixel_values[0].numel()))
+            return torch.cat([self._features(views.float()) for views in pixel_values.split(chunk)])
 
     def _features(self, x):
         n, _, height, width = x.shape
@@ -136,15 +141,16 @@ class CityClassifierFringe(nn.Module):
         rows, cols = height // b, width // b
         top, left = (height - rows * b) // 2, (width - cols * b) // 2
         x = x[..., top : top + rows * b, left : left + cols * b]
-        grad = nn.functional.pad(x[..., :, 2:] - x[..., :, :-2], (1, 1, 0, 0)).abs()  # L1 gradient magnitude
-        grad += nn.functional.pad(x[..., 2:, :] - x[..., :-2, :], (0, 0, 1, 1)).abs()
-        # (n, 3, rows*b, cols*b) -> (n, rows*cols, 3, b, b): one block per row of the middle axis
-        blocks = grad.reshape(n, 3, rows, b, cols, b).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, 3, b, b)
-        edge = blocks[:, :, 1].mean((-1, -2))  # green's mean gradient per block: (n, blocks)
+        grad = x.new_zeros(n, 3, rows * b, cols * b)  # L1 gradient magnitude, central differences, 0 at the edges
+        grad[..., :, 1:-1] = (x[..., :, 2:] - x[..., :, :-2]).abs_()
+        grad[..., 1:-1, :] += (x[..., 2:, :] - x[..., :-2, :]).abs_()
+        edge = nn.functional.avg_pool2d(grad[:, 1:2], b).flatten(1)  # green's mean gradient per block, row-major
         edge_share = (edge > self.min_edge).float().mean(1)
         # Only the blocks with the most edges are correlated: the measurement's cost stays a few ms a view.
         edge, order = edge.topk(min(self.measured_blocks, rows * cols), dim=1)
-        blocks = blocks.gather(1, order[:, :, None, None, None].expand(-1, -1, 3, b, b))
+        # (n, 3, rows*b, cols*b) viewed as (n, rows, cols, 3, b, b): the chosen blocks, (n, k, 3, b, b)
+        grid = grad.view(n, 3, rows, b, cols, b).permute(0, 2, 4, 1, 3, 5)
+        blocks = grid[torch.arange(n, device=x.device)[:, None], order // cols, order % cols]
         window = torch.hann_window(b, periodic=False, device=x.device, dtype=x.dtype)
         centred = (blocks - blocks.mean((-1, -2), keepdim=True)) * (window[:, None] * window[None, :])
         spectra = torch.fft.rfft2(centred)
