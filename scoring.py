@@ -573,8 +573,9 @@ class Scorer:
     """Scores images with one or more CityClassifier models.
 
     Models whose backbone weights and preprocessing are identical form a group that runs the
-    backbone once per tile; each model's head then reads the shared embeddings. `tiling` and
-    `combine` override what each model's processor and config say, for this scorer only.
+    backbone once per tile; each model's head then reads the shared embeddings. `tiling`,
+    `tiling_mode` and `combine` override what each model's processor and config say, for this
+    scorer only.
     """
 
     def __init__(self, names, device="auto", dtype="auto", tiling=None, combine=None, crop="auto", tiling_mode=None):
