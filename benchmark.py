@@ -243,12 +243,14 @@ def classification_metrics(scores, labels, threshold, target_precision):
 
 
 def breakdown(records, scores, labels, threshold, column):
-    """Per value of a metadata column: count, share flagged positive, accuracy (and ROC AUC)."""
+    """Per value of a metadata column: count, share flagged positive, accuracy (and ROC AUC). Images
+    without the column (e.g. `clean family` of aberrated ones) are in no row."""
     from sklearn.metrics import roc_auc_score
 
     groups = {}
     for i, record in enumerate(records):
-        groups.setdefault(str(record.get(column)), []).append(i)
+        if column in record:
+            groups.setdefault(str(record[column]), []).append(i)
     flagged = scores[:, 1] >= threshold
     rows = {}
     for value, idx in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
@@ -433,7 +435,7 @@ def report_md(results, args, n, written):
                      f"{fmt(m.get('false_positive_rate'))} | {fmt(m.get('ece'))} | {target} |")
     headline = [name for name, r in results.items() if r["headline"]]
     for column in sorted({c for r in results.values() for c in r["by"]}):
-        values = {value: row for value, row in results[headline[0]]["by"][column].items() if value != "None"}
+        values = results[headline[0]]["by"][column]
         if not any("roc_auc" in row for row in values.values()):
             continue
         lines += ["", f"## ROC AUC by {column}", "",
@@ -449,8 +451,6 @@ def report_md(results, args, n, written):
                   "| --- | --- | --- | " + " | ".join("---" for _ in headline) + " |"]
         values = results[headline[0]]["by"][column]
         for value, row in values.items():
-            if value == "None":  # images without this column (e.g. `clean family` of non-clean images)
-                continue
             label = "1" if row["positives"] == row["n"] else "0" if row["positives"] == 0 else "mixed"
             cells = " | ".join(f"{results[h]['by'][column][value]['flagged']:.3f}" for h in headline)
             lines.append(f"| {value} | {label} | {row['n']} | {cells} |")

@@ -83,6 +83,7 @@ DEBIAN_RULES = (
     ("pingus-data", r"/images/(textures|story)/", "drawn"),
 )
 MIN_PICTURE_SIDE = 128  # smaller files are icons and sprites
+SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
 
 
 def picture_group(path):
@@ -124,13 +125,18 @@ def real_pictures(install=False):
     return found
 
 
+def has_alpha(image):
+    """Whether a PIL image has transparency (an alpha channel or a transparent palette entry)."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
 def usable_picture(path):
     """At least MIN_PICTURE_SIDE on both sides, and not mostly transparent."""
     try:
         with Image.open(path) as image:
             if min(image.size) < MIN_PICTURE_SIDE:
                 return False
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            if has_alpha(image):
                 alpha = np.asarray(image.convert("RGBA").getchannel("A"))
                 return (alpha > 128).mean() > 0.2
             return True
@@ -334,7 +340,7 @@ def load_picture(rng, path, backgrounds):
     another picture of `backgrounds`, as a user's image would look."""
     with Image.open(path) as image:
         image.load()
-        transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        transparent = has_alpha(image)
         image = image.convert("RGBA") if transparent else image.convert("RGB")
     if rng.random() < 0.5:
         factor = max(rng.uniform(0.35, 1.0), MIN_PICTURE_SIDE / min(image.size))
@@ -412,7 +418,7 @@ def pick_pictures(planned, split, seed, pictures, real_fraction):
     """Per planned (seed, effect): (picture path, family) or (None, None) for a generated image. A
     real picture is taken with probability `real_fraction` (never for sketches and red/cyan edges,
     which are drawn): first a family, uniformly, then one of its pictures in this split."""
-    rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split], 7])
+    rng = np.random.default_rng([seed, SPLIT_INDEX[split], 7])
     families = sorted(pictures)
     chosen = []
     for _, effect in planned:
@@ -427,7 +433,7 @@ def pick_pictures(planned, split, seed, pictures, real_fraction):
 
 def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
     """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
-    rng = np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split]])
+    rng = np.random.default_rng([seed, SPLIT_INDEX[split]])
     jobs = []
     for _ in range(count):
         if rng.random() < positive_fraction:
@@ -497,7 +503,7 @@ def main(argv=None):
             chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
                       else [(None, None)] * len(planned))
             backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
-            pick = np.random.default_rng([args.seed, len(jobs), 11])
+            pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
             for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
                 label = 1 if effect in POSITIVES else 0
                 path = folder / f"{label}_{effect}" / f"{i:06d}.png"

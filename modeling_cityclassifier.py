@@ -11,7 +11,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_cityclassifier import CityClassifierConfig
 
-STEM_CHUNK_BYTES = 16 * 2**20  # see CityClassifierForImageClassification._stem_features
+CPU_CHUNK_BYTES = 16 * 2**20  # stem and fringe measurements: see CityClassifierForImageClassification._stem_features
 
 
 @dataclass
@@ -131,7 +131,7 @@ class CityClassifierFringe(nn.Module):
                 return self._features(pixel_values.float())
             # On a CPU a few views at a time, as the stem (see _stem_features): a batch's temporaries
             # would be blocks that glibc takes fresh from the kernel on every call.
-            chunk = max(1, STEM_CHUNK_BYTES // (4 * pixel_values[0].numel()))
+            chunk = max(1, CPU_CHUNK_BYTES // (4 * pixel_values[0].numel()))
             return torch.cat([self._features(views.float()) for views in pixel_values.split(chunk)])
 
     def _features(self, x):
@@ -338,7 +338,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         stem = self.config.stem
         view_bytes = (stem["channels"][0] * pixel_values[0, 0].numel() * pixel_values.element_size()
                       // stem["strides"][0] ** 2)
-        chunk = max(1, STEM_CHUNK_BYTES // max(1, view_bytes))
+        chunk = max(1, CPU_CHUNK_BYTES // max(1, view_bytes))
         return torch.cat([self.stem(views) for views in pixel_values.split(chunk)])
 
     def backbone_modules(self):
