@@ -51,7 +51,9 @@ def parse_args(argv=None):
                              "no-tiling, grid (grid tiling at native resolution, each strategy) "
                              "(default: tiling,no-tiling)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: as classify.py: half the cores on a CPU, the model's "
+                             "threads get the rest; cores - 1 feeding a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
                         help="model dtype (default: float32, the reference numbers)")
@@ -168,10 +170,14 @@ def model_scores(name, records, args):
     from tqdm import tqdm
 
     from remote_code import combine_tiles
-    from scoring import Scorer
+    from scoring import Scorer, default_workers, model_threads
 
     scorer = Scorer([name], device=args.device, dtype=args.dtype)
     model = scorer.models[0].model
+    if args.workers is None:
+        args.workers = default_workers(scorer.device)
+    if scorer.device.type == "cpu":
+        torch.set_num_threads(model_threads(model.num_parameters(), args.workers))
     tiles_ok = model.config.arch == "class"  # score models never tile
     default = f"tiling-{scorer.models[0].combine}" if scorer.models[0].tiling and tiles_ok else "no-tiling"
     results, failed = {}, {}
@@ -210,10 +216,10 @@ def baseline_job(record):
     return [p["Pass"], p["Chromatic Aberration"]]
 
 
-def baseline_scores(records, workers):
+def baseline_scores(records, processes):
     from tqdm import tqdm
 
-    with Pool(max(1, workers)) as pool:
+    with Pool(processes) as pool:
         rows = list(tqdm(pool.imap(baseline_job, records, chunksize=4), total=len(records), desc=BASELINE,
                          unit="img"))
     return np.array(rows)
@@ -483,7 +489,8 @@ def main(argv=None):
             results[f"{key} {variant}"] = {"scores": scores, "binary": scores.shape[1] == 2,
                                            "headline": variant in (default, grid)}
     if not args.no_baseline and all(r["binary"] for r in results.values()):
-        results[BASELINE] = {"scores": baseline_scores(records, args.workers), "binary": True, "headline": True}
+        results[BASELINE] = {"scores": baseline_scores(records, os.cpu_count() or 1), "binary": True,
+                             "headline": True}
     metadata_columns = sorted(c for c in {k for r in records for k in r if k not in ("path", "image", "label")}
                               if len({str(r.get(c)) for r in records}) <= MAX_BREAKDOWN_VALUES)
     for r in results.values():

@@ -89,8 +89,8 @@ def parse_args(argv=None):
                         help="images per batch (default: 8 on a CPU; on a GPU as many as fit in half its free memory "
                              "by an estimate from the model, 8 to 64)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding processes (default: min(4, cores) on a CPU, cores - 1 feeding a GPU); 0 decodes "
-                             "in the main process")
+                        help="decoding processes (default: half the cores on a CPU, the model's threads get the "
+                             "rest; cores - 1 feeding a GPU); 0 decodes in the main process")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda or cuda:N (default: auto: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,

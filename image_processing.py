@@ -393,14 +393,19 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         size, box = self.clip_resize(width, height)
         return resize_like_pil(views, size, self.resample, box)
 
-    def normalize_pixels(self, pixels):
+    def normalize_pixels(self, pixels, out=None):
         """(H, W, 3) uint8 -> (3, H, W) float32, rescaled and normalised in CLIPImageProcessor's order
         (float64 rescale, float32 mean and std), through a 256-entry table per channel: the same
-        numbers as computing it per pixel, in a third of the time."""
+        numbers as computing it per pixel, in a third of the time. `out`: a (3, H, W) float32 array
+        to write into (a slot of the batch: stacking fresh arrays cost twice the lookups on a 2-core EPYC)."""
         values = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
         table = (values[None, :] - np.array(self.image_mean, np.float32)[:, None]) / \
             np.array(self.image_std, np.float32)[:, None]  # (3, 256)
-        return np.stack([table[c][pixels[..., c]] for c in range(3)])  # (H, W, 3) -> (3, H, W)
+        planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W): take reads it in order
+        out = np.empty(planes.shape, np.float32) if out is None else out
+        for c in range(3):
+            table[c].take(planes[c], out=out[c])
+        return out
 
     def normalize_tensor(self, pixels):
         """(n, H, W, 3) uint8 torch tensor, on any device -> (n, 3, H, W) float32 (channels-last in
@@ -413,9 +418,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         std = torch.tensor(self.image_std, dtype=torch.float32, device=x.device)
         return ((x - mean) / std).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
 
-    def clip_preprocess(self, view):
-        """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it."""
-        return self.normalize_pixels(self.resize_and_crop(view))
+    def clip_preprocess(self, view, out=None):
+        """One RGB PIL view -> (3, crop, crop) float32, numerically as CLIPImageProcessor does it
+        (written into `out` if given)."""
+        return self.normalize_pixels(self.resize_and_crop(view), out)
 
     def is_tiled(self, width, height, tiling=None):
         """Whether an image of this size is scored as five tiles (`tiling` overrides the saved option)."""
@@ -505,7 +511,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         tile_mask = np.zeros((len(images), slots), dtype=np.int64)
         for i, image_views in enumerate(views):
             for t, view in enumerate(image_views):
-                pixel_values[i, t] = processor.clip_preprocess(view)
+                processor.clip_preprocess(view, out=pixel_values[i, t])
                 tile_mask[i, t] = 1
         return BatchFeature({"pixel_values": pixel_values, "tile_mask": tile_mask}, tensor_type=return_tensors)
 

@@ -413,15 +413,18 @@ def cpu_has_bf16():
 
 def default_workers(device):
     """Decoding processes: feeding a GPU, every core but the one that drives it (the data path must
-    keep up with the GPU); on a CPU min(4, cores), since they share the cores with the model."""
+    keep up with the GPU); on a CPU half the cores, the model's threads get the other half (see
+    `model_threads`): with the shipped model an image costs about as much to decode and cut as to
+    score. On a 2-core AVX2 EPYC, 1 worker and 1 thread scored 17.1 img/s, 2 workers beside 1
+    thread 15.6 (3 processes on 2 cores) and 1 worker beside 2 threads 12.1."""
     cores = os.cpu_count() or 1
-    return max(1, cores - 1) if device.type == "cuda" else min(4, cores)
+    return max(1, cores - 1) if device.type == "cuda" else cores // 2
 
 
 def model_threads(num_parameters, workers):
-    """CPU threads for the model beside `workers` decoding processes. Small models are decode-bound:
-    oversubscribing 2 cores with 2 decoders and 2 model threads cost 25% (measured: 30 vs 22 img/s);
-    big ones are compute-bound and want every core."""
+    """CPU threads for the model beside `workers` decoding processes: the cores they leave free, at
+    least 1 (oversubscribing the cores cost 10-30%, see `default_workers`); big models are
+    compute-bound and want every core."""
     cores = os.cpu_count() or 1
     return cores if num_parameters > 50_000_000 else max(1, cores - workers)
 
@@ -467,7 +470,12 @@ def view_tiles(processor, image, tiling, mode):
         return DeviceImage(pixels if pixels.flags.writeable else pixels.copy(),
                            processor.tile_slots(True) if tiled else 1)
     crops = [processor.resize_and_crop(view) for view in processor.views(image, tiling=tiling)]
-    return np.stack(crops) if mode == "uint8" else np.stack([processor.normalize_pixels(crop) for crop in crops])
+    if mode == "uint8":
+        return np.stack(crops)
+    tiles = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
+    for crop, out in zip(crops, tiles):
+        processor.normalize_pixels(crop, out)
+    return tiles
 
 
 def crop_mode(device, processors, requested="auto"):

@@ -10,6 +10,7 @@ timed. Writes JSON and prints a Markdown table.
   python bench/bench_classify.py                          # writes bench/results.local.json
   python bench/bench_classify.py --vit-l-images 8         # adds a ViT-L/14-336-sized random backbone
   python bench/bench_classify.py --out bench/results.json # the README's figures
+  python bench/bench_classify.py --profile 60              # adds where an image's time goes, stage by stage
   python bench/bench_classify.py --compare runs/default_model_stage3 --large-images 12
       # also: classify.py with another model on the same images (the speed ratio of a new default
       # model), and 4000x3000 pictures scored with five crops and with grid tiling (crops per MP)
@@ -169,6 +170,52 @@ def vit_l_model(folder):
     return folder
 
 
+def profile(model, files, batch=8):
+    """Where an image's time goes, in one process on one thread, stage by stage (ms per image): what
+    classify.py's decoding workers do (decode, `views`: the tiling resize and crops, CLIP's resize
+    and crop, normalising) and what its model does (the stem's full-resolution convolutions, the
+    fringe measurements, the CLIP tower on the stem's output, the head), in float32."""
+    import numpy as np
+    import torch
+
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from scoring import load_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    processor = CityClassifierImageProcessor.from_pretrained(model)
+    model = CityClassifierForImageClassification.from_pretrained(model, dtype=torch.float32).eval()
+    seconds, views = {}, []
+
+    def timed(stage, step, *args):
+        start = time.perf_counter()
+        out = step(*args)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    try:
+        for path in files:
+            image = timed("decode", load_image, path)
+            cut = timed("views (tiling resize, crops)", processor.views, image)
+            crops = timed("CLIP resize and crop", lambda vs: [processor.resize_and_crop(v) for v in vs], cut)
+            tiles = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
+            timed("normalise", lambda cs, ts: [processor.normalize_pixels(c, t) for c, t in zip(cs, ts)], crops, tiles)
+            views.append(torch.from_numpy(tiles))
+        with torch.inference_mode():
+            for start in range(0, len(views), batch):
+                pixels = torch.cat(views[start : start + batch])
+                features = timed("stem", model._stem_features, pixels) if model.stem is not None else pixels
+                embeds = timed("CLIP tower", lambda f: model.clip(pixel_values=f).image_embeds, features)
+                if model.fringe is not None:
+                    embeds = torch.cat([embeds, timed("fringe measurements", model.fringe, pixels)], 1)
+                timed("head", model.head, embeds)
+    finally:
+        torch.set_num_threads(threads)
+    stages = {stage: 1000 * s / len(files) for stage, s in seconds.items()}
+    return {"images": len(files), "views_per_image": sum(len(v) for v in views) / len(files), "threads": 1,
+            "ms_per_image": stages, "total_ms_per_image": sum(stages.values())}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT), help="model folder (default: the shipped model)")
@@ -183,6 +230,9 @@ def main():
                                           "model): classify.py's img/s with --model relative to it is reported")
     parser.add_argument("--large-images", type=int, default=0,
                         help="large images scored with five crops and with --tiling-mode grid (0: skip)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also time each stage (decode, resize, normalise, stem, fringe, CLIP, head) on N of "
+                             "the images, one thread, in this process (0: skip)")
     parser.add_argument("--large-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=(4000, 3000),
                         help="their size, WxH (default: 4000x3000)")
     args = parser.parse_args()
@@ -202,6 +252,8 @@ def main():
                 runs.append(run)
             five, grid = runs[-2]["classify"]["images_per_s"], runs[-1]["classify"]["images_per_s"]
             extras["grid_vs_five_img_per_s"] = grid / five
+        if args.profile:
+            extras["profile"] = profile(args.model, files[: args.profile])
         if args.vit_l_images:
             runs.append(bench(vit_l_model(tmp / "vit-l"), files[: args.vit_l_images], tmp, "vit-l-14-336",
                               repeat=args.repeat))
@@ -220,7 +272,14 @@ def main():
         if "crops_per_megapixel" in r:
             print(f"{r['model']}: {r['crops_per_megapixel']:.2f} crops per megapixel")
     for name, value in extras.items():
-        print(f"{name}: {value:.2f}x")
+        if name != "profile":
+            print(f"{name}: {value:.2f}x")
+    if "profile" in extras:
+        p = extras["profile"]
+        print(f"\nWhere an image's time goes ({p['images']} images, {p['views_per_image']:.1f} views each, 1 thread):")
+        print("| stage | ms per image | share |\n| --- | --- | --- |")
+        for stage, ms in p["ms_per_image"].items():
+            print(f"| {stage} | {ms:.1f} | {ms / p['total_ms_per_image']:.0%} |")
     print(f"wrote {args.out}")
 
 

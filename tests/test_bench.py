@@ -34,7 +34,7 @@ def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(converted["ca"]),
                            "--compare", str(converted["compression"]), "--images", "4", "--repeat", "1",
-                           "--large-images", "2", "--large-size", "300x200", "--out", str(out)],
+                           "--large-images", "2", "--large-size", "300x200", "--profile", "3", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -46,3 +46,9 @@ def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
     assert abs(runs["large-five"]["crops_per_megapixel"] - 5 / megapixels) < 1e-6
     assert report["classify_vs_compare"] > 0 and report["grid_vs_five_img_per_s"] > 0
     assert report["machine"]["processor"]
+    profile = report["profile"]  # where the time goes, stage by stage: a converted original has no stem
+    assert profile["images"] == 3 and 1 <= profile["views_per_image"] <= 5
+    stages = profile["ms_per_image"]
+    assert set(stages) == {"decode", "views (tiling resize, crops)", "CLIP resize and crop", "normalise", "CLIP tower",
+                           "head"}
+    assert all(ms > 0 for ms in stages.values()) and abs(sum(stages.values()) - profile["total_ms_per_image"]) < 1e-6

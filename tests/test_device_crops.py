@@ -1,7 +1,8 @@
-"""Views cut by the model's device (classify.py --crop-on device, the default on a GPU): the same
+"""Views cut by the model's device (classify.py --crop-on device): the same
 bytes as Pillow's resize and the CPU path's crops, so the same scores. Runs on the CPU here."""
 
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -152,3 +153,20 @@ def test_device_views_of_non_rgb_images_keep_the_originals_order(mode):
     assert whole.views == 5 and whole.pixels.shape == (1536, 2901, 3)  # resized to the tiling size already
     expected = view_tiles(processor, image, True, "uint8")
     assert np.array_equal(processor.device_views(torch.from_numpy(whole.pixels), True).numpy(), expected)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 16])
+def test_cpu_cores_are_split_between_decoding_and_the_model_without_oversubscribing(monkeypatch, cores):
+    """On a CPU, decoding workers and a small model's threads share the cores: together no more
+    processes than cores (3 on 2 cores cost 10-30%), and neither side starved; a big model's threads
+    take every core; feeding a GPU, every core but one decodes."""
+    from scoring import default_workers, model_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    workers = default_workers(cpu)
+    threads = model_threads(5_000_000, workers)
+    assert threads >= 1 and max(workers, 1) + threads <= max(cores, 2)
+    assert workers >= cores // 2 and threads >= cores // 2  # a side with a whole share each
+    assert model_threads(400_000_000, workers) == cores
+    assert default_workers(gpu) == max(1, cores - 1)
