@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import scoring  # noqa: E402
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -305,7 +307,8 @@ def main():
         args.images, args.raw_batch, args.train_steps, args.head_steps = 12, 8, 4, 20
     half = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
-              "cores": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run}
+              "cores": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run,
+              "png_decoder": "libspng" if scoring.pyspng is not None else "pillow"}  # what the workers decode with
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed = []
 

@@ -26,6 +26,7 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
+    assert report["png_decoder"] in ("libspng", "pillow")
 
 
 def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
