@@ -24,6 +24,8 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     recipe = report["head_only_recipe_batch_1"]
     assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
     assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
+    floor = report["head_step_floor"]  # the head alone in a plain loop: Trainer's share of it
+    assert floor["steps_per_s"] > 0 and floor["recipe_batch_1_share"] == recipe["steps_per_s"] / floor["steps_per_s"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
     assert report["png_decoder"] in ("libspng", "pillow")
