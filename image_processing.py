@@ -407,6 +407,13 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             table[c].take(planes[c], out=out[c])
         return out
 
+    def normalize_views(self, crops):
+        """[(H, W, 3) uint8 crops] -> (n, 3, H, W) float32, each normalised into its slot (`normalize_pixels`)."""
+        views = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
+        for crop, out in zip(crops, views):
+            self.normalize_pixels(crop, out)
+        return views
+
     def normalize_tensor(self, pixels):
         """(n, H, W, 3) uint8 torch tensor, on any device -> (n, 3, H, W) float32 (channels-last in
         memory), the same numbers as `normalize_pixels`: the decoding workers send uint8 crops, a

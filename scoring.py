@@ -540,12 +540,7 @@ def view_tiles(processor, image, tiling, mode):
         return DeviceImage(pixels if pixels.flags.writeable else pixels.copy(),
                            processor.tile_slots(True) if tiled else 1)
     crops = [processor.resize_and_crop(view) for view in processor.views(image, tiling=tiling)]
-    if mode == "uint8":
-        return np.stack(crops)
-    tiles = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
-    for crop, out in zip(crops, tiles):
-        processor.normalize_pixels(crop, out)
-    return tiles
+    return np.stack(crops) if mode == "uint8" else processor.normalize_views(crops)
 
 
 def crop_mode(device, processors, requested="auto"):

@@ -618,9 +618,7 @@ def full_mode_transform(processor, labels_of, seed):
             views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
         else:
             views = [random_view(processor, decode(image), rng) for image in batch[IMAGE]]
-        pixels = np.empty((len(views), 1, 3, *views[0].shape[:2]), np.float32)  # (batch, 1, 3, S, S)
-        for view, out in zip(views, pixels[:, 0]):
-            processor.normalize_pixels(view, out)
+        pixels = processor.normalize_views(views)[:, None]  # (batch, 1, 3, S, S)
         return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
                 "labels": labels_of(batch)}
 

@@ -175,7 +175,6 @@ def profile(model, files, batch=8):
     classify.py's decoding workers do (decode, `views`: the tiling resize and crops, CLIP's resize
     and crop, normalising) and what its model does (the stem's full-resolution convolutions, the
     fringe measurements, the CLIP tower on the stem's output, the head), in float32."""
-    import numpy as np
     import torch
 
     from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
@@ -198,9 +197,7 @@ def profile(model, files, batch=8):
             image = timed("decode", load_image, path)
             cut = timed("views (tiling resize, crops)", processor.views, image)
             crops = timed("CLIP resize and crop", lambda vs: [processor.resize_and_crop(v) for v in vs], cut)
-            tiles = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
-            timed("normalise", lambda cs, ts: [processor.normalize_pixels(c, t) for c, t in zip(cs, ts)], crops, tiles)
-            views.append(torch.from_numpy(tiles))
+            views.append(torch.from_numpy(timed("normalise", processor.normalize_views, crops)))
         with torch.inference_mode():
             for start in range(0, len(views), batch):
                 pixels = torch.cat(views[start : start + batch])
