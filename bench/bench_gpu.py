@@ -13,8 +13,9 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
 - the original's head-only recipe end to end (train_hf.py), at batch 1 and 32: head steps/s, and the
   time for 3215 images and 30K steps (batch 1) or as many images seen (batch 32), extrapolated from
   the embedding rate and the steps/s;
-- the head's step floor: the same head, batch 1, AdamW, in a plain PyTorch loop (no Trainer), steps/s
-  and the share of it that the batch-1 recipe reaches (what Trainer's per-step cost leaves);
+- batch-1 head steps/s (bench_head_steps.py): Trainer as it comes against train_hf's HeadOnlyTrainer
+  (the frozen backbone set aside) and the head alone in a plain loop (the floor), and the share of the
+  floor that the batch-1 recipe reaches (what Trainer's per-step cost leaves);
 - full-mode training steps/s with the shipped model's config (configs/default_model.json);
 - the shipped model's scores on the GPU (fp16) against the CPU (float32), and with views cut by the
   GPU against cut by the workers (both on the GPU): largest difference and decisions flipped at 0.5.
@@ -250,32 +251,21 @@ def head_only_recipe(data, model_dir, out, device, steps, batch, embed_crops_per
             "recipe_3215_images_30k_seen_s_extrapolated": embed_s + 30000 / batch / steps_per_s}
 
 
-def head_step_floor(model_dir, device, steps, recipe_steps_per_s=None):
-    """Steps/s of the head alone in a plain loop on `device` (batch 1, AdamW, float32, weighted
-    cross-entropy, no Trainer): what head-only training at batch 1 could reach here."""
+def head_steps(model_dir, device, steps, recipe_steps_per_s=None):
+    """bench_head_steps.py on this run's ViT-L folder, one round: batch-1 head steps/s with Trainer as it
+    comes, with train_hf's HeadOnlyTrainer (the backbone set aside) and in a plain loop (the floor),
+    and the share of the floor that the batch-1 recipe through train_hf.py reached."""
+    from bench_head_steps import measure
+
     from remote_code import CityClassifierForImageClassification
 
-    torch.manual_seed(0)
-    head = CityClassifierForImageClassification.from_pretrained(model_dir).head.to(device).train()
-    inputs = torch.randn(steps, 1, head.up[0].in_features, device=device)
-    labels = torch.randint(0, 2, (steps, 1), device=device)
-    weights = torch.tensor([1.0, 0.5], device=device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1.5e-6, fused=True)  # as Trainer's adamw_torch_fused
-
-    def step(i):
-        torch.nn.functional.cross_entropy(head(inputs[i]), labels[i], weight=weights).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for i in range(min(20, steps)):
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    rate = steps / (time.perf_counter() - start)
-    return {"steps_per_s": rate, "recipe_batch_1_share": recipe_steps_per_s / rate if recipe_steps_per_s else None}
+    model = CityClassifierForImageClassification.from_pretrained(model_dir)
+    for module in model.backbone_modules():
+        module.requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = measure(model, device, steps, 1, Path(tmp))
+    return {**figures, "recipe_batch_1_share": recipe_steps_per_s / figures["plain_loop"] if recipe_steps_per_s
+            else None}
 
 
 def full_training(data, out, device, steps):
@@ -409,7 +399,7 @@ def main():
             for batch, steps in ((1, args.head_steps),) + (() if args.dry_run else ((32, args.head_steps // 3),)):
                 measure(f"head_only_recipe_batch_{batch}", head_only_recipe, tmp / "data", model_dir,
                         tmp / f"head{batch}", device, steps, batch, embed["crops_per_s"], crops / len(files))
-        measure("head_step_floor", head_step_floor, model_dir, device, args.head_steps,
+        measure("head_steps", head_steps, model_dir, device, max(20, args.head_steps // 2),
                 report.get("head_only_recipe_batch_1", {}).get("steps_per_s"))
         measure("full_training_steps_per_s", full_training, tmp / "data", tmp / "run", device, args.train_steps)
         measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)

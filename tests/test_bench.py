@@ -24,8 +24,10 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     recipe = report["head_only_recipe_batch_1"]
     assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
     assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
-    floor = report["head_step_floor"]  # the head alone in a plain loop: Trainer's share of it
-    assert floor["steps_per_s"] > 0 and floor["recipe_batch_1_share"] == recipe["steps_per_s"] / floor["steps_per_s"]
+    steps = report["head_steps"]  # Trainer, HeadOnlyTrainer and the head alone in a plain loop
+    assert steps["steps"] == 20 and all(steps[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
+    assert steps["head_only_trainer_vs_trainer"] == steps["head_only_trainer"] / steps["trainer"]
+    assert steps["recipe_batch_1_share"] == recipe["steps_per_s"] / steps["plain_loop"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
     assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
     assert report["png_decoder"] in ("libspng", "pillow")
@@ -55,3 +57,18 @@ def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
     assert set(stages) == {"decode", "views (tiling resize, crops)", "CLIP resize and crop", "normalise", "CLIP tower",
                            "head"}
     assert all(ms > 0 for ms in stages.values()) and abs(sum(stages.values()) - profile["total_ms_per_image"]) < 1e-6
+
+
+def test_head_step_benchmark_runs_all_three_ways(tmp_path):
+    """bench/bench_head_steps.py, tiny: Trainer, HeadOnlyTrainer and the plain loop each take steps,
+    and the JSON names the CPU beside the figures."""
+    out = tmp_path / "steps.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_head_steps.py"), "--backbone", "tiny", "--head", "tiny",
+                    "--steps", "20", "--rounds", "1", "--device", "cpu", "--out", str(out)], check=True,
+                   capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["cpu"]["processor"] and report["cpu"]["cpus"] >= 1
+    assert report["backbone"] == "tiny" and report["head"] == "tiny" and report["steps"] == 20
+    assert all(report[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
+    assert report["head_only_trainer_vs_trainer"] == report["head_only_trainer"] / report["trainer"]
+    assert report["recipe_30k_steps_s"] == 30000 / report["head_only_trainer"]

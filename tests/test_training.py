@@ -1,6 +1,7 @@
 """Synthetic data generator, train_hf.py in both modes, the metric module, and dataset checks."""
 
 import csv
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -130,6 +131,49 @@ def test_head_mode_caches_embeddings_between_runs(synthetic, tiny_clip, tmp_path
     calls.clear()
     train(tmp_path / "b", synthetic, "--model_name_or_path", str(tiny_clip))
     assert sum(calls) == 0, "the second run recomputed the cached embeddings"
+
+
+def test_head_mode_trains_with_the_backbone_set_aside_and_saves_whole_checkpoints(synthetic, tiny_clip, tmp_path,
+                                                                                   monkeypatch):
+    """The frozen backbone leaves the module tree while Trainer steps (its walks of the whole model
+    were most of a batch-1 step), but every checkpoint, the best model reloaded at the end, a resumed
+    run and the final folder hold it whole: our loader refuses a checkpoint with a missing weight."""
+    from transformers import CLIPVisionModelWithProjection, Trainer
+
+    from remote_code import CityClassifierForImageClassification
+
+    aside = []
+    original = CityClassifierForImageClassification.forward
+
+    @functools.wraps(original)  # Trainer reads the signature to find the labels
+    def recording(self, *args, **kwargs):
+        if self.training:
+            aside.append(self._modules["clip"] is None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CityClassifierForImageClassification, "forward", recording)
+    loads = []  # what Trainer found when it loaded a checkpoint into the model (resume, best model)
+    monkeypatch.setattr(Trainer, "_issue_warnings_after_load", lambda self, result: loads.append(result))
+    out = train(tmp_path, synthetic, "--model_name_or_path", str(tiny_clip))
+    assert len(aside) == 4 and all(aside), "the backbone was in the module tree during head-only steps"
+    train(tmp_path, synthetic, "--model_name_or_path", str(tiny_clip), "--max_steps", "6",
+          "--resume_from_checkpoint", "last")
+    assert len(aside) == 6 and all(aside)
+    assert len(loads) >= 2, "neither the resume nor the best model went through Trainer's loading"
+    assert all(not result.missing_keys and not result.unexpected_keys for result in loads), loads
+
+    clip = CLIPVisionModelWithProjection.from_pretrained(tiny_clip).state_dict()
+    folders = sorted(out.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[1])) + [out]
+    assert len(folders) >= 3 and folders[-2].name == "checkpoint-6"
+    heads = []
+    for folder in folders:
+        model = CityClassifierForImageClassification.from_pretrained(folder)  # refuses missing weights
+        assert model.clip is not None
+        for name, tensor in clip.items():
+            assert torch.equal(model.clip.state_dict()[name], tensor), f"{folder.name}: {name}"
+        heads.append(model.head.state_dict())
+    assert any(not torch.equal(heads[0][k], heads[-2][k]) for k in heads[0]), "the head did not train"
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
 
 
 def test_resume_from_checkpoint(synthetic, tmp_path):
