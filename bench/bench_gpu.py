@@ -6,6 +6,7 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
 - the raw backbone's crops/s (fp16 and bf16, sdpa, `--raw-batch` crops a call): the ceiling;
 - the data path alone (classify.py's decoding workers and batches, no model), with views cut by
   the workers (the default) and by the GPU (workers only decode): the crops/s the CPUs can feed;
+  and, where pyspng is installed, the latter again with Pillow decoding every PNG (libspng's gain);
 - classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
   ratio to the raw fp16 figure and how busy the GPU was over the whole run (start-up included);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
@@ -181,6 +182,20 @@ def data_path(data, model_dir, device, crop):
     for _, grouped in loader_batches(stream, default_batch_size(device, scorer.models[0].model), workers, device):
         crops += int(grouped[0][1].sum()) if grouped else 0
     return {"crops_per_s": crops / (time.perf_counter() - start), "workers": workers, "crop_mode": scorer.crop_mode}
+
+
+def data_path_with_pillow(data, model_dir, device):
+    """data_path with the workers decoding by Pillow only (pyspng hidden, in a fresh Python), views cut
+    on the device: libspng's share of the data path, against data_path_crop_device in the same run."""
+    code = ("import sys; sys.modules['pyspng'] = None; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import json, torch; "
+            "from pathlib import Path; import bench_gpu, scoring; assert scoring.pyspng is None; "
+            "print(json.dumps(bench_gpu.data_path(Path(sys.argv[3]), Path(sys.argv[4]), torch.device(sys.argv[5]), "
+            "'device')))")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), str(data), str(model_dir),
+                           device.type], env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def original_loop(model_dir, files, device, dtype):
@@ -374,6 +389,10 @@ def main():
         for crop in ("device", "workers"):  # on a CPU (a dry run) too
             measure(f"data_path_crop_{crop}", lambda crop=crop: {
                 **(path := data_path(tmp / "data" / "train", model_dir, device, crop)),
+                "ratio_to_raw": ratio(path["crops_per_s"])})
+        if scoring.pyspng is not None:
+            measure("data_path_crop_device_pillow", lambda: {
+                **(path := data_path_with_pillow(tmp / "data" / "train", model_dir, device)),
                 "ratio_to_raw": ratio(path["crops_per_s"])})
 
         def classify(*extra):

@@ -20,6 +20,9 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
         assert report[key]["crops_per_s"] > 0 and report[key]["ratio_to_raw"] > 0, report[key]
     assert report["data_path_crop_device"]["crop_mode"] == "device"  # the GPU's road, on the CPU
     assert report["data_path_crop_workers"]["crop_mode"] == "normalised"
+    if report["png_decoder"] == "libspng":  # the same path with Pillow decoding, for libspng's share
+        pillow = report["data_path_crop_device_pillow"]
+        assert pillow["crop_mode"] == "device" and pillow["crops_per_s"] > 0 and pillow["ratio_to_raw"] > 0
     assert report["classify"]["gpu_busy_percent"] is None  # no GPU to sample
     recipe = report["head_only_recipe_batch_1"]
     assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
