@@ -476,6 +476,11 @@ class HeadOnlyTrainer(Trainer):
         model = self.model
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.torch_compile:
             return super().train(*args, **kwargs)
+        asked = [name for name in ("gradient_checkpointing", "activation_checkpointing") if getattr(self.args, name, 0)]
+        if asked:  # it would look for checkpointed layers in the head alone, and fail
+            logger.info("head-only training: --%s left off (the backbone does not run while the head trains)", asked[0])
+            for name in asked:
+                setattr(self.args, name, False)
         backbone = [id(module) for module in model.backbone_modules()]
         self._aside = {name: module for name, module in model.named_children() if id(module) in backbone}
         model._modules.update(dict.fromkeys(self._aside))
