@@ -291,6 +291,16 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world):
     worker that dies (killed by the kernel) costs its file an error row and the loader restarts
     without the files written so far. Returns (scored, failed)."""
     scored = failed = deaths = 0
+    pending = []  # the batch whose scores are on their way: written once the next one is queued
+
+    def flush():
+        nonlocal scored, failed
+        while pending:
+            rows, ok, bad = pending.pop()()  # taken off first: never written twice
+            journal.write(rows)
+            scored, failed = scored + ok, failed + bad
+            bar.update(len(rows))
+
     with tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
         markers = WorkerMarkers(marker_dir)
         while True:
@@ -299,14 +309,15 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world):
             batches = loader_batches(stream, args.batch_size, args.workers, scorer.device)
             try:
                 for metas, grouped in batches:
-                    rows, ok, bad = score_batch(scorer, metas, grouped)
-                    journal.write(rows)
-                    scored, failed = scored + ok, failed + bad
-                    bar.update(len(metas))
+                    started = submit_batch(scorer, metas, grouped)  # a GPU scores it while the last is written
+                    flush()
+                    pending.append(started)
+                flush()
                 return scored, failed
             except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
                 if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
                     raise
+                flush()  # scored before the death: written before the files done are read back
                 rows = death_rows(markers, error)
                 deaths += not rows
                 if deaths > 2:
@@ -337,9 +348,16 @@ def gather_counts(scorer, scored, failed):
     return tuple(totals.tolist())
 
 
-def score_batch(scorer, metas, grouped):
-    """(rows, scored, failed) for one batch from the loader; error rows are also printed."""
-    scores = iter(scorer.score(grouped) if grouped else [])
+def submit_batch(scorer, metas, grouped):
+    """Starts scoring one batch from the loader (see `Scorer.submit`) -> a function that waits for its
+    scores and returns (rows, scored, failed); error rows are also printed then."""
+    finish = scorer.submit(grouped) if grouped else list
+    return lambda: batch_rows(metas, finish())
+
+
+def batch_rows(metas, scored_rows):
+    """(rows, scored, failed): the batch's metas, with the scores of those that decoded."""
+    scores = iter(scored_rows)
     rows, scored, failed = [], 0, 0
     for meta in metas:
         row = dict(meta)

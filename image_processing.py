@@ -233,6 +233,25 @@ def _device_weights(device, in_size, out_size, resample):
     return _DEVICE_WEIGHTS[key]
 
 
+_DEVICE_CONSTANTS = {}
+
+
+def _device_constants(device, *values):
+    """Float32 tensors of `values` (lists) on `device`, kept: a tensor made from a list on a GPU is a
+    copy from pageable memory, and such a copy waits until everything queued on the GPU is done."""
+    import torch
+
+    key = (str(device), *(tuple(v) for v in values))
+    if key not in _DEVICE_CONSTANTS:
+        if len(_DEVICE_CONSTANTS) >= 64:
+            _DEVICE_CONSTANTS.pop(next(iter(_DEVICE_CONSTANTS)))
+        on_gpu = device.type == "cuda"
+        _DEVICE_CONSTANTS[key] = tuple(
+            (torch.tensor(v, dtype=torch.float32).pin_memory() if on_gpu else torch.tensor(v, dtype=torch.float32))
+            .to(device, non_blocking=on_gpu) for v in values)
+    return _DEVICE_CONSTANTS[key]
+
+
 def _resample_axis(pixels, dim, first, weights, shift):
     """One Pillow pass along `dim` of an int32 tensor: output i sums source pixels first[i] - shift
     onwards times its integer weights, rounds, shifts and clips to 0..255."""
@@ -422,8 +441,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         import torch
 
         x = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
-        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=x.device)
-        std = torch.tensor(self.image_std, dtype=torch.float32, device=x.device)
+        mean, std = _device_constants(x.device, self.image_mean, self.image_std)
         return ((x - mean) / std).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
 
     def clip_preprocess(self, view, out=None):

@@ -200,11 +200,16 @@ class CityClassifierFringe(nn.Module):
 
 
 def scatter_tiles(values, tile_mask):
-    """(real tiles, d) values, in order -> (batch, tiles, d), zeros in the padding slots of `tile_mask`."""
+    """(real tiles, d) values, in order -> (batch, tiles, d), zeros in the padding slots of `tile_mask`.
+    The mask may stay on the CPU while the values are on a GPU: the real slots are then found on the
+    CPU and their indices copied without waiting, where a boolean index on the GPU would make the
+    host wait for the GPU's queue (the whole backbone) before it could queue anything else."""
     batch, tiles = tile_mask.shape
     out = values.new_zeros(batch * tiles, values.shape[-1])
-    out[tile_mask.bool().flatten().to(out.device)] = values
-    return out.view(batch, tiles, -1)  # (batch*tiles, d) -> (batch, tiles, d)
+    real = tile_mask.flatten().nonzero().squeeze(1)
+    if real.device != out.device:
+        real = (real.pin_memory() if out.device.type == "cuda" else real).to(out.device, non_blocking=True)
+    return out.index_copy_(0, real, values).view(batch, tiles, -1)  # (batch*tiles, d) -> (batch, tiles, d)
 
 
 def combine_tiles(tile_scores, tile_mask, how):

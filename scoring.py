@@ -564,8 +564,24 @@ def device_crops(processor, images, tile_mask, device):
     `device`; `tile_mask` (on the CPU: reading it must not wait for the GPU) says how many views each
     has (5: tiled), as the decoding worker decided."""
     counts = tile_mask.sum(1).tolist()
-    return torch.cat([processor.device_views(image.to(device, non_blocking=True), tiling=count > 1)
+    return torch.cat([processor.device_views(to_device(image, device), tiling=count > 1)
                       for image, count in zip(images, counts)])
+
+
+def to_device(tensor, device):
+    """`tensor` on `device`; to a GPU through pinned memory, without waiting: a copy from pageable
+    memory would first wait until everything queued on the GPU is done."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def to_host(tensor):
+    """`tensor` in host memory; from a GPU into pinned memory without waiting (read it after the GPU
+    is synchronised: an event, or torch.cuda.synchronize)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 def model_pixels(processor, tiles, tile_mask, device, dtype):
@@ -573,7 +589,7 @@ def model_pixels(processor, tiles, tile_mask, device, dtype):
     their views) -> normalised (n, 3, S, S) pixels on `device` in `dtype`."""
     if isinstance(tiles, list):
         tiles = device_crops(processor, tiles, tile_mask, device)
-    tiles = tiles.to(device, non_blocking=True)
+    tiles = to_device(tiles, device)
     if tiles.dtype == torch.uint8:
         tiles = processor.normalize_tensor(tiles)
     return tiles.to(dtype)
@@ -732,13 +748,13 @@ class Scorer:
         once per group on the real tiles, each head reads the shared embeddings.
 
         grouped_inputs: per group (the real tiles, tile_mask (batch, tiles)), from `collate`."""
-        for group, (pixels, tile_mask) in zip(self.groups, grouped_inputs):
+        for group, (pixels, host_mask) in zip(self.groups, grouped_inputs):
             if isinstance(pixels, list):  # whole images: the device cuts their views
-                pixels = device_crops(group[0].processor, pixels, tile_mask, self.device)
-            tile_mask = tile_mask.to(self.device)
+                pixels = device_crops(group[0].processor, pixels, host_mask, self.device)
+            tile_mask = to_device(host_mask, self.device)
             chunks = (model_pixels(group[0].processor, chunk, None, self.device, self.dtype)
                       for chunk in pixels.split(self.chunk_views(pixels)))
-            image_embeds = group[0].model.embed_tiles(chunks, tile_mask)
+            image_embeds = group[0].model.embed_tiles(chunks, host_mask)  # the mask on the host: no wait
             for m in group:
                 yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask,
                                  tile_combine=combine or m.combine), tile_mask
@@ -753,13 +769,34 @@ class Scorer:
 
     def score(self, grouped_inputs):
         """One dict of score columns per image (see `columns`)."""
+        return self.submit(grouped_inputs)()
+
+    def submit(self, grouped_inputs):
+        """Starts scoring a batch and returns a function that waits for its scores and returns
+        `score`'s rows. On a GPU nothing here waits for the GPU: its work is queued, the scores are
+        copied to pinned memory behind it, and the caller prepares (and queues) the next batch while
+        the GPU works, instead of the GPU idling while the host writes results and cuts views."""
+        with torch.inference_mode():
+            scores = [(m, to_host(output.scores.float())) for m, output, _ in self.outputs(grouped_inputs)]
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return lambda: self.rows(scores, ready)
+
+    @staticmethod
+    def rows(scores, ready=None):
+        """[(ScoringModel, (batch, labels) scores on the host)] -> one dict of score columns per image,
+        after the `ready` event (the copies to the host are done)."""
+        if ready is not None:
+            ready.synchronize()
         rows = None
-        for m, output, _ in self.outputs(grouped_inputs):
-            scores = output.scores.float().cpu().numpy()
+        for m, host in scores:
+            table = host.numpy()
             if rows is None:
-                rows = [{} for _ in scores]
+                rows = [{} for _ in table]
             labels = list(m.model.config.id2label.values())
-            for row, values in zip(rows, scores):
+            for row, values in zip(rows, table):
                 for label, value in zip(labels, values):
                     row[f"{m.key}:{label}"] = float(value)
                 row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None

@@ -412,7 +412,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
 
     from tqdm import tqdm
 
-    from scoring import crop_mode, loader_batches, model_pixels, model_threads
+    from scoring import crop_mode, loader_batches, model_pixels, model_threads, to_host
 
     on_gpu = device.type == "cuda"
     views = ImageViews(ds, processor, crop_mode(device, [processor], crop))
@@ -422,15 +422,25 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
     if not on_gpu:
         torch.set_num_threads(model_threads(model.num_parameters(), workers))
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
-    embeds, masks = [], []
+    embeds, masks, previous = [], [], None
     try:
         with torch.inference_mode(), autocast:
             batches = loader_batches(views, batch_size, workers, device)
             for _, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
                                            desc=f"Embedding views on {device.type}"):
                 pixels = model_pixels(processor, tiles, mask, device, torch.float32)
-                embeds.append(model.embed_tiles(pixels, mask.to(device)).float().cpu())
+                # the mask stays on the host and the embeddings come back without waiting: the GPU
+                # embeds this batch while the next one is cut and queued, one batch ahead at most
+                embeds.append(to_host(model.embed_tiles(pixels, mask).float()))
                 masks.append(mask)
+                if on_gpu:
+                    queued = torch.cuda.Event()
+                    queued.record()
+                    if previous is not None:
+                        previous.synchronize()
+                    previous = queued
+        if on_gpu:
+            torch.cuda.synchronize(device)
     finally:
         torch.set_num_threads(threads)
     return torch.cat(embeds).numpy(), torch.cat(masks).numpy()

@@ -18,6 +18,8 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
   (the frozen backbone set aside) and the head alone in a plain loop (the floor), and the share of the
   floor that the batch-1 recipe reaches (what Trainer's per-step cost leaves);
 - full-mode training steps/s with the shipped model's config (configs/default_model.json);
+- how often the host waits for the GPU while it queues one scoring batch (0: it can prepare the next
+  batch meanwhile; torch's sync debug mode);
 - the shipped model's scores on the GPU (fp16) against the CPU (float32), and with views cut by the
   GPU against cut by the workers (both on the GPU): largest difference and decisions flipped at 0.5.
 A crop is one 336 px view through the backbone: five for a tiled image, one otherwise.
@@ -42,6 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +300,31 @@ def full_training(data, out, device, steps):
     return float(rows[-1]["train_steps_per_second"])
 
 
+def host_waits(files, device):
+    """Calls that make the host wait for the GPU while Scorer.submit queues one batch of the shipped
+    model (torch's sync debug mode), with views cut by the workers and by the GPU: 0 means the host
+    can cut and queue the next batch while the GPU still runs this one."""
+    from scoring import Scorer, collate, load_image
+
+    if device.type != "cuda":
+        return {"skipped": "no CUDA: nothing waits on a CPU"}
+    report = {}
+    for crop in ("workers", "device"):
+        scorer = Scorer([str(ROOT)], device=device.type, dtype="auto", crop=crop)
+        grouped = collate([(None, scorer.preprocess(load_image(path))) for path in files[:8]])[1]
+        scorer.submit(grouped)()  # once first: weights and constants go to the GPU once per size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                finish = scorer.submit(grouped)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        finish()
+        report[crop] = {"waits": len(caught), "first": str(caught[0].message)[:300] if caught else None}
+    return report
+
+
 def agreement(files, device):
     """The shipped model's scores: GPU in its auto dtype against CPU float32, and on the GPU with views
     cut by the GPU against cut by the decoding workers (the same bytes: only batching differs)."""
@@ -421,6 +449,7 @@ def main():
         measure("head_steps", head_steps, model_dir, device, max(20, args.head_steps // 2),
                 report.get("head_only_recipe_batch_1", {}).get("steps_per_s"))
         measure("full_training_steps_per_s", full_training, tmp / "data", tmp / "run", device, args.train_steps)
+        measure("host_waits_per_batch", host_waits, files, device)
         measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)
     print(json.dumps(report, indent=2))
     log(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -234,6 +234,25 @@ def test_batched_equals_one_at_a_time(converted):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long])
+def test_scatter_tiles_puts_real_tiles_in_their_slots(mask_dtype):
+    """Restated: the k-th real slot (row-major) of the mask gets the k-th value row, padding slots
+    zeros; the mask may be bool or 0/1 ids (the pipeline's and the loader's)."""
+    from remote_code import scatter_tiles
+
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 1, 0]]).to(mask_dtype)
+    values = torch.arange(9 * 3, dtype=torch.float32).view(9, 3) + 1
+    out = scatter_tiles(values, mask)
+    expected, k = torch.zeros(4, 5, 3), 0
+    for b in range(4):
+        for t in range(5):
+            if mask[b, t]:
+                expected[b, t], k = values[k], k + 1
+    assert k == 9 and torch.equal(out, expected)
+    with pytest.raises((IndexError, RuntimeError)):  # torch's wording differs by version
+        scatter_tiles(values[:8], mask)  # one value short: an error, never a silent misplacement
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_on_cpu(converted, dtype):
     from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
