@@ -351,7 +351,7 @@ def gather_counts(scorer, scored, failed):
 def submit_batch(scorer, metas, grouped):
     """Starts scoring one batch from the loader (see `Scorer.submit`) -> a function that waits for its
     scores and returns (rows, scored, failed); error rows are also printed then."""
-    finish = scorer.submit(grouped) if grouped else list
+    finish = scorer.submit(grouped) if grouped else (lambda: [])  # a batch of undecodable files only
     return lambda: batch_rows(metas, finish())
 
 

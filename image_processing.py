@@ -214,6 +214,14 @@ def pil_resample_weights(in_size, out_size, resample):
 _DEVICE_WEIGHTS = {}
 
 
+def to_device(tensor, device):
+    """`tensor` on `device`; from the CPU to a GPU through pinned memory, without waiting: a copy from
+    pageable memory would first wait until everything queued on the GPU is done."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def _device_weights(device, in_size, out_size, resample):
     """`pil_resample_weights` as tensors on `device` (int64 first pixels, int32 weights), kept per
     size: a fresh copy from pageable memory would stall the GPU's queue, so it goes through pinned
@@ -224,12 +232,9 @@ def _device_weights(device, in_size, out_size, resample):
     if key not in _DEVICE_WEIGHTS:
         if len(_DEVICE_WEIGHTS) >= 1024:
             _DEVICE_WEIGHTS.pop(next(iter(_DEVICE_WEIGHTS)))
-        tensors = []
-        for array in pil_resample_weights(in_size, out_size, resample):
-            tensor = torch.from_numpy(array.astype(np.int64 if array.ndim == 1 else np.int32))
-            on_gpu = device.type == "cuda"
-            tensors.append((tensor.pin_memory() if on_gpu else tensor).to(device, non_blocking=on_gpu))
-        _DEVICE_WEIGHTS[key] = tuple(tensors)
+        first, weights = pil_resample_weights(in_size, out_size, resample)
+        _DEVICE_WEIGHTS[key] = (to_device(torch.from_numpy(first.astype(np.int64)), device),
+                                to_device(torch.from_numpy(weights.astype(np.int32)), device))
     return _DEVICE_WEIGHTS[key]
 
 
@@ -237,18 +242,15 @@ _DEVICE_CONSTANTS = {}
 
 
 def _device_constants(device, *values):
-    """Float32 tensors of `values` (lists) on `device`, kept: a tensor made from a list on a GPU is a
-    copy from pageable memory, and such a copy waits until everything queued on the GPU is done."""
+    """Float32 tensors of `values` (lists) on `device`, kept per device (`to_device`: a tensor made
+    from a list straight on a GPU would make the host wait for the GPU's queue)."""
     import torch
 
     key = (str(device), *(tuple(v) for v in values))
     if key not in _DEVICE_CONSTANTS:
         if len(_DEVICE_CONSTANTS) >= 64:
             _DEVICE_CONSTANTS.pop(next(iter(_DEVICE_CONSTANTS)))
-        on_gpu = device.type == "cuda"
-        _DEVICE_CONSTANTS[key] = tuple(
-            (torch.tensor(v, dtype=torch.float32).pin_memory() if on_gpu else torch.tensor(v, dtype=torch.float32))
-            .to(device, non_blocking=on_gpu) for v in values)
+        _DEVICE_CONSTANTS[key] = tuple(to_device(torch.tensor(v, dtype=torch.float32), device) for v in values)
     return _DEVICE_CONSTANTS[key]
 
 

@@ -26,6 +26,7 @@ from cityclassifier.image_processing import (  # noqa: E402
     resize_like_pil,
     tile_boxes,
     tiling_size,
+    to_device,
     to_rgb,
 )
 from cityclassifier.modeling_cityclassifier import (  # noqa: E402
@@ -56,5 +57,6 @@ __all__ = [
     "scatter_tiles",
     "tile_boxes",
     "tiling_size",
+    "to_device",
     "to_rgb",
 ]

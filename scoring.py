@@ -25,6 +25,7 @@ except ImportError:
 from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
+    to_device,
 )
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
@@ -566,14 +567,6 @@ def device_crops(processor, images, tile_mask, device):
     counts = tile_mask.sum(1).tolist()
     return torch.cat([processor.device_views(to_device(image, device), tiling=count > 1)
                       for image, count in zip(images, counts)])
-
-
-def to_device(tensor, device):
-    """`tensor` on `device`; to a GPU through pinned memory, without waiting: a copy from pageable
-    memory would first wait until everything queued on the GPU is done."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def to_host(tensor):
