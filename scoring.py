@@ -774,7 +774,7 @@ class Scorer:
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
         return lambda: self.rows(scores, ready)
 
     @staticmethod

@@ -435,7 +435,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
                 masks.append(mask)
                 if on_gpu:
                     queued = torch.cuda.Event()
-                    queued.record()
+                    queued.record(torch.cuda.current_stream(device))
                     if previous is not None:
                         previous.synchronize()
                     previous = queued
