@@ -156,15 +156,18 @@ def machine():
     return {"cpus": os.cpu_count(), "processor": name, "features": features}
 
 
+# CLIP ViT-L/14-336's vision tower (what a converted original runs), for random models of its size
+VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+         "image_size": 336, "patch_size": 14, "projection_dim": 768}
+
+
 def vit_l_model(folder):
-    """A random ViT-L/14-336-sized CityClassifier (what a converted original runs)."""
+    """A random ViT-L/14-336-sized CityClassifier."""
     from transformers import CLIPVisionConfig
 
     from remote_code import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
 
-    config = CityClassifierConfig(vision_config=CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14, projection_dim=768))
+    config = CityClassifierConfig(vision_config=CLIPVisionConfig(**VIT_L))
     CityClassifierForImageClassification(config).save_pretrained(folder)
     CityClassifierImageProcessor().save_pretrained(folder)
     return folder

@@ -85,17 +85,16 @@ def make_data(folder, images, dry_run):
 
 def random_model(folder, dry_run):
     """A random CityClassifier with ViT-L/14-336's backbone (a tiny CLIP with --dry-run)."""
+    from bench_classify import VIT_L
+    from bench_head_steps import TINY
     from transformers import CLIPVisionConfig
 
     from remote_code import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
 
+    vision = CLIPVisionConfig(**(TINY if dry_run else VIT_L))
     if dry_run:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=30, patch_size=6, projection_dim=16)
         processor = CityClassifierImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
     else:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
         processor = CityClassifierImageProcessor()
     torch.manual_seed(0)
     model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, head_hidden_size=1024))

@@ -25,11 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_classify import VIT_L, machine  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "image_size": 30, "patch_size": 6}
-VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-         "image_size": 336, "patch_size": 14}
+        "image_size": 30, "patch_size": 6, "projection_dim": 16}
 
 
 def random_model(backbone, head_hidden_size=1024, projection_dim=768):
@@ -38,7 +37,7 @@ def random_model(backbone, head_hidden_size=1024, projection_dim=768):
 
     from remote_code import CityClassifierConfig, CityClassifierForImageClassification
 
-    vision = CLIPVisionConfig(**(VIT_L if backbone == "vit-l" else TINY), projection_dim=projection_dim)
+    vision = CLIPVisionConfig(**{**(VIT_L if backbone == "vit-l" else TINY), "projection_dim": projection_dim})
     torch.manual_seed(0)
     model = CityClassifierForImageClassification(
         CityClassifierConfig(vision_config=vision, head_hidden_size=head_hidden_size, label_loss_weights=[1.0, 0.5]))
@@ -155,8 +154,6 @@ def main(argv=None):
     model = random_model(args.backbone, *((1024, 768) if args.head == "original" else (16, 16)))
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(model, device, args.steps, args.rounds, Path(tmp))
-    from bench_classify import machine
-
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": machine(),
               "torch": torch.__version__, "backbone": args.backbone, "head": args.head,
               "backbone_parameters": sum(p.numel() for m in model.backbone_modules() for p in m.parameters()),
