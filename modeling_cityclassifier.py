@@ -10,6 +10,7 @@ from transformers import CLIPVisionModelWithProjection, ImageClassificationPipel
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_cityclassifier import CityClassifierConfig
+from .image_processing import to_device
 
 CPU_CHUNK_BYTES = 16 * 2**20  # stem and fringe measurements: see CityClassifierForImageClassification._stem_features
 
@@ -206,9 +207,7 @@ def scatter_tiles(values, tile_mask):
     host wait for the GPU's queue (the whole backbone) before it could queue anything else."""
     batch, tiles = tile_mask.shape
     out = values.new_zeros(batch * tiles, values.shape[-1])
-    real = tile_mask.flatten().nonzero().squeeze(1)
-    if real.device != out.device:
-        real = (real.pin_memory() if out.device.type == "cuda" else real).to(out.device, non_blocking=True)
+    real = to_device(tile_mask.flatten().nonzero().squeeze(1), out.device)
     return out.index_copy_(0, real, values).view(batch, tiles, -1)  # (batch*tiles, d) -> (batch, tiles, d)
 
 

@@ -570,11 +570,21 @@ def device_crops(processor, images, tile_mask, device):
 
 
 def to_host(tensor):
-    """`tensor` in host memory; from a GPU into pinned memory without waiting (read it after the GPU
-    is synchronised: an event, or torch.cuda.synchronize)."""
+    """`tensor` in host memory; from a GPU into pinned memory without waiting (read it after
+    `ready_event`'s event, or torch.cuda.synchronize). The other way: `to_device`."""
     if tensor.device.type != "cuda":
         return tensor
     return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+
+
+def ready_event(device):
+    """A CUDA event recorded behind everything queued so far on `device` (its `synchronize()` waits
+    for that work, `to_host` copies included), or None on a CPU, where nothing is left to wait for."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def model_pixels(processor, tiles, tile_mask, device, dtype):
@@ -771,10 +781,7 @@ class Scorer:
         the GPU works, instead of the GPU idling while the host writes results and cuts views."""
         with torch.inference_mode():
             scores = [(m, to_host(output.scores.float())) for m, output, _ in self.outputs(grouped_inputs)]
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
+        ready = ready_event(self.device)
         return lambda: self.rows(scores, ready)
 
     @staticmethod

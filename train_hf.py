@@ -412,14 +412,13 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
 
     from tqdm import tqdm
 
-    from scoring import crop_mode, loader_batches, model_pixels, model_threads, to_host
+    from scoring import crop_mode, loader_batches, model_pixels, model_threads, ready_event, to_host
 
-    on_gpu = device.type == "cuda"
     views = ImageViews(ds, processor, crop_mode(device, [processor], crop))
     for module in model.backbone_modules():
         module.to(device)
     threads = torch.get_num_threads()
-    if not on_gpu:
+    if device.type != "cuda":
         torch.set_num_threads(model_threads(model.num_parameters(), workers))
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
     embeds, masks, previous = [], [], None
@@ -433,14 +432,12 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
                 # embeds this batch while the next one is cut and queued, one batch ahead at most
                 embeds.append(to_host(model.embed_tiles(pixels, mask).float()))
                 masks.append(mask)
-                if on_gpu:
-                    queued = torch.cuda.Event()
-                    queued.record(torch.cuda.current_stream(device))
-                    if previous is not None:
-                        previous.synchronize()
-                    previous = queued
-        if on_gpu:
-            torch.cuda.synchronize(device)
+                queued = ready_event(device)
+                if previous is not None:
+                    previous.synchronize()
+                previous = queued
+        if previous is not None:  # the last batch's embeddings are in host memory
+            previous.synchronize()
     finally:
         torch.set_num_threads(threads)
     return torch.cat(embeds).numpy(), torch.cat(masks).numpy()

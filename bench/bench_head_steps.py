@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from bench_classify import VIT_L, machine  # noqa: E402
+from bench_gpu import sync  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
         "image_size": 30, "patch_size": 6, "projection_dim": 16}
@@ -71,8 +72,7 @@ def trainer_steps_per_s(trainer_class, model, device, steps, warmup, output_dir)
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in (warmup, steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 marks[state.global_step] = time.perf_counter()
 
     args = TrainingArguments(
@@ -103,13 +103,11 @@ def plain_loop_steps_per_s(head, device, steps, warmup):
 
     for i in range(warmup):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for i in range(warmup, steps):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (steps - warmup) / (time.perf_counter() - start)
 
 
