@@ -89,19 +89,20 @@ class Transfers:
         target = self.dest / relative
         hidden = target.with_name(f".{target.name}.{path_key(source) & 0xFFFFFFFFFFFFFFFF:016x}.partial")
         done = self.placed.get(source)
-        if done is not None and os.path.lexists(done["dst"]):
-            finished = not os.path.lexists(source) or identity(source) == done["id"]
-            if finished:  # by an earlier run; one killed before its last steps is finished here
-                unlink(done["hidden"] if "hidden" in done else hidden)
-                if self.move:
-                    unlink(source)
-                    self.step()
-                return Path(done["dst"]), False
-            # else another file has taken that path since: it is transferred like any other
-        if not os.path.lexists(source):
-            raise SourceGone("no longer at its path")
         placed = None
         try:
+            if done is not None and os.path.lexists(done["dst"]):
+                finished = not os.path.lexists(source) or identity(source) == done["id"]
+                if finished:  # by an earlier run; one killed before its last steps is finished here
+                    placed = Path(done["dst"])
+                    unlink(done["hidden"] if "hidden" in done else hidden)
+                    if self.move:
+                        self.remove_source(source, placed)
+                        self.step()
+                    return placed, False
+                # else another file has taken that path since: it is transferred like any other
+            if not os.path.lexists(source):
+                raise SourceGone("no longer at its path")
             target.parent.mkdir(parents=True, exist_ok=True)
             if os.path.lexists(hidden):
                 placed = already_linked(hidden, target)
@@ -115,7 +116,7 @@ class Transfers:
             os.unlink(hidden)
             self.step()
             if self.move:
-                unlink(source)
+                self.remove_source(source, placed)
                 self.step()
         except OSError as error:
             if placed is None and os.path.lexists(hidden):
@@ -125,6 +126,16 @@ class Transfers:
                                  "rerun to finish") from None
             raise TransferError(f"{error.strerror or error}") from None
         return placed, True
+
+    @staticmethod
+    def remove_source(source, placed):
+        """The last step of a move. A source that cannot be removed (a read-only folder, an
+        immutable file) stays where it is, beside its copy, and says so; a rerun tries again."""
+        try:
+            unlink(source)
+        except OSError as error:
+            raise TransferError(f"copied to {placed}, but the source cannot be removed "
+                                f"({error.strerror or error}); rerun to try again") from None
 
     def step(self):
         """Between two steps of a transfer. Test hook: CITYCLASSIFIER_KILL_AT_TRANSFER_STEP=N makes the

@@ -521,3 +521,34 @@ def test_sigkill_of_a_real_move_at_random_steps(converted, trial):
         assert code == -signal.SIGKILL
         assert cli(*args)[0] == 0
         assert contents(src, dest) == before and not list(src.rglob("*.png")) and not hidden_leftovers(dest)
+
+
+def test_a_source_that_cannot_be_removed_stays_beside_its_copy_with_one_line(converted, trial, monkeypatch, capsys):
+    """A move whose source cannot be unlinked (a read-only folder or mount, an immutable file: faked,
+    since the tests run as root) keeps both, says so in one line per file, rerun after rerun, and
+    finishes once the source can go."""
+    import transfers
+
+    src, dest, out, before = trial.src, trial.dest, trial.out, trial.before
+    stuck = src / "a" / "x.png"
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(transfers.os, "unlink", unlink)
+    args = [src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest]
+    for _ in range(2):  # the first run and a rerun: the same, no traceback
+        capsys.readouterr()
+        assert run(*args) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(stuck) in errors[0] and "cannot be removed" in errors[0], errors
+        assert stuck.exists() and sorted(p.name for p in src.rglob("*.png")) == ["x.png"]
+        extra = contents(src, dest) - before  # every content kept; the stuck one once more, nothing else
+        assert contents(src, dest) - extra == before and sum(extra.values()) == 1
+        assert not hidden_leftovers(dest)
+    monkeypatch.setattr(transfers.os, "unlink", real_unlink)
+    assert run(*args) == 0
+    assert contents(src, dest) == before and not list(src.rglob("*.png"))
