@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, make_image
+from PIL import Image
 
 TINY_VISION = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "image_size": 30, "patch_size": 6, "projection_dim": 16})
@@ -61,6 +62,35 @@ def test_generator_draws_only_the_chosen_hard_negatives():
         m.parse_args(["--out", "x", "--hard-negatives", "jpeg,blur"])
 
 
+def test_delivered_images_are_the_same_pictures_compressed_once_more(synthetic, tmp_path):
+    import make_synthetic_data as m
+
+    delivered = tmp_path / "delivered"
+    assert m.main(["--out", str(delivered), "--train", "16", "--validation", "6", "--test", "4", "--seed", "3",
+                   "--workers", "1", "--delivered", "1"]) == 0
+    seen = set()
+    for split in ("train", "validation", "test"):
+        plain = {r["file_name"]: r for r in csv.DictReader(open(synthetic / split / "metadata.csv"))}
+        for row in csv.DictReader(open(delivered / split / "metadata.csv")):
+            # the same draws as without --delivered: same files, effects and strengths
+            assert {k: v for k, v in row.items() if k != "delivery"} == plain[row["file_name"]]
+            before = np.asarray(Image.open(synthetic / split / row["file_name"]), np.float64)
+            after = np.asarray(Image.open(delivered / split / row["file_name"]), np.float64)
+            seen.add(row["delivery"])
+            if row["effect"] in ("jpeg", "webp"):  # compressed already: left as they were
+                assert row["delivery"] == "none" and (before == after).all()
+            else:
+                assert row["delivery"] in ("jpeg 4:2:0", "jpeg 4:4:4", "webp")
+                assert before.shape == after.shape and (before != after).any()
+                assert np.abs(before - after).mean() < 8  # quality 70-95: the picture, not a hard negative
+    assert "none" in seen and len(seen) >= 3
+    # about the asked share, JPEG the most common way, and nothing without the option
+    kinds = [m.deliver(Image.new("RGB", (16, 16)), seed, "clean", 0.5)[1] for seed in range(600)]
+    assert 0.4 < kinds.count("none") / 600 < 0.6
+    assert kinds.count("jpeg 4:2:0") > kinds.count("webp") > 0 and kinds.count("jpeg 4:4:4") > 0
+    assert "delivery" not in open(synthetic / "train" / "metadata.csv").readline()
+
+
 def test_generated_shift_moves_red_and_blue_but_not_green():
     import make_synthetic_data as m
 
@@ -101,7 +131,7 @@ def check_trained_folder(out):
 
 def test_full_mode_trains_backbone_and_saves_a_pipeline_folder(synthetic, tmp_path):
     out = train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--cache_views", "2",
-                "--label_loss_weights", "1.0,0.5")
+                "--label_loss_weights", "0.8,1.0")
     check_trained_folder(out)
     config = json.loads((out / "config.json").read_text())
     assert config["label_loss_weights"] == [1.0, 0.5] and config["vision_config"]["hidden_size"] == 32
@@ -252,9 +282,11 @@ def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, con
     from remote_code import FRINGE_FEATURES, CityClassifierForImageClassification
 
     out = train(tmp_path, synthetic, "--model_name_or_path", str(converted["ca"]), "--train_backbone", "true",
-                "--fringe_features", "true", "--learning_rate", "0.01")
+                "--fringe_features", "true", "--learning_rate", "0.01", "--label_loss_weights", "0.8,1.0")
     check_trained_folder(out)
     config = json.loads((out / "config.json").read_text())
+    assert json.loads((converted["ca"] / "config.json").read_text())["label_loss_weights"] != [0.8, 1.0]
+    assert config["label_loss_weights"] == [0.8, 1.0]  # a training setting applies when fine-tuning too
     assert config["fringe_features"] == {"block": 48, "max_shift": 3, "min_edge": 0.02, "blocks": 12}
     model = CityClassifierForImageClassification.from_pretrained(out)
     projection = model.config.vision_config.projection_dim
