@@ -16,10 +16,15 @@ plus hard negatives taken from the original model's known weaknesses: HSV noise,
 overlapping semi-transparent lines, JPEG/WebP artefacts, grayscale, saturated complementary colour
 edges (red beside cyan) and screentone.
 
+With --delivered, a share of the finished images (positives included) is saved once more the way
+pictures travel, as a JPEG of quality 70-95 or a WebP of quality 75-95, and stored as the decoded
+result: so that compression is not a sign of a clean picture, and fringes are learnt as they look
+after chroma subsampling.
+
 Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
-                                                            family, width, height
+                                                            family, width, height (, delivery)
 Folder names follow the original's convention: the number before the first underscore is the label.
 Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
 This script imports nothing else from the repo.
@@ -404,14 +409,36 @@ def make_example(seed, effect, photos, picture=None, backgrounds=()):
     return image, strength, source
 
 
+def deliver(image, seed, effect, fraction):
+    """(image, how it was delivered): with probability `fraction`, `image` saved as a JPEG (quality
+    70-95, 4:2:0 chroma subsampling in 70% of them, else 4:4:4) or, one time in four, a WebP (quality
+    75-95) and decoded again; "none" otherwise and for the JPEG/WebP hard negatives, which are
+    compressed already. Drawn from its own stream, so that a dataset made without it is unchanged."""
+    rng = np.random.default_rng([seed, 13])
+    if effect in ("jpeg", "webp") or rng.random() >= fraction:
+        return image, "none"
+    buffer = io.BytesIO()
+    if rng.random() < 0.25:
+        image.save(buffer, "WEBP", quality=int(rng.integers(75, 96)))
+        kind = "webp"
+    else:
+        subsampling = 2 if rng.random() < 0.7 else 0
+        image.save(buffer, "JPEG", quality=int(rng.integers(70, 96)), subsampling=subsampling)
+        kind = "jpeg 4:2:0" if subsampling == 2 else "jpeg 4:4:4"
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), kind
+
+
 def write_one(job):
-    seed, effect, path, photos, picture, family, backgrounds = job
+    seed, effect, path, photos, picture, family, backgrounds, delivered = job
     image, strength, source = make_example(seed, effect, photos, picture, backgrounds)
+    delivery = None
+    if delivered > 0:
+        image, delivery = deliver(image, seed, effect, delivered)
     if family is None:
         family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return path, effect, strength, source, max(image.size), family, image.width, image.height
+    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery
 
 
 def pick_pictures(planned, split, seed, pictures, real_fraction):
@@ -466,7 +493,18 @@ def parse_args(argv=None):
         "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
              f"positives (default: all of {', '.join(HARD_NEGATIVES)})")
+    parser.add_argument("--delivered", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
+                             "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
+                             "column says how (default: 0, every image stored losslessly as made)")
     return parser.parse_args(argv)
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: not a fraction between 0 and 1")
+    return value
 
 
 def hard_negative_kinds(text):
@@ -508,16 +546,17 @@ def main(argv=None):
                 label = 1 if effect in POSITIVES else 0
                 path = folder / f"{label}_{effect}" / f"{i:06d}.png"
                 others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
-                jobs.append((seed, effect, path, photos, picture, family, others))
+                jobs.append((seed, effect, path, photos, picture, family, others, args.delivered))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
+                delivery_column = ["delivery"] if args.delivered > 0 else []
                 writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
-                                 "height"])
-                for path, effect, strength, source, size, family, width, height in rows:
+                                 "height", *delivery_column])
+                for path, effect, strength, source, size, family, width, height, delivery in rows:
                     label = int(effect in POSITIVES)
                     writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size,
-                                     family, width, height])
+                                     family, width, height, *([delivery] if delivery_column else [])])
     real = sum(len(v) for split in (pictures or {}).values() for v in split.values())
     print(f"wrote {args.out} ({len(photos)} packaged photos used as sources"
           + (f", {real} real pictures" if pictures else "") + ")")
