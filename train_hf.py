@@ -335,6 +335,11 @@ def build_model(model_args, label_ids, label_names):
                          f"({str(error).splitlines()[0]})") from None
     if config.get("model_type") == "cityclassifier":
         model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
+        for name in ("arch", "head_hidden_size", "tile_combine"):  # the model's own; never silently another
+            given = getattr(model_args, name)
+            if given != ModelArguments.__dataclass_fields__[name].default and given != getattr(model.config, name):
+                raise UsageError(f"--{name} {given}: {model_args.model_name_or_path} is a CityClassifier with "
+                                 f"{name} {getattr(model.config, name)}, which fine-tuning keeps")
         if model.config.num_labels != num_labels:
             raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, "
                              f"the data {num_labels}")

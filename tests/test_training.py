@@ -294,6 +294,22 @@ def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, con
     assert model.head.up[0].weight[:, projection:].abs().sum() > 0  # trained away from the zero start
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--head_hidden_size", "7", "head_hidden_size 64, which fine-tuning keeps"),
+    ("--tile_combine", "max", "tile_combine mean, which fine-tuning keeps"),
+    ("--arch", "score", "arch class, which fine-tuning keeps"),
+    ("--label_loss_weights", "1,1,1", "2 positive numbers needed"),
+])
+def test_fine_tuning_refuses_head_settings_it_would_ignore(converted, tmp_path, option, value, message):
+    import train_hf
+    from toolkit import UsageError
+
+    _, model_args, _ = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path),
+                                            "--model_name_or_path", str(converted["ca"]), option, value])
+    with pytest.raises(UsageError, match=message):
+        train_hf.build_model(model_args, [0, 1], ["Pass", "Chromatic Aberration"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
     import train_hf
