@@ -102,3 +102,41 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys)
     assert code == 2 and err.strip().count("\n") == 0
     assert err.startswith("error: ") and "nope.safetensors" in err
     assert run_convert(capsys, "--clip", tiny_clip)[0] == 2  # argparse: missing --head and --out
+
+
+# -------------------------------------------------------------------------------- average_models.py
+
+
+def test_average_models_interpolates_every_weight_and_refuses_another_architecture(converted, tmp_path):
+    from safetensors.torch import load_file
+
+    import average_models
+    from remote_code import CityClassifierForImageClassification
+    from toolkit import UsageError
+
+    moved = CityClassifierForImageClassification.from_pretrained(converted["ca"])
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    moved.save_pretrained(tmp_path / "moved")
+    (tmp_path / "moved" / "preprocessor_config.json").write_text(
+        (converted["ca"] / "preprocessor_config.json").read_text())
+    out = tmp_path / "avg"
+    assert average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--weight", "0.25",
+                                "--out", str(out)]) == 0
+    first = load_file(str(converted["ca"] / "model.safetensors"))
+    second = load_file(str(tmp_path / "moved" / "model.safetensors"))
+    averaged = load_file(str(out / "model.safetensors"))
+    assert averaged.keys() == first.keys() == second.keys()
+    for name, value in averaged.items():  # 3/4 of the first, 1/4 of the second
+        torch.testing.assert_close(value.float(), 0.75 * first[name].float() + 0.25 * second[name].float())
+    assert CityClassifierForImageClassification.from_pretrained(out).config.id2label[1] == "Chromatic Aberration"
+
+    CityClassifierForImageClassification.from_pretrained(converted["ca"]).add_fringe_features().save_pretrained(
+        tmp_path / "fringe")
+    with pytest.raises(UsageError, match="differ in fringe_features"):
+        average_models.main([str(converted["ca"]), str(tmp_path / "fringe"), "--out", str(tmp_path / "x")])
+    with pytest.raises(UsageError, match="not between 0 and 1"):
+        average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--weight", "2",
+                             "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
