@@ -40,7 +40,8 @@ def test_shipped_model_ranks_an_aberrated_image_above_its_clean_original():
 def test_documented_training_configs_rebuild_the_shipped_architecture():
     """configs/default_model.json builds a model that, with the fringe measurements stage 4 adds,
     has the shipped weights' shapes and labels, and each later stage fine-tunes the previous stage's
-    output, backbone unfrozen, on images of its own."""
+    output, backbone unfrozen, on images of its own (stage 5's output is then averaged with stage 4:
+    average_models.py)."""
     import safetensors.torch
 
     import train_hf
@@ -61,7 +62,8 @@ def test_documented_training_configs_rebuild_the_shipped_architecture():
     assert json.loads((REPO / "preprocessor_config.json").read_text())["crop_size"] == processor.crop_size
 
     datasets = [data.dataset_name]
-    for stage in ("default_model_stage2.json", "default_model_stage3.json", "default_model_stage4.json"):
+    for stage in ("default_model_stage2.json", "default_model_stage3.json", "default_model_stage4.json",
+                  "default_model_stage5.json"):
         stage_data, stage_model, stage_training = train_hf.parse_args([str(REPO / "configs" / stage)])
         assert stage_model.model_name_or_path == training.output_dir  # starts from the previous stage
         assert stage_model.train_backbone is True
@@ -69,3 +71,6 @@ def test_documented_training_configs_rebuild_the_shipped_architecture():
         datasets.append(stage_data.dataset_name)
         assert stage_model.fringe_features == (stage == "default_model_stage4.json")
         training = stage_training
+    # stage 5 trains with the original CA model's loss weights, and the shipped config says so
+    assert training.output_dir.endswith("default_model_stage5_finetuned")
+    assert stage_model.label_loss_weights == "1.0,0.5" and shipped_config["label_loss_weights"] == [1.0, 0.5]
