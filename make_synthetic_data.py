@@ -493,14 +493,14 @@ def parse_args(argv=None):
         "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
              f"positives (default: all of {', '.join(HARD_NEGATIVES)})")
-    parser.add_argument("--delivered", type=fraction, default=0.0, metavar="FRACTION",
+    parser.add_argument("--delivered", type=fraction_arg, default=0.0, metavar="FRACTION",
                         help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
                              "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
                              "column says how (default: 0, every image stored losslessly as made)")
     return parser.parse_args(argv)
 
 
-def fraction(text):
+def fraction_arg(text):
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: not a fraction between 0 and 1")
