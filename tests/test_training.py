@@ -131,7 +131,7 @@ def check_trained_folder(out):
 
 def test_full_mode_trains_backbone_and_saves_a_pipeline_folder(synthetic, tmp_path):
     out = train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--cache_views", "2",
-                "--label_loss_weights", "0.8,1.0")
+                "--label_loss_weights", "1.0,0.5")
     check_trained_folder(out)
     config = json.loads((out / "config.json").read_text())
     assert config["label_loss_weights"] == [1.0, 0.5] and config["vision_config"]["hidden_size"] == 32
@@ -281,8 +281,10 @@ def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, con
     its head learns weights for them, and the folder scores through the pipeline."""
     from remote_code import FRINGE_FEATURES, CityClassifierForImageClassification
 
+    head = json.loads((converted["ca"] / "config.json").read_text())["head_hidden_size"]  # the model's, kept
     out = train(tmp_path, synthetic, "--model_name_or_path", str(converted["ca"]), "--train_backbone", "true",
-                "--fringe_features", "true", "--learning_rate", "0.01", "--label_loss_weights", "0.8,1.0")
+                "--fringe_features", "true", "--learning_rate", "0.01", "--label_loss_weights", "0.8,1.0",
+                "--head_hidden_size", str(head))
     check_trained_folder(out)
     config = json.loads((out / "config.json").read_text())
     assert json.loads((converted["ca"] / "config.json").read_text())["label_loss_weights"] != [0.8, 1.0]
