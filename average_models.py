@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+from scoring import load_scoring_model
 from toolkit import UsageError, atomic_output_dir, run_cli
 
-TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "_name_or_path", "transformers_version", "dtype")
+TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "use_cache", "_name_or_path", "transformers_version",
+                 "dtype")
 
 
 def parse_args(argv=None):
@@ -33,10 +34,11 @@ def parse_args(argv=None):
 
 
 def load(name):
+    """(model, processor) in float32, by the strict, safetensors-only loader that scoring uses."""
     try:
-        return CityClassifierForImageClassification.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{name}: cannot load a CityClassifier ({str(error).splitlines()[0]})") from None
+        return load_scoring_model(name, torch.float32)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def architecture(config):
@@ -66,8 +68,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not 0 <= args.weight <= 1:
         raise UsageError(f"--weight {args.weight}: not between 0 and 1")
-    model = average(load(args.first), load(args.second), args.weight)
-    processor = CityClassifierImageProcessor.from_pretrained(args.second)
+    (first, _), (second, processor) = load(args.first), load(args.second)
+    model = average(first, second, args.weight)
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -134,6 +134,8 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
 
     CityClassifierForImageClassification.from_pretrained(converted["ca"]).add_fringe_features().save_pretrained(
         tmp_path / "fringe")
+    (tmp_path / "fringe" / "preprocessor_config.json").write_text(
+        (converted["ca"] / "preprocessor_config.json").read_text())
     with pytest.raises(UsageError, match="differ in fringe_features"):
         average_models.main([str(converted["ca"]), str(tmp_path / "fringe"), "--out", str(tmp_path / "x")])
     with pytest.raises(UsageError, match="not between 0 and 1"):
