@@ -105,15 +105,7 @@ class CityClassifierConfig(PretrainedConfig):
             raise ValueError(f"id2label must have exactly one label for arch='score', got {self.num_labels}")
         if arch == "class" and self.num_labels < 2:
             raise ValueError(f"id2label must have at least two labels for arch='class', got {self.num_labels}")
-        if label_loss_weights is None:
-            label_loss_weights = [1.0] * self.num_labels
-        label_loss_weights = [float(w) for w in label_loss_weights]
-        if len(label_loss_weights) != self.num_labels or min(label_loss_weights) <= 0:
-            raise ValueError(
-                f"label_loss_weights must hold {self.num_labels} positive numbers (one per label), "
-                f"got {label_loss_weights}"
-            )
-        self.label_loss_weights = label_loss_weights
+        self.label_loss_weights = self.loss_weights(label_loss_weights, self.num_labels)
 
         if stem is not None:
             pool = stem.get("pool", 1)
@@ -135,6 +127,15 @@ class CityClassifierConfig(PretrainedConfig):
         self.stem = stem
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
+
+    @staticmethod
+    def loss_weights(value, num_labels):
+        """`label_loss_weights` as stored: None -> 1.0 per label, else `num_labels` positive floats."""
+        weights = [1.0] * num_labels if value is None else [float(w) for w in value]
+        if len(weights) != num_labels or min(weights) <= 0:
+            raise ValueError(f"label_loss_weights must hold {num_labels} positive numbers (one per label), "
+                             f"got {weights}")
+        return weights
 
     @staticmethod
     def fringe_spec(value):

@@ -346,11 +346,12 @@ def build_model(model_args, label_ids, label_names):
         processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
         if model_args.fringe_features:
             model.add_fringe_features()
-        weights = labels.get("label_loss_weights")
-        if weights:  # a training setting: it applies to a model being fine-tuned too
-            if len(weights) != num_labels or min(weights) <= 0:
-                raise UsageError(f"--label_loss_weights: {num_labels} positive numbers needed, got {weights}")
-            model.config.label_loss_weights = weights
+        if "label_loss_weights" in labels:  # a training setting: it applies to a model being fine-tuned too
+            try:
+                model.config.label_loss_weights = model.config.loss_weights(labels["label_loss_weights"], num_labels)
+            except ValueError:
+                raise UsageError(f"--label_loss_weights: {num_labels} positive numbers needed, "
+                                 f"got {labels['label_loss_weights']}") from None
         return model, processor, bool(model_args.train_backbone)
     model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
     return model, processor, bool(model_args.train_backbone)
