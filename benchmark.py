@@ -140,15 +140,13 @@ def derive_columns(record):
 def batches(records, scorer, args, tiling):
     """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
     files; an image that cannot be scored is reported, not fatal."""
-    from scoring import FileStream, collate, first_line
+    from scoring import FileStream, collate, first_line, loader_batches
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}
         stream = FileStream([r["path"] for r in records], scorer, np.array([], dtype=np.int64), 0, 1, None,
                             tiling=tiling)
-        loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                                             collate_fn=collate)
-        for metas, grouped in loader:
+        for metas, grouped in loader_batches(stream, args.batch_size, args.workers, scorer.device):
             errors = {index[m["path"]]: m["error"] for m in metas if m["error"]}
             yield [index[m["path"]] for m in metas if not m["error"]], grouped, errors
     else:

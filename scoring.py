@@ -245,6 +245,12 @@ def path_key(path):
 class FileStream(torch.utils.data.IterableDataset):
     """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process.
 
+    Files reach the workers through a queue when `feed` was called (`loader_batches` does, for two
+    workers or more): one walk in the main process, and each worker takes the next file when it is
+    free. Otherwise every worker walks and keeps a fixed share by path key, and the run waits for the
+    worker that drew the most work: on an H100's host with 15 workers, classify.py scored 1800
+    pictures of 256-2048 px in 8.6 s that way and in 7.0 s from the queue (bench/gpu-h100-run4.json).
+
     Each worker notes the file it is decoding in `markers` (see WorkerMarkers), so that when the
     kernel kills a worker (out of memory) the main process can give that file an error row."""
 
@@ -253,18 +259,80 @@ class FileStream(torch.utils.data.IterableDataset):
         self.paths, self.scorer, self.done = paths, scorer, done
         self.rank, self.world, self.max_pixels, self.fast_decode = rank, world, max_pixels, fast_decode
         self.exclude, self.markers, self.tiling = exclude, markers, tiling
+        self.queue = self.feeder = None
+
+    def pending(self):
+        """This rank's files not done yet, each once (a file named twice in one run is scored once)."""
+        seen = set()
+        for path in iter_files(self.paths, self.exclude):
+            key = path_key(path)
+            if key % self.world != self.rank or key in seen or is_done(self.done, key):
+                continue
+            seen.add(key)
+            yield path
+
+    def feed(self, workers):
+        """Makes the workers take their files from a queue that a thread of this process fills, walking
+        once. -> (start, stop, error): start the thread once the workers exist (`iter(loader)`: no
+        thread is running when they fork), stop it (a run cut short), and error() the exception that
+        ended the walk early, or None: the caller raises it, so no file is left out unannounced."""
+        import multiprocessing
+        import queue as queues
+
+        self.queue, self.feeder = multiprocessing.Queue(maxsize=64 * workers), os.getpid()
+        # paths left in it when its workers are gone (one died: the loader restarts with a new queue)
+        # must not keep this process from exiting; the restarted walk hands them out again
+        self.queue.cancel_join_thread()
+        stop, failure = threading.Event(), []
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    return True
+                except queues.Full:
+                    continue
+            return False
+
+        def walk():
+            try:
+                for path in self.pending():
+                    if not put(path):
+                        return
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread by error()
+                failure.append(error)
+            finally:
+                for _ in range(workers):  # one end mark a worker
+                    put(None)
+
+        thread = threading.Thread(target=walk, name="file-feeder", daemon=True)
+        return thread.start, stop.set, lambda: failure[0] if failure else None
+
+    def paths_to_load(self, info):
+        if info is None:  # in this process: all of this rank's files
+            yield from self.pending()
+        elif self.queue is not None:
+            import queue as queues
+
+            while True:
+                try:
+                    path = self.queue.get(timeout=1.0)
+                except queues.Empty:
+                    if os.getppid() != self.feeder:  # the main process is gone: so is the feeder
+                        return
+                    continue
+                if path is None:
+                    return
+                yield path
+        else:  # a fixed share by path key: a path named twice goes to the same worker
+            for path in self.pending():
+                if path_key(path) // self.world % info.num_workers == info.id:
+                    yield path
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shard, shards = self.rank * workers + worker, self.world * workers
         marker = self.markers.open() if self.markers is not None and info else None
-        seen = set()  # the same file named twice in one run is scored once
-        for path in iter_files(self.paths, self.exclude):
-            key = path_key(path)  # sharding by key sends a path named twice to the same worker
-            if key % shards != shard or key in seen or is_done(self.done, key):
-                continue
-            seen.add(key)
+        for path in self.paths_to_load(info):
             if marker:
                 marker.set(path)
             meta, inputs = self.load(path)
@@ -405,30 +473,45 @@ def join_batches(parts, device):
     return metas, joined
 
 
-def loader_batches(dataset, batch_size, workers, device):
+def loader_batches(dataset, batch_size, workers, device, in_order=None):
     """Batches of at least `batch_size` images (fewer at the end) as `collate` makes them, from a
     dataset of (meta, `Scorer.preprocess` output) items (`FileStream`, or a map-style dataset),
-    decoded by `workers` processes into pinned memory on a GPU (see `micro_batch`)."""
+    decoded by `workers` processes into pinned memory on a GPU (see `micro_batch`). A `FileStream`'s
+    workers take files from one queue (`FileStream.feed`) and hand their batches over as they finish
+    them (the metas name the files); a map-style dataset's come in index order unless `in_order` is
+    False (its metas must then say which items they are)."""
     on_gpu = device.type == "cuda"
+    feeding = workers > 1 and isinstance(dataset, FileStream)  # one worker has no one to share with
+    in_order = not feeding if in_order is None else in_order
+    start, stop, failure = dataset.feed(workers) if feeding else (None, None, None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device),
                                          num_workers=workers, collate_fn=collate, pin_memory=on_gpu,
-                                         prefetch_factor=4 if workers else None)
-    batches = iter(loader)
-    if workers and threading.current_thread() is threading.main_thread():
-        # The iterator installed torch's SIGCHLD handler, which raises a worker's death wherever the
-        # main thread happens to be (seen inside a progress bar's exit, while handling a death that
-        # had surfaced as a reset connection): the loader's own liveness check reports it instead,
-        # at the next batch, where the tools catch it.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    pending, count = [], 0
-    for metas, grouped in batches:
-        pending.append((metas, grouped))
-        count += len(metas)
-        if count >= batch_size:
+                                         prefetch_factor=4 if workers else None, in_order=in_order)
+    try:
+        batches = iter(loader)
+        if feeding:
+            start()
+        if workers and threading.current_thread() is threading.main_thread():
+            # The iterator installed torch's SIGCHLD handler, which raises a worker's death wherever the
+            # main thread happens to be (seen inside a progress bar's exit, while handling a death that
+            # had surfaced as a reset connection): the loader's own liveness check reports it instead,
+            # at the next batch, where the tools catch it.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        pending, count = [], 0
+        for metas, grouped in batches:
+            pending.append((metas, grouped))
+            count += len(metas)
+            if count >= batch_size:
+                yield join_batches(pending, device)
+                pending, count = [], 0
+        if pending:
             yield join_batches(pending, device)
-            pending, count = [], 0
-    if pending:
-        yield join_batches(pending, device)
+        if feeding and failure() is not None:
+            raise failure()
+    finally:
+        if feeding:
+            stop()
+            dataset.queue = dataset.feeder = None  # a later loader over this stream walks or feeds anew
 
 
 def is_done(done, key):
@@ -533,7 +616,8 @@ def view_tiles(processor, image, tiling, mode):
     on a 2-core EPYC, normalising in the model's process cost 15% of the throughput); "uint8":
     (k, S, S, 3) crops, a quarter of the bytes, normalised by the GPU; "device": the whole decoded
     image (`DeviceImage`), resized, cut and normalised by the GPU, so that the decoding workers only
-    decode (on an H100's 16-core host they fed 586 crops/s so, 396 when they also cut the views)."""
+    decode (on an H100's 16-core host they fed 548 crops/s so, 462 when they also cut the views:
+    bench/gpu-h100-run3.json)."""
     if mode == "device":
         image = processor.prepare(image, tiling)  # RGB; non-RGB modes already resized, as the original
         pixels = np.asarray(image)  # read-only from Pillow: torch wants to be able to write
@@ -548,8 +632,9 @@ def crop_mode(device, processors, requested="auto"):
     """Where views are cut: by the decoding workers ("normalised" crops for a CPU, "uint8" for a GPU)
     unless `requested` is "device": the model's device resizes and cuts them from the whole decoded
     image, the same bytes (BILINEAR/BICUBIC processors only; on a CPU too, for tests). Not the GPU
-    default yet: on an H100 its workers fed 586 crops/s against 396, but classify.py ended slower
-    (230 against 286 crops/s) while whole worker batches kept the GPU waiting (see `micro_batch`)."""
+    default: on an H100 its workers fed more crops (548 against 462 crops/s), but classify.py was
+    slower with it, 297 against 490 crops/s on 600 files and 488 against 629 on 1800, with a fixed
+    cost of 3.5 s against 1.2 (bench/gpu-h100-run3.json)."""
     if requested not in ("auto", "workers", "device"):
         raise ValueError(f"crop mode must be auto, workers or device, got {requested!r}")
     if requested == "device":

@@ -313,6 +313,110 @@ def test_a_decoding_process_killed_by_the_kernel_costs_one_error_row(converted, 
     assert list(errors) == ["victim.png"] and "died" in errors["victim.png"]
 
 
+def feed_paths(converted, paths, workers, done=()):
+    """Every meta path that loader_batches hands over, scoring FileStream's files with `workers`."""
+    from scoring import FileStream, Scorer, loader_batches, path_key
+
+    scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
+    stream = FileStream([str(p) for p in paths], scorer, np.array(sorted(path_key(str(p)) for p in done)), 0, 1,
+                        None)
+    return [meta["path"] for metas, _ in loader_batches(stream, 4, workers, torch.device("cpu")) for meta in metas]
+
+
+def test_workers_take_files_from_one_queue_each_file_once(converted, tmp_path):
+    """Files reach the decoding workers through one queue, fed by one walk: every file not done is
+    handed over once, also when it is named twice, whichever worker takes it."""
+    src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(20)] + ["sub/x.png"])
+    done = src / "03.png"
+    paths = feed_paths(converted, [src, src / "05.png", src / "sub"], 3, done=[done])
+    assert sorted(paths) == sorted(str(p) for p in src.rglob("*.png") if p != done)
+
+
+def test_a_walk_that_fails_midway_raises_after_the_files_it_found(converted, tmp_path, monkeypatch):
+    """The walk runs in a thread of the main process: an error there must end the run with that error
+    once the files found before it are handed over, never end it early as if all were done."""
+    from scoring import FileStream
+
+    src = images(tmp_path / "in", ["a.png", "b.png", "c.png"])
+
+    def failing(self):
+        yield from sorted(str(p) for p in src.iterdir())
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(FileStream, "pending", failing)
+    seen = []
+    with pytest.raises(OSError, match="the disk went away"):
+        from scoring import Scorer, loader_batches
+
+        scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
+        stream = FileStream([str(src)], scorer, np.array([], dtype=np.int64), 0, 1, None)
+        for metas, _ in loader_batches(stream, 2, 2, torch.device("cpu")):
+            seen += [meta["path"] for meta in metas]
+    assert sorted(seen) == sorted(str(p) for p in src.iterdir())
+
+
+def test_decoding_workers_end_when_the_main_process_is_killed(converted, tmp_path):
+    """A worker waiting for its next file from the queue notices that the main process is gone and
+    ends, instead of waiting forever (the queue's write end lives on in the workers themselves)."""
+    src = images(tmp_path / "in", ["a.png", "b.png"])
+    script = tmp_path / "main.py"
+    script.write_text(f"""
+import sys, time, numpy as np, torch
+sys.path.insert(0, {str(REPO)!r})
+from scoring import FileStream, Scorer, loader_batches
+scorer = Scorer([{str(converted["ca"])!r}], device="cpu", dtype="float32")
+stream = FileStream([{str(src)!r}], scorer, np.array([], dtype=np.int64), 0, 1, None)
+def slow_walk(self):  # the feeder finds nothing more for a long while: the workers wait on the queue
+    yield {str(src / "a.png")!r}
+    time.sleep(600)
+FileStream.pending = slow_walk
+for metas, _ in loader_batches(stream, 1, 2, torch.device("cpu")):
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=ENV)
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        workers = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                   if stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[1] == str(child.pid)]
+        assert len(workers) == 2
+    finally:
+        child.kill()
+        child.wait()
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 60  # they look once a second; the deadline only bounds a failure
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_paths_left_in_the_queue_of_dead_workers_do_not_keep_the_process_alive(tmp_path):
+    """After a worker's death the loader restarts with a new queue; the old one may hold more paths
+    than its pipe takes. multiprocessing would then wait forever at exit to flush them."""
+    script = tmp_path / "main.py"
+    script.write_text(f"""
+import sys, time, numpy as np
+sys.path.insert(0, {str(REPO)!r})
+from scoring import FileStream
+stream = FileStream([], None, np.array([], dtype=np.int64), 0, 1, None)
+FileStream.pending = lambda self: ("/" + "x" * 2000 + str(i) for i in range(10 ** 6))
+start, stop, error = stream.feed(2)  # no worker ever reads: the queue fills, then its pipe
+start()
+while stream.queue.qsize() < 128:  # full (64 a worker): about 256 KB, four times a pipe's 64 KB
+    time.sleep(0.05)
+stop()
+print("done", flush=True)
+""")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == b"done", done.stderr[-2000:]
+
+
 def test_exit_status_2_with_one_line_for_what_cannot_work(converted, tmp_path, monkeypatch):
     import classify
 
