@@ -366,7 +366,8 @@ def views_fingerprint(model, processor):
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """Image i of a dataset -> its real tiles (`scoring.view_tiles`), decoded in a DataLoader worker."""
+    """Image i of a dataset -> (i, its real tiles (`scoring.view_tiles`)), decoded in a DataLoader
+    worker; the index lets batches be taken as the workers finish them (`embed_all`)."""
 
     def __init__(self, ds, processor, mode):
         self.ds, self.processor, self.mode = ds.select_columns([IMAGE]), processor, mode  # scoring.crop_mode
@@ -375,23 +376,33 @@ class ImageViews(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, index):
-        """-> (no meta, [(real tiles, tile slots)]): one group, as `scoring.collate` takes it."""
+        """-> (index, [(real tiles, tile slots)]): one group, as `scoring.collate` takes it."""
         from scoring import view_tiles
 
-        return None, [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.mode),
-                       self.processor.tile_slots())]
+        return index, [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.mode),
+                        self.processor.tile_slots())]
 
 
 class EmbeddedViews(torch.utils.data.Dataset):
     """Head-only training rows from the cached embeddings, held in memory: per image and step, the
     embedding of one of its real tiles at random (each DataLoader process draws from its own seed).
-    Batch-1 head steps are few milliseconds: reading Arrow rows cost 0.26 ms a step, this 0.03."""
+    Batch-1 head steps are few milliseconds: reading Arrow rows cost 0.26 ms a step, this 0.03.
 
-    def __init__(self, ds, labels_of):
+    On a GPU the rows live on the GPU when they take under a quarter of its free memory (`on_device`):
+    a step then copies nothing to it (pinning and two copies that wait for the GPU, every step); the
+    training loader must then neither pin nor use worker processes (see `main`)."""
+
+    def __init__(self, ds, labels_of, device=None):
         columns = ds.with_format("numpy")
         self.embeds = torch.from_numpy(np.asarray(columns["image_embeds"], dtype=np.float32))
         self.valid = [np.flatnonzero(mask) for mask in np.asarray(columns["tile_mask"])]
-        self.labels = labels_of({LABEL: list(ds.with_format(None)[LABEL])})
+        labels = labels_of({LABEL: list(ds.with_format(None)[LABEL])})
+        self.labels = torch.tensor(labels, dtype=torch.float32 if labels and isinstance(labels[0], float)
+                                   else torch.long)
+        self.on_device = (device is not None and device.type == "cuda"
+                          and 4 * self.embeds.nbytes < torch.cuda.mem_get_info(device)[0])
+        if self.on_device:
+            self.embeds, self.labels = self.embeds.to(device), self.labels.to(device)
         self.rng, self.pid = None, None
 
     def __len__(self):
@@ -416,7 +427,8 @@ def embedding_precision(training_args):
 
 def embed_all(ds, model, processor, batch_size, device, precision, workers, crop="auto"):
     """(embeddings (images, tiles, dim) float32, tile_mask (images, tiles)) of every image, on `device`:
-    decoding in `workers` processes feeding batches, pinned memory and non-blocking copies on a GPU,
+    decoding in `workers` processes feeding batches, taken as they finish (a worker on a large image
+    holds up no other) and put back in dataset order, pinned memory and non-blocking copies on a GPU,
     which also resizes and cuts the views (`crop`: see scoring.crop_mode), the backbone under
     autocast in `precision`."""
     from contextlib import nullcontext
@@ -432,17 +444,18 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
     if device.type != "cuda":
         torch.set_num_threads(model_threads(model.num_parameters(), workers))
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
-    embeds, masks, previous = [], [], None
+    embeds, masks, order, previous = [], [], [], None
     try:
         with torch.inference_mode(), autocast:
-            batches = loader_batches(views, batch_size, workers, device)
-            for _, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
-                                           desc=f"Embedding views on {device.type}"):
+            batches = loader_batches(views, batch_size, workers, device, in_order=False)
+            for indices, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
+                                                 desc=f"Embedding views on {device.type}"):
                 pixels = model_pixels(processor, tiles, mask, device, torch.float32)
                 # the mask stays on the host and the embeddings come back without waiting: the GPU
                 # embeds this batch while the next one is cut and queued, one batch ahead at most
                 embeds.append(to_host(model.embed_tiles(pixels, mask).float()))
                 masks.append(mask)
+                order += indices
                 queued = ready_event(device)
                 if previous is not None:
                     previous.synchronize()
@@ -451,7 +464,10 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
             previous.synchronize()
     finally:
         torch.set_num_threads(threads)
-    return torch.cat(embeds).numpy(), torch.cat(masks).numpy()
+    if sorted(order) != list(range(len(views))):  # each image once: never a silently shifted embedding
+        raise RuntimeError(f"the embedding pass got {len(order)} images for {len(views)}")
+    back = np.argsort(order)  # arrival order -> dataset order
+    return torch.cat(embeds).numpy()[back], torch.cat(masks).numpy()[back]
 
 
 def embed_views(ds, model, processor, batch_size, device, precision, workers):
@@ -486,8 +502,9 @@ class HeadOnlyTrainer(Trainer):
     over `parameters()`). With a ViT-L backbone, a batch-1 step of a 16-wide head (a step that is
     all fixed cost, as on a GPU, where the head's own work takes microseconds) took 11.1 ms under
     Trainer and 5.8 ms under this class on a 2-core EPYC (bench/bench_head_steps.py); the original's
-    head, 23.4 against 19.8 ms. Under DeepSpeed, FSDP or torch.compile, which take their own copies
-    of the weights, nothing is set aside."""
+    head, 23.4 against 19.8 ms; on an H100, 9.7 against 5.8 ms (bench/gpu-h100-run3.json). Under
+    DeepSpeed, FSDP or torch.compile, which take their own copies of the weights, nothing is set
+    aside."""
 
     _aside = {}  # backbone modules by attribute name, while set aside
 
@@ -624,7 +641,10 @@ def main(argv=None):
         train_rows = train_ds
     else:
         train_ds, eval_ds = embed_splits(model, processor, [train_ds, eval_ds], training_args)
-        train_rows = EmbeddedViews(train_ds, train_labels)
+        train_rows = EmbeddedViews(train_ds, train_labels, training_args.device)
+        if train_rows.on_device:  # rows on the GPU already: nothing to pin, no process may touch them
+            training_args.dataloader_pin_memory, training_args.dataloader_num_workers = False, 0
+            training_args.dataloader_prefetch_factor, training_args.dataloader_persistent_workers = None, False
     if eval_ds is not None:
         eval_labels = labels_of_split(eval_ds, data_args, model_args.arch)
         eval_ds.set_transform(inference_transform(processor, eval_labels, embedded=not train_backbone))
@@ -751,7 +771,10 @@ def collate(rows):
     """Stacks the transformed rows; labels become a tensor of ids (class) or floats (score)."""
     batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0] if key != "labels"}
     labels = [row["labels"] for row in rows]
-    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+    if isinstance(labels[0], torch.Tensor):  # EmbeddedViews: already a tensor of the right type (on the GPU)
+        batch["labels"] = torch.stack(labels)
+    else:
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
     return batch
 
 

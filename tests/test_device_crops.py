@@ -111,6 +111,38 @@ def test_head_only_embeddings_with_views_cut_on_the_device(converted, tmp_path):
     assert np.abs(embeds - cut).max() < 1e-5
 
 
+def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(converted, monkeypatch):
+    """The embedding pass takes batches as the workers finish them: whatever order they come in, each
+    image gets its own embeddings (batches handed over last-first here), and a lost image is an error."""
+    import datasets
+
+    import scoring
+    import train_hf
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
+    processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
+    sizes = [(200, 130), (50, 40), (50, 300), (90, 60), (140, 140)]
+    ds = datasets.Dataset.from_dict({"image": [make_image(*size, seed=i) for i, size in enumerate(sizes)]},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    cpu = torch.device("cpu")
+    alone = []
+    with torch.inference_mode():  # each image alone, through the model's own forward: (real tiles, dim)
+        for i, size in enumerate(sizes):
+            inputs = processor(make_image(*size, seed=i), return_tensors="pt")
+            alone.append(model(**inputs).image_embeds[0][inputs["tile_mask"][0].bool()].numpy())
+    assert sorted({len(tiles) for tiles in alone}) == [1, 5]  # tiled and untiled images both
+    real = scoring.loader_batches
+    monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: reversed(list(real(*args, **kwargs))))
+    embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
+    for i, expected in enumerate(alone):
+        assert mask[i].sum() == len(expected) and np.abs(embeds[i][mask[i].astype(bool)] - expected).max() < 1e-5, i
+    monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: list(real(*args, **kwargs))[1:])
+    with pytest.raises(RuntimeError, match="got 3 images for 5"):
+        train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
+
+
 def test_workers_hand_out_small_batches_that_the_main_process_joins():
     """On a GPU each decoding worker fills small batches (batch / workers) and the main process
     joins them: the first full batch no longer waits for one worker to decode a whole batch."""
