@@ -9,27 +9,31 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
   and, where pyspng is installed, the latter again with Pillow decoding every PNG (libspng's gain);
 - classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
   ratio to the raw fp16 figure and how busy the GPU was over the whole run (start-up included);
+  then on the collection `--repeat` times over (hard links): the rate once the pipeline is full
+  (the extra crops over the extra seconds) and the fixed seconds; with `--baseline DIR`, another
+  checkout's classify.py first, on the same data and model (a before/after in one run);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
 - head-only training's embedding pass (train_hf.embed_all), crops/s and ratio to the raw figure;
-- the original's head-only recipe end to end (train_hf.py), at batch 1 and 32: head steps/s, and the
-  time for 3215 images and 30K steps (batch 1) or as many images seen (batch 32), extrapolated from
-  the embedding rate and the steps/s;
+- the original's head-only recipe end to end (train_hf.py): at batch 1 with the head in fp16
+  autocast (as the original), bf16 and fp32, and at batch 32: head steps/s, and the time for 3215
+  images and 30K steps, and for 30K images seen, extrapolated from the embedding rate and steps/s;
 - batch-1 head steps/s (bench_head_steps.py): Trainer as it comes against train_hf's HeadOnlyTrainer
   (the frozen backbone set aside) and the head alone in a plain loop (the floor), and the share of the
   floor that the batch-1 recipe reaches (what Trainer's per-step cost leaves);
 - full-mode training steps/s with the shipped model's config (configs/default_model.json);
 - how often the host waits for the GPU while it queues one scoring batch (0: it can prepare the next
   batch meanwhile; torch's sync debug mode);
-- the shipped model's scores on the GPU (fp16) against the CPU (float32), and with views cut by the
-  GPU against cut by the workers (both on the GPU): largest difference and decisions flipped at 0.5.
+- the shipped model's scores on the GPU (fp16, and float32) against the CPU (float32), and with views
+  cut by the GPU against cut by the workers (both on the GPU): largest difference and decisions
+  flipped at 0.5.
 A crop is one 336 px view through the backbone: five for a tiled image, one otherwise.
 
   python bench/bench_gpu.py --out bench/gpu.json            # on a CUDA machine, about 5 minutes
   python bench/bench_gpu.py --dry-run --out /tmp/gpu.json   # the same code paths, tiny, on a CPU
 
 --dry-run uses a tiny CLIP, a dozen small images and a few steps, in float32 on the CPU: it checks
-that every path runs (a test runs it; the batch-32 recipe and classify.py --crop-on device are the
-same code at other settings, left out there), and its figures mean nothing.
+that every path runs (a test runs it; the fp16, bf16 and batch-32 recipes and classify.py --crop-on
+device are the same code at other settings, left out there), and its figures mean nothing.
 
 Each measurement that fails is recorded as {"error": ...} and the others still run; the JSON is
 rewritten after each one, so a run cut short keeps what it measured. Exit 1 if any failed.
@@ -159,9 +163,10 @@ class GpuBusy:
         return round(float(np.mean(self.samples)), 1) if self.samples else None
 
 
-def classify_run(data, model_dir, out, device, extra=()):
-    """(seconds of scoring, as classify.py reports them, mean GPU busy % over the whole run or None)."""
-    command = [sys.executable, str(ROOT / "classify.py"), str(data), "--model", str(model_dir), "--out", str(out),
+def classify_run(data, model_dir, out, device, extra=(), root=ROOT):
+    """(seconds of scoring, as classify.py reports them, mean GPU busy % over the whole run or None);
+    `root`: the checkout whose classify.py runs (--baseline)."""
+    command = [sys.executable, str(root / "classify.py"), str(data), "--model", str(model_dir), "--out", str(out),
                "--no-resume", "--device", device.type, *extra]
     with GpuBusy(device) as busy:
         done = subprocess.run(command, env=ENV, capture_output=True, text=True)
@@ -170,6 +175,21 @@ def classify_run(data, model_dir, out, device, extra=()):
     summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]  # "N scored, 0 failed in
     images = int(summary.split()[0]) + int(summary.split()[2])  # 2.3s (260.87 img/s)": the rate has 5 digits
     return images / float(summary.split("(")[1].split(" img/s")[0]), busy.percent
+
+
+def repeated_folder(files, folder, copies):
+    """`copies` hard links of every file under `folder` (copy0/, copy1/, ...): a collection
+    `copies` times as large with the same pictures, to tell classify.py's fixed costs (workers'
+    start, the first batch, the last write) from its rate once the pipeline is full."""
+    for copy in range(copies):
+        for i, path in enumerate(files):
+            target = folder / f"copy{copy}" / f"{i:05d}{path.suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # no hard links on this file system
+                target.write_bytes(path.read_bytes())
+    return folder
 
 
 def data_path(data, model_dir, device, crop):
@@ -249,22 +269,30 @@ def train(args, out):
         return [row for row in csv.DictReader(f) if row.get("train_steps_per_second")], done.stderr
 
 
-def head_only_recipe(data, model_dir, out, device, steps, batch, embed_crops_per_s, crops_per_image):
-    """The original's recipe (frozen backbone, cached embeddings, 30K steps of batch 1) through
-    train_hf.py at `batch`: head steps/s, and the recipe's time for 3215 images and 30K images seen
-    (30K / batch steps), extrapolated from the embedding rate and the steps/s."""
+def head_only_recipe(data, model_dir, out, device, steps, batch, embed_crops_per_s, crops_per_image, precision):
+    """The original's recipe (frozen backbone, cached embeddings, AdamW at 1.5e-6 with cosine
+    annealing, 1.0/0.5 loss weights, no gradient clipping, a log line every 100 steps; 30K steps of
+    batch 1) through train_hf.py at `batch`, the head in `precision` (fp16 autocast as the original,
+    bf16, or fp32: no autocast and no loss scaler): head steps/s, and the time for 3215 images and
+    30K steps, and for 30K images seen (30K / batch steps), extrapolated from the embedding rate and
+    the steps/s. The embedding pass is fp16 on a GPU whatever the head's precision (bf16 with bf16)."""
     args = {"dataset_name": str(data), "model_name_or_path": str(model_dir), "output_dir": str(out),
             "max_steps": steps, "per_device_train_batch_size": batch, "learning_rate": 1.5e-6,
-            "label_loss_weights": "1.0,0.5", "eval_strategy": "no", "save_strategy": "no",
-            "load_best_model_at_end": False, "logging_steps": steps, "report_to": "none", "seed": 0,
-            "top_loss_images": 0, "fp16": device.type == "cuda"}
+            "lr_scheduler_type": "cosine", "label_loss_weights": "1.0,0.5", "max_grad_norm": 0.0,
+            "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False, "logging_steps": 100,
+            "report_to": "none", "seed": 0, "top_loss_images": 0, "fp16": precision == "fp16",
+            "bf16": precision == "bf16"}
     if device.type != "cuda":
         args["use_cpu"] = True
     start = time.perf_counter()
     rows, _ = train(args, out)
+    wall = time.perf_counter() - start
     steps_per_s = float(rows[-1]["train_steps_per_second"])
     embed_s = 3215 * crops_per_image / embed_crops_per_s
-    return {"batch": batch, "steps": steps, "steps_per_s": steps_per_s, "wall_s": time.perf_counter() - start,
+    startup = wall - steps / steps_per_s  # imports, the model, the data (and their embedding, unless cached)
+    return {"batch": batch, "precision": precision, "steps": steps, "steps_per_s": steps_per_s, "wall_s": wall,
+            "recipe_3215_images_30k_steps_s_extrapolated": embed_s + 30000 / steps_per_s,
+            "recipe_3215_images_30k_steps_with_startup_s": startup + embed_s + 30000 / steps_per_s,
             "recipe_3215_images_30k_seen_s_extrapolated": embed_s + 30000 / batch / steps_per_s}
 
 
@@ -320,6 +348,8 @@ def host_waits(files, device):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         finish()
+        # the mode's own notice ("a prototype feature ...", once a process) is no wait: run 3 counted it
+        caught = [w for w in caught if "prototype feature" not in str(w.message)]
         report[crop] = {"waits": len(caught), "first": str(caught[0].message)[:300] if caught else None}
     return report
 
@@ -345,6 +375,8 @@ def agreement(files, device):
     report = {"images": len(files), **compare(gpu, cpu)}
     if device.type == "cuda":
         report["crop_on_gpu_vs_workers"] = compare(scores(device.type, "auto", "device"), gpu)
+        # how much of the difference is half precision, and how much the GPU's kernels in float32
+        report["gpu_float32_vs_cpu"] = compare(scores(device.type, "float32"), cpu)
     return report
 
 
@@ -360,6 +392,12 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], metavar="NAME",
                         help="measurements to leave out, by their JSON key (e.g. full_training_steps_per_s)")
     parser.add_argument("--raw-seconds", type=float, default=15, help="seconds per raw backbone figure")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="classify.py also runs on a collection this many times as large (hard links to the "
+                             "same files), both crop modes: its rate with the pipeline full (default: 3; 0: not)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`) whose classify.py runs "
+                             "on the same data and model first, for a before/after in one run")
     parser.add_argument("--dry-run", action="store_true", help="tiny, on the CPU: checks every path, under 2 minutes")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
@@ -367,6 +405,7 @@ def main():
         raise SystemExit("error: no CUDA device: run this on a GPU machine, or pass --dry-run")
     if args.dry_run:
         args.images, args.raw_batch, args.train_steps, args.head_steps = 12, 8, 4, 20
+        args.repeat = min(args.repeat, 2)
     half = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
               "cores": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run,
@@ -409,6 +448,8 @@ def main():
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        measure("host_waits_per_batch", host_waits, files, device)
+        measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)
 
         def ratio(crops_per_s):
             return crops_per_s / ceiling if ceiling else None
@@ -422,14 +463,35 @@ def main():
                 **(path := data_path_with_pillow(tmp / "data" / "train", model_dir, device)),
                 "ratio_to_raw": ratio(path["crops_per_s"])})
 
-        def classify(*extra):
-            seconds, busy = classify_run(tmp / "data" / "train", model_dir, tmp / "scores.jsonl", device, extra)
-            return {"crops_per_s": crops / seconds, "images_per_s": len(files) / seconds,
-                    "ratio_to_raw": ratio(crops / seconds), "gpu_busy_percent": busy, "options": " ".join(extra)}
+        def classify(*extra, copies=1, root=ROOT):
+            folder = tmp / "data" / "train" if copies == 1 else repeated_folder(files, tmp / f"x{copies}", copies)
+            seconds, busy = classify_run(folder, model_dir, tmp / "scores.jsonl", device, extra, root)
+            return {"crops_per_s": copies * crops / seconds, "images_per_s": copies * len(files) / seconds,
+                    "ratio_to_raw": ratio(copies * crops / seconds), "gpu_busy_percent": busy,
+                    "options": " ".join(extra), "seconds": seconds}
 
+        runs = [("classify", ())]
+        if args.baseline is not None:
+            measure("baseline_classify", lambda: {**classify(root=args.baseline), "code": str(args.baseline)})
+            runs.insert(0, ("baseline_classify", ()))
         measure("classify", classify)
         if not args.dry_run:  # on a CPU, tests/test_device_crops.py runs classify.py --crop-on device
             measure("classify_crop_on_device", classify, "--crop-on", "device")
+            runs.append(("classify_crop_on_device", ("--crop-on", "device")))
+        if args.repeat > 1:
+            for base, extra in runs:
+                one = report.get(base, {})
+                if "seconds" not in one:
+                    continue  # its one-copy run failed or was left out: no rate to tell from the fixed costs
+                root = args.baseline if base.startswith("baseline") else ROOT
+                bigger = measure(f"{base}_x{args.repeat}",
+                                 lambda extra=extra, root=root: classify(*extra, copies=args.repeat, root=root))
+                if "seconds" in bigger:  # the extra copies' crops over the extra seconds
+                    extra_s = bigger["seconds"] - one["seconds"]
+                    rate = (args.repeat - 1) * crops / extra_s if extra_s > 0 else None
+                    bigger.update(marginal_crops_per_s=rate, marginal_ratio_to_raw=ratio(rate) if rate else None,
+                                  fixed_s=one["seconds"] - crops / rate if rate else None)
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
         loop = measure("original_loop_images_per_s", original_loop, model_dir, files[: min(len(files), 100)], device,
                        half[0])
         if isinstance(loop, float) and "error" not in report["classify"]:
@@ -441,15 +503,18 @@ def main():
 
         embed = measure("head_only_embedding", embedding)
         if "crops_per_s" in embed:
-            # batch 32 is the same code at another size: a dry run leaves it out (15 s of a test)
-            for batch, steps in ((1, args.head_steps),) + (() if args.dry_run else ((32, args.head_steps // 3),)):
-                measure(f"head_only_recipe_batch_{batch}", head_only_recipe, tmp / "data", model_dir,
-                        tmp / f"head{batch}", device, steps, batch, embed["crops_per_s"], crops / len(files))
+            # the original's fp16 autocast, then the head in bf16 and in fp32; batch 32 is the same code at
+            # another size. A dry run (a CPU) runs fp32 at batch 1 only (15 s of a test each).
+            recipes = [(1, "fp32", "")] if args.dry_run else [
+                (1, "fp16", ""), (1, "bf16", "_bf16"), (1, "fp32", "_fp32"), (32, "fp16", "")]
+            for batch, precision, suffix in recipes:
+                steps = args.head_steps if batch == 1 else args.head_steps // 3
+                measure(f"head_only_recipe_batch_{batch}{suffix}", head_only_recipe, tmp / "data", model_dir,
+                        tmp / f"head{batch}{suffix}", device, steps, batch, embed["crops_per_s"], crops / len(files),
+                        precision)
         measure("head_steps", head_steps, model_dir, device, max(20, args.head_steps // 2),
                 report.get("head_only_recipe_batch_1", {}).get("steps_per_s"))
         measure("full_training_steps_per_s", full_training, tmp / "data", tmp / "run", device, args.train_steps)
-        measure("host_waits_per_batch", host_waits, files, device)
-        measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)
     print(json.dumps(report, indent=2))
     log(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

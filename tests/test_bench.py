@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -24,9 +25,14 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
         pillow = report["data_path_crop_device_pillow"]
         assert pillow["crop_mode"] == "device" and pillow["crops_per_s"] > 0 and pillow["ratio_to_raw"] > 0
     assert report["classify"]["gpu_busy_percent"] is None  # no GPU to sample
+    twice = report["classify_x2"]  # the same files twice over (hard links): rate and fixed cost apart
+    assert twice["images_per_s"] * twice["seconds"] == pytest.approx(2 * images)
+    assert set(twice) >= {"marginal_crops_per_s", "marginal_ratio_to_raw", "fixed_s"}
     recipe = report["head_only_recipe_batch_1"]
     assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
+    assert recipe["precision"] == "fp32"  # a CPU: no autocast
     assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
+    assert recipe["recipe_3215_images_30k_steps_with_startup_s"] > recipe["recipe_3215_images_30k_steps_s_extrapolated"]
     steps = report["head_steps"]  # Trainer, HeadOnlyTrainer and the head alone in a plain loop
     assert steps["steps"] == 20 and all(steps[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
     assert steps["head_only_trainer_vs_trainer"] == steps["head_only_trainer"] / steps["trainer"]
