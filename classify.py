@@ -126,10 +126,12 @@ def parse_args(argv=None):
     filters.add_argument("--max", type=finite_float, help="keep rows with score <= MAX")
     filters.add_argument("--list", action="store_true", help="print the matching paths")
     filters.add_argument("--copy-to", type=Path, metavar="DIR",
-                         help="copy matching files here (never overwrites: a taken name gets _1, _2, ...)")
+                         help="copy matching files here (never overwrites: a taken name gets _1, _2, ...; a file "
+                              "changed since it was scored is left out with an error line)")
     filters.add_argument("--move-to", type=Path, metavar="DIR",
                          help="move matching files here (never overwrites; the source is removed only once its "
-                              "copy is in place; a killed move is finished by rerunning)")
+                              "copy is in place; a killed move is finished by rerunning; a file changed since it "
+                              "was scored stays, with an error line)")
     filters.add_argument("--keep-structure", action="store_true",
                          help="mirror the source folders under DIR (default: flat)")
     data = parser.add_argument_group("datasets route")
@@ -219,6 +221,11 @@ def apply_filters(args, columns, store, transfers):
         if inside(source, target):
             earlier += 1  # already in the destination
             continue
+        if changed_since_scored(row):
+            failed += 1
+            print(f"error: {display_text(str(source))}: not {verb}: changed since it was scored (size or modification "
+                  "time); score it again (--no-resume, or another --out) before filtering", file=sys.stderr)
+            continue
         relative = source.relative_to(root_of(source, args.paths)) if args.keep_structure else Path(source.name)
         try:
             _, now = transfers.transfer(source, relative)
@@ -237,6 +244,19 @@ def apply_filters(args, columns, store, transfers):
         summary += f", {failed} failed" if failed else ""
     print(summary, file=sys.stderr)
     return failed
+
+
+def changed_since_scored(row):
+    """Whether the file at the row's path is no longer the one its scores are of: another size or
+    modification time than when it was decoded (rows of older outputs have neither: not checked; a
+    file gone is the transfer's to report)."""
+    if row.get("file_size") is None or row.get("modified") is None:
+        return False
+    try:
+        stat = os.stat(row["path"])
+    except OSError:
+        return False
+    return (stat.st_size, stat.st_mtime_ns) != (row["file_size"], row["modified"])
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -332,7 +352,7 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world):
 
 def death_rows(markers, error):
     """Error rows (printed too) for the files that decoding workers were on when they died."""
-    rows = [{"path": path, "width": None, "height": None, "error": reason}
+    rows = [{"path": path, "width": None, "height": None, "error": reason, "file_size": None, "modified": None}
             for path, reason in markers.culprits(error).items()]
     for row in rows:
         tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)

@@ -270,7 +270,7 @@ class ResultsStore:
         import pyarrow.parquet
 
         fields = [pa.field("path", pa.string()), pa.field("width", pa.int64()), pa.field("height", pa.int64()),
-                  pa.field("error", pa.string())]
+                  pa.field("error", pa.string()), pa.field("file_size", pa.int64()), pa.field("modified", pa.int64())]
         fields += [pa.field(c, pa.string() if c.endswith(":top_label") else pa.float64()) for c in columns]
         schema = pa.schema(fields)
         tmp = self.out.with_name(f".{self.out.name}.tmp")

@@ -341,7 +341,7 @@ class FileStream(torch.utils.data.IterableDataset):
             yield meta, inputs
 
     def load(self, path):
-        meta = {"path": path, "width": None, "height": None, "error": None}
+        meta = {"path": path, "width": None, "height": None, "error": None, **file_stamp(path)}
         try:
             fault_injection(path)
             draft = self.scorer.draft_short if self.fast_decode else None
@@ -354,6 +354,16 @@ class FileStream(torch.utils.data.IterableDataset):
         except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
             meta["error"] = f"cannot process: {first_line(error)}"
         return meta, None
+
+
+def file_stamp(path):
+    """{"file_size", "modified"} (bytes, st_mtime_ns) of a file as it is before it is decoded, or
+    Nones: the scores are of this version of it (--copy-to/--move-to refuse a file changed since)."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):  # load_image words the error
+        return {"file_size": None, "modified": None}
+    return {"file_size": stat.st_size, "modified": stat.st_mtime_ns}
 
 
 def fault_injection(path):

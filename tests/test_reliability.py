@@ -627,6 +627,28 @@ def test_sigkill_of_a_real_move_at_random_steps(converted, trial):
         assert contents(src, dest) == before and not list(src.rglob("*.png")) and not hidden_leftovers(dest)
 
 
+def test_a_file_changed_since_it_was_scored_is_not_moved_on_its_old_score(converted, tmp_path, capsys):
+    """Scores are of the file as it was decoded: one replaced afterwards (another picture under the
+    same name) stays where it is with one error line, exit 1; the others move; nothing is lost."""
+    src = images(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out, dest = tmp_path / "r.jsonl", tmp_path / "dest"
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
+    assert all(isinstance(r["file_size"], int) and isinstance(r["modified"], int) for r in rows_of(out))
+    make_image(64, 64, seed=77).save(src / "b.png")  # replaced after scoring
+    stat = (src / "c.png").stat()  # only touched (a second later: coarse file-system clocks too)
+    os.utime(src / "c.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    before = contents(src)
+    capsys.readouterr()
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest) == 1
+    err = capsys.readouterr().err
+    changed = [line for line in err.splitlines() if "changed since it was scored" in line]
+    assert len(changed) == 2 and any("b.png" in line for line in changed) and any("c.png" in line for line in changed)
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == ["a.png"]
+    assert sorted(p.name for p in src.iterdir()) == ["b.png", "c.png"]
+    assert contents(src, dest) == before  # every content kept, none doubled
+    assert len(rows_of(out)) == 3  # resume: nothing scored twice
+
+
 def test_a_source_that_cannot_be_removed_stays_beside_its_copy_with_one_line(converted, trial, monkeypatch, capsys):
     """A move whose source cannot be unlinked (a read-only folder or mount, an immutable file: faked,
     since the tests run as root) keeps both, says so in one line per file, rerun after rerun, and
