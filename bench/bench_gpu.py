@@ -9,26 +9,28 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
   and, where pyspng is installed, the latter again with Pillow decoding every PNG (libspng's gain);
 - classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
   ratio to the raw fp16 figure and how busy the GPU was over the whole run (start-up included);
-  then on the collection `--repeat` times over (hard links): the rate once the pipeline is full
-  (the extra crops over the extra seconds) and the fixed seconds; with `--baseline DIR`, another
-  checkout's classify.py first, on the same data and model (a before/after in one run);
+  then with its default crops on the collection `--repeat` times over (hard links): the rate once
+  the pipeline is full (the extra crops over the extra seconds) and the fixed seconds; with
+  `--baseline DIR`, another checkout's classify.py first, on the same data and model (a
+  before/after in one run);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
 - head-only training's embedding pass (train_hf.embed_all), crops/s and ratio to the raw figure;
-- the original's head-only recipe end to end (train_hf.py): at batch 1 with the head in fp16
-  autocast (as the original), bf16 and fp32, and at batch 32: head steps/s, and the time for 3215
-  images and 30K steps, and for 30K images seen, extrapolated from the embedding rate and steps/s;
+- the original's head-only recipe end to end (train_hf.py), `--recipes`: by default at batch 1 with
+  the head in fp16 autocast (as the original) and in fp32, and at batch 32: head steps/s, and the
+  time for 3215 images and 30K steps (also with train_hf.py's own start-up), and for 30K images
+  seen, extrapolated from the embedding rate and steps/s;
 - batch-1 head steps/s (bench_head_steps.py): Trainer as it comes against train_hf's HeadOnlyTrainer
   (the frozen backbone set aside) and the head alone in a plain loop (the floor), and the share of the
   floor that the batch-1 recipe reaches (what Trainer's per-step cost leaves);
 - full-mode training steps/s with the shipped model's config (configs/default_model.json);
 - how often the host waits for the GPU while it queues one scoring batch (0: it can prepare the next
   batch meanwhile; torch's sync debug mode);
-- the shipped model's scores on the GPU (fp16, and float32) against the CPU (float32), and with views
-  cut by the GPU against cut by the workers (both on the GPU): largest difference and decisions
-  flipped at 0.5.
+- the shipped model's scores on 100 of the images on the GPU (fp16, and float32) against the CPU
+  (float32), and with views cut by the GPU against cut by the workers (both on the GPU): largest
+  difference and decisions flipped at 0.5.
 A crop is one 336 px view through the backbone: five for a tiled image, one otherwise.
 
-  python bench/bench_gpu.py --out bench/gpu.json            # on a CUDA machine, about 5 minutes
+  python bench/bench_gpu.py --out bench/gpu.json            # on a CUDA machine, about 6 minutes
   python bench/bench_gpu.py --dry-run --out /tmp/gpu.json   # the same code paths, tiny, on a CPU
 
 --dry-run uses a tiny CLIP, a dozen small images and a few steps, in float32 on the CPU: it checks
@@ -380,21 +382,37 @@ def agreement(files, device):
     return report
 
 
+def recipe_list(text):
+    """"1:fp16,32:fp16" -> [(1, "fp16"), (32, "fp16")]."""
+    recipes = []
+    for item in text.split(","):
+        batch, _, precision = item.partition(":")
+        if not batch.strip().isdigit() or precision not in ("fp16", "bf16", "fp32"):
+            raise argparse.ArgumentTypeError(f"{item!r}: want BATCH:fp16, BATCH:bf16 or BATCH:fp32")
+        recipes.append((int(batch), precision))
+    return recipes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu.local.json", help="JSON to write")
     parser.add_argument("--images", type=int, default=600, help="synthetic images (default: 600)")
     parser.add_argument("--raw-batch", type=int, default=160, help="crops per raw backbone call (default: 160)")
-    parser.add_argument("--train-steps", type=int, default=200, help="full-mode training steps (default: 200)")
-    parser.add_argument("--head-steps", type=int, default=3000,
-                        help="head-only recipe steps at batch 1, a third of them at 32 (default: 3000; 30K "
+    parser.add_argument("--train-steps", type=int, default=40, help="full-mode training steps (default: 40)")
+    parser.add_argument("--head-steps", type=int, default=1200,
+                        help="head-only recipe steps at batch 1, a third of them at 32 (default: 1200; 30K "
                              "extrapolated)")
+    parser.add_argument("--recipes", type=recipe_list, default=recipe_list("1:fp16,1:fp32,32:fp16"),
+                        metavar="BATCH:PRECISION,...",
+                        help="head-only recipe runs, the head in fp16 (autocast, as the original), bf16 or fp32 "
+                             "(default: 1:fp16,1:fp32,32:fp16; a CPU runs 1:fp32 only)")
     parser.add_argument("--skip", nargs="*", default=[], metavar="NAME",
                         help="measurements to leave out, by their JSON key (e.g. full_training_steps_per_s)")
-    parser.add_argument("--raw-seconds", type=float, default=15, help="seconds per raw backbone figure")
+    parser.add_argument("--raw-seconds", type=float, default=5, help="seconds per raw backbone figure (default: 5)")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="classify.py also runs on a collection this many times as large (hard links to the "
-                             "same files), both crop modes: its rate with the pipeline full (default: 3; 0: not)")
+                        help="classify.py (with its default crops, and --baseline's) also runs on a collection this "
+                             "many times as large (hard links to the same files): its rate with the pipeline full "
+                             "(default: 3; 0: not)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                         help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`) whose classify.py runs "
                              "on the same data and model first, for a before/after in one run")
@@ -449,7 +467,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
         measure("host_waits_per_batch", host_waits, files, device)
-        measure("gpu_vs_cpu", agreement, files[: min(len(files), 200)], device)
+        measure("gpu_vs_cpu", agreement, files[: min(len(files), 100)], device)
 
         def ratio(crops_per_s):
             return crops_per_s / ceiling if ceiling else None
@@ -477,7 +495,6 @@ def main():
         measure("classify", classify)
         if not args.dry_run:  # on a CPU, tests/test_device_crops.py runs classify.py --crop-on device
             measure("classify_crop_on_device", classify, "--crop-on", "device")
-            runs.append(("classify_crop_on_device", ("--crop-on", "device")))
         if args.repeat > 1:
             for base, extra in runs:
                 one = report.get(base, {})
@@ -503,15 +520,13 @@ def main():
 
         embed = measure("head_only_embedding", embedding)
         if "crops_per_s" in embed:
-            # the original's fp16 autocast, then the head in bf16 and in fp32; batch 32 is the same code at
-            # another size. A dry run (a CPU) runs fp32 at batch 1 only (15 s of a test each).
-            recipes = [(1, "fp32", "")] if args.dry_run else [
-                (1, "fp16", ""), (1, "bf16", "_bf16"), (1, "fp32", "_fp32"), (32, "fp16", "")]
-            for batch, precision, suffix in recipes:
+            # a dry run (a CPU, no autocast) runs fp32 at batch 1 only: the others are the same code (15 s each)
+            for batch, precision in [(1, "fp32")] if args.dry_run else args.recipes:
+                name = f"head_only_recipe_batch_{batch}" + ("" if precision == "fp16" or args.dry_run else
+                                                            f"_{precision}")
                 steps = args.head_steps if batch == 1 else args.head_steps // 3
-                measure(f"head_only_recipe_batch_{batch}{suffix}", head_only_recipe, tmp / "data", model_dir,
-                        tmp / f"head{batch}{suffix}", device, steps, batch, embed["crops_per_s"], crops / len(files),
-                        precision)
+                measure(name, head_only_recipe, tmp / "data", model_dir, tmp / name, device, steps, batch,
+                        embed["crops_per_s"], crops / len(files), precision)
         measure("head_steps", head_steps, model_dir, device, max(20, args.head_steps // 2),
                 report.get("head_only_recipe_batch_1", {}).get("steps_per_s"))
         measure("full_training_steps_per_s", full_training, tmp / "data", tmp / "run", device, args.train_steps)
