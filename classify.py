@@ -49,6 +49,7 @@ from scoring import (
     collate,
     default_batch_size,
     default_workers,
+    file_stamp,
     first_line,
     is_done,
     iter_files,
@@ -250,13 +251,9 @@ def changed_since_scored(row):
     """Whether the file at the row's path is no longer the one its scores are of: another size or
     modification time than when it was decoded (rows of older outputs have neither: not checked; a
     file gone is the transfer's to report)."""
-    if row.get("file_size") is None or row.get("modified") is None:
-        return False
-    try:
-        stat = os.stat(row["path"])
-    except OSError:
-        return False
-    return (stat.st_size, stat.st_mtime_ns) != (row["file_size"], row["modified"])
+    scored = {"file_size": row.get("file_size"), "modified": row.get("modified")}
+    now = file_stamp(row["path"])
+    return None not in scored.values() and None not in now.values() and now != scored
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -4,6 +4,7 @@ multi-model inference with one backbone pass per tile for models that share back
 import hashlib
 import json
 import os
+import queue
 import re
 import signal
 import struct
@@ -277,7 +278,6 @@ class FileStream(torch.utils.data.IterableDataset):
         thread is running when they fork), stop it (a run cut short), and error() the exception that
         ended the walk early, or None: the caller raises it, so no file is left out unannounced."""
         import multiprocessing
-        import queue as queues
 
         self.queue, self.feeder = multiprocessing.Queue(maxsize=64 * workers), os.getpid()
         # paths left in it when its workers are gone (one died: the loader restarts with a new queue)
@@ -290,7 +290,7 @@ class FileStream(torch.utils.data.IterableDataset):
                 try:
                     self.queue.put(item, timeout=0.1)
                     return True
-                except queues.Full:
+                except queue.Full:
                     continue
             return False
 
@@ -312,12 +312,10 @@ class FileStream(torch.utils.data.IterableDataset):
         if info is None:  # in this process: all of this rank's files
             yield from self.pending()
         elif self.queue is not None:
-            import queue as queues
-
             while True:
                 try:
                     path = self.queue.get(timeout=1.0)
-                except queues.Empty:
+                except queue.Empty:
                     if os.getppid() != self.feeder:  # the main process is gone: so is the feeder
                         return
                     continue
