@@ -182,7 +182,11 @@ def classify_run(data, model_dir, out, device, extra=(), root=ROOT):
 def repeated_folder(files, folder, copies):
     """`copies` hard links of every file under `folder` (copy0/, copy1/, ...): a collection
     `copies` times as large with the same pictures, to tell classify.py's fixed costs (workers'
-    start, the first batch, the last write) from its rate once the pipeline is full."""
+    start, the first batch, the last write) from its rate once the pipeline is full. Made once a
+    run: a second call (--baseline's classify.py, then this one's) reuses it; linking again would fail
+    and copy each file onto its own hard link."""
+    if folder.exists():
+        return folder
     for copy in range(copies):
         for i, path in enumerate(files):
             target = folder / f"copy{copy}" / f"{i:05d}{path.suffix}"
