@@ -45,6 +45,7 @@ from results_store import ResultsStore, display_text
 from scoring import (
     MAX_PIXELS,
     FileStream,
+    Stopwatch,
     WorkerMarkers,
     collate,
     default_batch_size,
@@ -278,19 +279,26 @@ def score_files(args, scorer, store):
     exclude = excluded_folders(args)
     total = pending_count(args, done, exclude, world) if rank == 0 else None
     journal = store.writer(rank, world)
-    start = time.time()
+    start, stopwatch = time.time(), Stopwatch()
     with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar:
-        scored, failed = score_stream(args, scorer, store, done, exclude, journal, bar, rank, world)
+        scored, failed = score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, stopwatch)
     journal.close()
     if world > 1:
         scored, failed = gather_counts(scorer, scored, failed)
     if rank == 0:
         if world > 1:
             store.merge_parts()
-        store.write_table(scorer.columns())
+        with stopwatch("table"):
+            store.write_table(scorer.columns())
         seconds = time.time() - start
         rate = (scored + failed) / seconds if seconds > 0 else 0.0
         print(f"{scored} scored, {failed} failed in {seconds:.1f}s ({rate:.2f} img/s) -> {args.out}", file=sys.stderr)
+        print(f"time: {stopwatch.line()}", file=sys.stderr)
+        waiting = stopwatch.seconds.get("waiting_for_images", 0.0)
+        if seconds > 10 and waiting > seconds / 2:
+            more = "more --workers, or --crop-on device, may" if scorer.device.type == "cuda" else "more --workers may"
+            print(f"note: the model waited for decoded images {waiting / seconds:.0%} of the time: decoding is the "
+                  f"limit here ({args.workers} workers, {os.cpu_count()} cores); {more} help", file=sys.stderr)
         if old_errors:
             print(f"{old_errors} file(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
     return rank, failed + old_errors
@@ -303,30 +311,42 @@ def pending_count(args, done, exclude, world):
     return sum(not is_done(done, key) for key in keys) // world
 
 
-def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world):
+def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, stopwatch):
     """Decodes and scores this rank's share of the files not in `done` into `journal`; a decoding
     worker that dies (killed by the kernel) costs its file an error row and the loader restarts
-    without the files written so far. Returns (scored, failed)."""
+    without the files written so far. Returns (scored, failed); `stopwatch` (scoring.Stopwatch)
+    gets the time each phase took."""
     scored = failed = deaths = 0
     pending = []  # the batch whose scores are on their way: written once the next one is queued
+    on_gpu = scorer.device.type == "cuda"  # its work is queued: batches go as soon as it is idle
 
     def flush():
         nonlocal scored, failed
         while pending:
-            rows, ok, bad = pending.pop()()  # taken off first: never written twice
-            journal.write(rows)
+            batch = pending.pop()  # taken off first: never written twice
+            with stopwatch("model"):
+                rows, ok, bad = batch()
+            with stopwatch("writing"):
+                journal.write(rows)
             scored, failed = scored + ok, failed + bad
             bar.update(len(rows))
+
+    def warm_up():
+        if on_gpu:
+            with stopwatch("warm_up"):
+                scorer.warm_up()
 
     with tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
         markers = WorkerMarkers(marker_dir)
         while True:
             stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
                                 markers)
-            batches = loader_batches(stream, args.batch_size, args.workers, scorer.device)
+            batches = loader_batches(stream, args.batch_size, args.workers, scorer.device, on_start=warm_up,
+                                     idle=(lambda: all(batch.done() for batch in pending)) if on_gpu else None)
             try:
-                for metas, grouped in batches:
-                    started = submit_batch(scorer, metas, grouped)  # a GPU scores it while the last is written
+                for metas, grouped in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
+                    with stopwatch("model"):
+                        started = submit_batch(scorer, metas, grouped)  # a GPU scores it while the last is written
                     flush()
                     pending.append(started)
                 flush()
@@ -365,11 +385,23 @@ def gather_counts(scorer, scored, failed):
     return tuple(totals.tolist())
 
 
+class BatchInFlight:
+    """One batch from the loader, its scores on their way (see `Scorer.submit`): called, it waits for
+    them and returns (rows, scored, failed), printing the error rows; `done()` does not wait."""
+
+    def __init__(self, metas, scores):
+        self.metas, self.scores = metas, scores
+
+    def done(self):
+        return self.scores is None or self.scores.done()
+
+    def __call__(self):
+        return batch_rows(self.metas, self.scores() if self.scores is not None else [])
+
+
 def submit_batch(scorer, metas, grouped):
-    """Starts scoring one batch from the loader (see `Scorer.submit`) -> a function that waits for its
-    scores and returns (rows, scored, failed); error rows are also printed then."""
-    finish = scorer.submit(grouped) if grouped else (lambda: [])  # a batch of undecodable files only
-    return lambda: batch_rows(metas, finish())
+    """Starts scoring one batch from the loader -> its `BatchInFlight`."""
+    return BatchInFlight(metas, scorer.submit(grouped) if grouped else None)  # None: undecodable files only
 
 
 def batch_rows(metas, scored_rows):

@@ -1,6 +1,7 @@
 """The scoring engine every tool shares: robust image decoding, file discovery, and batched
 multi-model inference with one backbone pass per tile for models that share backbone weights."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import struct
 import threading
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -447,14 +449,14 @@ def collate(items):
     return metas, grouped
 
 
-def micro_batch(batch_size, workers, device):
+def micro_batch(batch_size, workers, device, split=False):
     """Images per decoding worker's batch. A worker fills each batch alone, so with whole batches
     the first came only after every worker had decoded `batch_size` images, and a collection of a
     few batches per worker arrived all at once at the end: on an H100 with 15 workers and 600
     images, classify.py made 286 crops/s of the 396 its workers could decode, the GPU idle while
-    they decoded and they idle while it ran. On a GPU they hand out small batches (batch / workers,
-    at least 2) and `join_batches` joins them in the main process."""
-    if device.type != "cuda" or workers <= 1:
+    they decoded and they idle while it ran. On a GPU (or with `split`) they hand out small batches
+    (batch / workers, at least 2) and `join_batches` joins them in the main process."""
+    if (device.type != "cuda" and not split) or workers <= 1:
         return batch_size
     return max(2, -(-batch_size // workers))
 
@@ -481,18 +483,27 @@ def join_batches(parts, device):
     return metas, joined
 
 
-def loader_batches(dataset, batch_size, workers, device, in_order=None):
+def loader_batches(dataset, batch_size, workers, device, in_order=None, idle=None, on_start=None):
     """Batches of at least `batch_size` images (fewer at the end) as `collate` makes them, from a
     dataset of (meta, `Scorer.preprocess` output) items (`FileStream`, or a map-style dataset),
     decoded by `workers` processes into pinned memory on a GPU (see `micro_batch`). A `FileStream`'s
     workers take files from one queue (`FileStream.feed`) and hand their batches over as they finish
     them (the metas name the files); a map-style dataset's come in index order unless `in_order` is
-    False (its metas must then say which items they are)."""
+    False (its metas must then say which items they are).
+
+    `idle` (for a GPU, whose work is queued; with 2 workers or more): a function saying, without
+    waiting, whether the device has finished the work queued so far. While it has, a batch goes as
+    soon as it holds a quarter of `batch_size` images (see `first_batch`): the device starts on the
+    first images instead of waiting for a whole batch, and the last batch it runs alone, after the
+    decoding ended, is small. `on_start()` is called once the workers are started, before the first
+    batch is waited for (the model warms up meanwhile: `Scorer.warm_up`)."""
     on_gpu = device.type == "cuda"
+    greedy = idle is not None and workers > 1
+    smallest = first_batch(batch_size) if greedy else batch_size
     feeding = workers > 1 and isinstance(dataset, FileStream)  # one worker has no one to share with
     in_order = not feeding if in_order is None else in_order
     start, stop, failure = dataset.feed(workers) if feeding else (None, None, None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device, greedy),
                                          num_workers=workers, collate_fn=collate, pin_memory=on_gpu,
                                          prefetch_factor=4 if workers else None, in_order=in_order)
     try:
@@ -505,11 +516,13 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None):
             # had surfaced as a reset connection): the loader's own liveness check reports it instead,
             # at the next batch, where the tools catch it.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if on_start is not None:
+            on_start()
         pending, count = [], 0
         for metas, grouped in batches:
             pending.append((metas, grouped))
             count += len(metas)
-            if count >= batch_size:
+            if count >= batch_size or (count >= smallest and idle()):
                 yield join_batches(pending, device)
                 pending, count = [], 0
         if pending:
@@ -520,6 +533,59 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None):
         if feeding:
             stop()
             dataset.queue = dataset.feeder = None  # a later loader over this stream walks or feeds anew
+
+
+def blank_image(processors):
+    """A grey RGB image that every one of `processors` tiles: for warming a model up."""
+    side = 2 * max(processor.size["shortest_edge"] for processor in processors) + 1
+    return Image.new("RGB", (side, side), (128, 128, 128))
+
+
+def first_batch(batch_size):
+    """The fewest images a batch for an idle GPU holds (`loader_batches`' `idle`): a quarter of a
+    full batch. 16 of 64 images are about 48 ViT-L views, about 50 ms of an H100 at the rate it ran
+    160 views a call (bench/gpu-h100-run4.json); whether it keeps that rate at 48, bench_gpu.py's
+    raw_backbone_small_batch tells (not measured yet)."""
+    return max(1, batch_size // 4)
+
+
+class Stopwatch:
+    """Seconds a run spends in each of its phases, for the line that says where its time went:
+    `with stopwatch("phase"):`, or `stopwatch.timed(iterable, first, then)` for the waits on an
+    iterator (the wait for its first item apart from the others)."""
+
+    # a scoring run's phases as `line` words them (the model warms up while the first batch is awaited)
+    PHASES = {"first_batch": "first batch after {:.2f}s", "warm_up": "of it {:.2f}s warming the model up",
+              "waiting_for_images": "{:.2f}s waiting for decoded images", "model": "{:.2f}s in the model",
+              "writing": "{:.2f}s writing rows", "table": "{:.2f}s writing the table"}
+
+    def __init__(self, clock=time.perf_counter):
+        self.seconds, self.clock = {}, clock
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        begin = self.clock()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self.clock() - begin
+
+    def timed(self, iterable, first, then):
+        iterator, phase = iter(iterable), first
+        while True:
+            with self(phase):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            phase = then
+            yield item
+
+    def line(self, templates=None):
+        """The phases of `templates` (phase -> words with a {} for the seconds; default `PHASES`) that
+        show as 0.01 s or more, in that order, joined by commas."""
+        return ", ".join(words.format(self.seconds[phase]) for phase, words in (templates or self.PHASES).items()
+                         if self.seconds.get(phase, 0.0) >= 0.005)
 
 
 def is_done(done, key):
@@ -868,14 +934,21 @@ class Scorer:
         return self.submit(grouped_inputs)()
 
     def submit(self, grouped_inputs):
-        """Starts scoring a batch and returns a function that waits for its scores and returns
-        `score`'s rows. On a GPU nothing here waits for the GPU: its work is queued, the scores are
+        """Starts scoring a batch -> `Submitted`: called, it waits for the scores and returns `score`'s
+        rows. On a GPU nothing here waits for the GPU: its work is queued, the scores are
         copied to pinned memory behind it, and the caller prepares (and queues) the next batch while
         the GPU works, instead of the GPU idling while the host writes results and cuts views."""
         with torch.inference_mode():
             scores = [(m, to_host(output.scores.float())) for m, output, _ in self.outputs(grouped_inputs)]
-        ready = ready_event(self.device)
-        return lambda: self.rows(scores, ready)
+        return Submitted(scores, ready_event(self.device))
+
+    def warm_up(self, images=4):
+        """Scores `images` blank tiled images and waits for them -> their rows. On a GPU, a fresh
+        process's first model call initialises cuBLAS and loads each kernel it runs (CUDA loads them
+        lazily); called while the decoding workers are on their first files (`loader_batches`'
+        `on_start`), that costs the run nothing, and the first real batch runs at full speed. For a
+        GPU only: a CPU's first call costs little, and its blank batch would cost a batch's time."""
+        return self.score(collate([({}, self.preprocess(blank_image(self.processors)))] * images)[1])
 
     @staticmethod
     def rows(scores, ready=None):
@@ -894,3 +967,17 @@ class Scorer:
                     row[f"{m.key}:{label}"] = float(value)
                 row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None
         return rows or []
+
+
+class Submitted:
+    """A batch's scores on their way (`Scorer.submit`): called, it waits for them and returns
+    `Scorer.score`'s rows; `done()` says without waiting whether they have arrived."""
+
+    def __init__(self, scores, ready):
+        self.scores, self.ready = scores, ready
+
+    def done(self):
+        return self.ready is None or self.ready.query()
+
+    def __call__(self):
+        return Scorer.rows(self.scores, self.ready)

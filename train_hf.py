@@ -425,45 +425,75 @@ def embedding_precision(training_args):
     return torch.bfloat16 if training_args.bf16 and cpu_has_bf16() else torch.float32
 
 
-def embed_all(ds, model, processor, batch_size, device, precision, workers, crop="auto"):
+def embed_all(ds, model, processor, batch_size, device, precision, workers, crop="auto", warm_up=None):
     """(embeddings (images, tiles, dim) float32, tile_mask (images, tiles)) of every image, on `device`:
     decoding in `workers` processes feeding batches, taken as they finish (a worker on a large image
     holds up no other) and put back in dataset order, pinned memory and non-blocking copies on a GPU,
     which also resizes and cuts the views (`crop`: see scoring.crop_mode), the backbone under
-    autocast in `precision`."""
+    autocast in `precision`. `warm_up` (default: on a GPU): a blank batch first, while the workers
+    start (see scoring.Scorer.warm_up)."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
 
-    from scoring import crop_mode, loader_batches, model_pixels, model_threads, ready_event, to_host
+    from scoring import (
+        Stopwatch,
+        blank_image,
+        collate,
+        crop_mode,
+        loader_batches,
+        model_pixels,
+        model_threads,
+        ready_event,
+        to_host,
+        view_tiles,
+    )
 
     views = ImageViews(ds, processor, crop_mode(device, [processor], crop))
     for module in model.backbone_modules():
         module.to(device)
+    on_gpu = device.type == "cuda"  # its work is queued: batches go as soon as it is idle
+    warm_up = on_gpu if warm_up is None else warm_up
     threads = torch.get_num_threads()
-    if device.type != "cuda":
+    if not on_gpu:
         torch.set_num_threads(model_threads(model.num_parameters(), workers))
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
-    embeds, masks, order, previous = [], [], [], None
+    embeds, masks, order, previous, stopwatch = [], [], [], None, Stopwatch()
+
+    def embed(tiles, mask):
+        """Queues one batch; the mask stays on the host and the embeddings come back without waiting."""
+        return to_host(model.embed_tiles(model_pixels(processor, tiles, mask, device, torch.float32), mask).float())
+
+    def blank_batch():  # while the workers decode their first images
+        if warm_up:
+            tiles = view_tiles(processor, blank_image([processor]), None, views.mode)
+            with stopwatch("warm_up"):
+                embed(*collate([(None, [(tiles, processor.tile_slots())])] * 4)[1][0])
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+
+    bar = tqdm(total=len(views), unit="img", desc=f"Embedding views on {device.type}")
     try:
         with torch.inference_mode(), autocast:
-            batches = loader_batches(views, batch_size, workers, device, in_order=False)
-            for indices, [(tiles, mask)] in tqdm(batches, unit="batch", total=-(-len(views) // batch_size),
-                                                 desc=f"Embedding views on {device.type}"):
-                pixels = model_pixels(processor, tiles, mask, device, torch.float32)
-                # the mask stays on the host and the embeddings come back without waiting: the GPU
-                # embeds this batch while the next one is cut and queued, one batch ahead at most
-                embeds.append(to_host(model.embed_tiles(pixels, mask).float()))
-                masks.append(mask)
-                order += indices
-                queued = ready_event(device)
-                if previous is not None:
-                    previous.synchronize()
-                previous = queued
-        if previous is not None:  # the last batch's embeddings are in host memory
-            previous.synchronize()
+            batches = loader_batches(views, batch_size, workers, device, in_order=False, on_start=blank_batch,
+                                     idle=(lambda: previous is None or previous.query()) if on_gpu else None)
+            for indices, [(tiles, mask)] in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
+                bar.update(len(indices))
+                with stopwatch("model"):
+                    embeds.append(embed(tiles, mask))  # the GPU embeds it while the next one is cut and queued
+                    masks.append(mask)
+                    order += indices
+                    queued = ready_event(device)
+                    if previous is not None:  # one batch ahead at most
+                        previous.synchronize()
+                    previous = queued
+        with stopwatch("model"):
+            if previous is not None:  # the last batch's embeddings are in host memory
+                previous.synchronize()
     finally:
+        bar.close()
         torch.set_num_threads(threads)
+    logger.info("embedding pass, %d images: %s", len(views), stopwatch.line())
     if sorted(order) != list(range(len(views))):  # each image once: never a silently shifted embedding
         raise RuntimeError(f"the embedding pass got {len(order)} images for {len(views)}")
     back = np.argsort(order)  # arrival order -> dataset order

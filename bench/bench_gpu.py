@@ -3,18 +3,23 @@
 
 It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-sized model folder
 (nothing from the Hub), then measures:
-- the raw backbone's crops/s (fp16 and bf16, sdpa, `--raw-batch` crops a call): the ceiling;
+- the raw backbone's crops/s (fp16 and bf16, sdpa, `--raw-batch` crops a call): the ceiling; and
+  in fp16 at 3/10 of that batch (48 crops), about the smallest batch classify.py gives an idle GPU;
+- a fresh process's first backbone calls (20 blank views twice, then 160 twice): what classify.py's
+  warm-up, run while its decoding workers start, takes off its first batch;
 - the data path alone (classify.py's decoding workers and batches, no model), with views cut by
   the workers (the default) and by the GPU (workers only decode): the crops/s the CPUs can feed;
   and, where pyspng is installed, the latter again with Pillow decoding every PNG (libspng's gain);
 - classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
-  ratio to the raw fp16 figure and how busy the GPU was over the whole run (start-up included);
+  ratio to the raw fp16 figure, how busy the GPU was over the whole run (start-up included) and its
+  "time:" line (the wait for the first batch, for decoded images, for the model);
   then with its default crops on the collection `--repeat` times over (hard links): the rate once
   the pipeline is full (the extra crops over the extra seconds) and the fixed seconds; with
   `--baseline DIR`, another checkout's classify.py first, on the same data and model (a
   before/after in one run);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
-- head-only training's embedding pass (train_hf.embed_all), crops/s and ratio to the raw figure;
+- head-only training's embedding pass (train_hf.embed_all), crops/s, ratio to the raw figure and
+  where its seconds went;
 - the original's head-only recipe end to end (train_hf.py), `--recipes`: by default at batch 1 with
   the head in fp16 autocast (as the original) and in fp32, and at batch 32: head steps/s, and the
   time for 3215 images and 30K steps (also with train_hf.py's own start-up), and for 30K images
@@ -166,7 +171,8 @@ class GpuBusy:
 
 
 def classify_run(data, model_dir, out, device, extra=(), root=ROOT):
-    """(seconds of scoring, as classify.py reports them, mean GPU busy % over the whole run or None);
+    """(seconds of scoring, as classify.py reports them, mean GPU busy % over the whole run or None,
+    its "time:" line: where the seconds went, or None from a classify.py without one);
     `root`: the checkout whose classify.py runs (--baseline)."""
     command = [sys.executable, str(root / "classify.py"), str(data), "--model", str(model_dir), "--out", str(out),
                "--no-resume", "--device", device.type, *extra]
@@ -176,7 +182,8 @@ def classify_run(data, model_dir, out, device, extra=(), root=ROOT):
         raise RuntimeError(f"classify.py failed:\n{done.stderr[-3000:]}")
     summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]  # "N scored, 0 failed in
     images = int(summary.split()[0]) + int(summary.split()[2])  # 2.3s (260.87 img/s)": the rate has 5 digits
-    return images / float(summary.split("(")[1].split(" img/s")[0]), busy.percent
+    phases = [line.removeprefix("time: ") for line in done.stderr.splitlines() if line.startswith("time: ")]
+    return images / float(summary.split("(")[1].split(" img/s")[0]), busy.percent, (phases or [None])[-1]
 
 
 def repeated_folder(files, folder, copies):
@@ -215,15 +222,13 @@ def data_path(data, model_dir, device, crop):
 def data_path_with_pillow(data, model_dir, device):
     """data_path with the workers decoding by Pillow only (pyspng hidden, in a fresh Python), views cut
     on the device: libspng's share of the data path, against data_path_crop_device in the same run."""
-    code = ("import sys; sys.modules['pyspng'] = None; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import json, torch; "
-            "from pathlib import Path; import bench_gpu, scoring; assert scoring.pyspng is None; "
-            "print(json.dumps(bench_gpu.data_path(Path(sys.argv[3]), Path(sys.argv[4]), torch.device(sys.argv[5]), "
-            "'device')))")
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), str(data), str(model_dir),
-                           device.type], env=ENV, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_python("data_path_by_pillow", data, model_dir, device.type, hide_pyspng=True)
+
+
+def data_path_by_pillow(data, model_dir, device):
+    """data_path with views cut on the device, where pyspng was hidden (`data_path_with_pillow`)."""
+    assert scoring.pyspng is None
+    return data_path(data, model_dir, device, "device")
 
 
 def original_loop(model_dir, files, device, dtype):
@@ -245,7 +250,10 @@ def original_loop(model_dir, files, device, dtype):
 
 
 def head_only_embedding(data, model_dir, device, dtype):
-    """(crops/s, crops) of train_hf's embedding pass for head-only training over the train split."""
+    """(crops/s, crops, its log line of where the seconds went) of train_hf's embedding pass for
+    head-only training over the train split."""
+    import logging
+
     import train_hf
     from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
     from scoring import default_batch_size, default_workers
@@ -254,11 +262,54 @@ def head_only_embedding(data, model_dir, device, dtype):
     processor = CityClassifierImageProcessor.from_pretrained(model_dir)
     split = train_hf.load_splits(train_hf.DataArguments(dataset_name=str(data), eval_split=None))["train"]
     batch = default_batch_size(device, model)
-    start = time.perf_counter()
-    embeds, mask = train_hf.embed_all(split, model, processor, batch, device, dtype, default_workers(device))
-    seconds = time.perf_counter() - start
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    train_hf.logger.addHandler(handler)
+    train_hf.logger.setLevel(logging.INFO)
+    try:
+        start = time.perf_counter()
+        embeds, mask = train_hf.embed_all(split, model, processor, batch, device, dtype, default_workers(device))
+        seconds = time.perf_counter() - start
+    finally:
+        train_hf.logger.removeHandler(handler)
     assert np.isfinite(embeds).all()
-    return int(mask.sum()) / seconds, int(mask.sum())
+    return int(mask.sum()) / seconds, int(mask.sum()), next((line for line in lines if "embedding pass" in line), None)
+
+
+def first_calls(model_dir, device):
+    """Seconds of a fresh process's first backbone calls in fp16, on blank views: 20 views (what
+    classify.py's warm-up runs while its workers start) twice, then 160 views twice (does the small
+    warm-up leave a big batch's first call slow?). The first minus the second: what warming up saves."""
+    from remote_code import CityClassifierForImageClassification
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = CityClassifierForImageClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    size = model.config.pixel_size
+    report = {}
+    with torch.inference_mode():
+        for views in (20, 160):
+            pixels = torch.zeros(views, 3, size, size, device=device, dtype=dtype)
+            for call in ("first", "second"):
+                start = time.perf_counter()
+                model.get_image_features(pixels)
+                sync(device)
+                report[f"{call}_{views}_views_s"] = time.perf_counter() - start
+    return report
+
+
+def in_fresh_python(function, *args, hide_pyspng=False):
+    """bench_gpu.`function`(*args) (paths and a device name, given as strings) in a fresh Python: a
+    process of its own (a first CUDA call, a decoder left out); -> what it returns, through JSON."""
+    code = (("import sys; sys.modules['pyspng'] = None; " if hide_pyspng else "import sys; ") +
+            "sys.path[:0] = [sys.argv[1], sys.argv[2]]; import json, torch; from pathlib import Path; "
+            "import bench_gpu; args = [torch.device(a) if a in ('cpu', 'cuda') else Path(a) for a in sys.argv[4:]]; "
+            "print(json.dumps(getattr(bench_gpu, sys.argv[3])(*args)))")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), function, *map(str, args)],
+                          env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def train(args, out):
@@ -467,9 +518,14 @@ def main():
                                                    1 if args.dry_run else args.raw_seconds)
             for dtype in half}, model)
         ceiling = raw.get(str(half[0]).split(".")[1])
+        # the smallest batch classify.py hands an idle GPU (scoring.first_batch of 64 images, ~3 views each)
+        measure("raw_backbone_small_batch", lambda backbone: {
+            "crops": (small := args.raw_batch * 3 // 10),
+            "crops_per_s": raw_backbone(backbone, device, half[0], small, 1 if args.dry_run else 2)}, model)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        measure("first_calls", in_fresh_python, "first_calls", model_dir, device.type)
         measure("host_waits_per_batch", host_waits, files, device)
         measure("gpu_vs_cpu", agreement, files[: min(len(files), 100)], device)
 
@@ -487,10 +543,10 @@ def main():
 
         def classify(*extra, copies=1, root=ROOT):
             folder = tmp / "data" / "train" if copies == 1 else repeated_folder(files, tmp / f"x{copies}", copies)
-            seconds, busy = classify_run(folder, model_dir, tmp / "scores.jsonl", device, extra, root)
+            seconds, busy, phases = classify_run(folder, model_dir, tmp / "scores.jsonl", device, extra, root)
             return {"crops_per_s": copies * crops / seconds, "images_per_s": copies * len(files) / seconds,
                     "ratio_to_raw": ratio(copies * crops / seconds), "gpu_busy_percent": busy,
-                    "options": " ".join(extra), "seconds": seconds}
+                    "options": " ".join(extra), "seconds": seconds, "time": phases}
 
         runs = [("classify", ())]
         if args.baseline is not None:
@@ -519,8 +575,8 @@ def main():
             report["classify"]["speedup_over_original_loop"] = report["classify"]["images_per_s"] / loop
 
         def embedding():
-            rate, embedded = head_only_embedding(tmp / "data", model_dir, device, half[0])
-            return {"crops_per_s": rate, "crops": embedded, "ratio_to_raw": ratio(rate)}
+            rate, embedded, phases = head_only_embedding(tmp / "data", model_dir, device, half[0])
+            return {"crops_per_s": rate, "crops": embedded, "ratio_to_raw": ratio(rate), "time": phases}
 
         embed = measure("head_only_embedding", embedding)
         if "crops_per_s" in embed:

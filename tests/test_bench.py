@@ -17,6 +17,12 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
     images, crops = report["data"]["images"], report["data"]["crops"]
     assert images == 12 and images <= crops <= 5 * images and (crops - images) % 4 == 0  # 1 or 5 crops an image
     assert report["raw_backbone_crops_per_s"]["float32"] > 0
+    assert report["raw_backbone_small_batch"]["crops"] == 2 and report["raw_backbone_small_batch"]["crops_per_s"] > 0
+    first = report["first_calls"]  # a fresh process's first backbone calls: what warming up saves
+    assert set(first) == {f"{call}_{views}_views_s" for call in ("first", "second") for views in (20, 160)}
+    assert all(seconds > 0 for seconds in first.values())
+    for key in ("classify", "classify_x2", "head_only_embedding"):  # where the seconds went, as the tools say
+        assert "first batch after" in report[key]["time"] and "s in the model" in report[key]["time"], report[key]
     for key in ("data_path_crop_device", "data_path_crop_workers", "classify", "head_only_embedding"):
         assert report[key]["crops_per_s"] > 0 and report[key]["ratio_to_raw"] > 0, report[key]
     assert report["data_path_crop_device"]["crop_mode"] == "device"  # the GPU's road, on the CPU

@@ -85,12 +85,15 @@ def messy(tmp_path):
     return root, expected
 
 
-def test_scores_equal_the_pipeline(converted, folder, tmp_path):
+def test_scores_equal_the_pipeline(converted, folder, tmp_path, capsys):
     from transformers import pipeline
 
     out = tmp_path / "r.jsonl"
     assert run(folder, "--model", converted["ca"], "--out", out, "--dtype", "float32", "--workers", 0,
                "--batch-size", 4) == 0
+    times = [line for line in capsys.readouterr().err.splitlines() if line.startswith("time: ")]
+    assert len(times) == 1 and "first batch after" in times[0] and "s in the model" in times[0], times
+    assert "warming" not in times[0]  # on a CPU the model is not warmed up: the blank batch would cost a batch
     rows = rows_of(out)
     assert len(rows) == 6 and all(r["error"] is None for r in rows)
     pipe = pipeline("image-classification", model=str(converted["ca"]), trust_remote_code=True)
@@ -237,6 +240,24 @@ def test_backbone_runs_once_per_tile_for_shared_models(converted):
     items = [(None, scorer.preprocess(make_image(200, 150))), (None, scorer.preprocess(make_image(40, 40)))]
     rows = scorer.score(collate(items)[1])
     assert calls == [6] and len(rows) == 2 and "compression:JPEG" in rows[0]  # 5 tiles + 1 view, one call
+
+
+def test_warming_up_scores_a_blank_tiled_batch_and_changes_no_later_score(converted):
+    """A GPU's fresh process warms the model up on blank images while the decoding workers start:
+    every model's views of a tiled image, through the same path as the real batches, and nothing of
+    it in the scores that follow."""
+    from scoring import Scorer, blank_image, collate
+
+    scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
+    assert all(processor.is_tiled(*blank_image(scorer.processors).size) for processor in scorer.processors)
+    items = [(None, scorer.preprocess(make_image(200, 150))), (None, scorer.preprocess(make_image(40, 40)))]
+    before = scorer.score(collate(items)[1])
+    model, calls = scorer.groups[0][0].model, []
+    original = model.get_image_features
+    model.get_image_features = lambda x: calls.append(len(x)) or original(x)
+    rows = scorer.warm_up()
+    assert calls == [20] and len(rows) == 4 and set(rows[0]) == set(before[0])  # 4 images x 5 tiles, both heads
+    assert scorer.score(collate(items)[1]) == before
 
 
 def test_two_process_gloo_run_merges_to_the_single_process_output(converted, folder, tmp_path):

@@ -135,9 +135,11 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
     assert sorted({len(tiles) for tiles in alone}) == [1, 5]  # tiled and untiled images both
     real = scoring.loader_batches
     monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: reversed(list(real(*args, **kwargs))))
-    embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
-    for i, expected in enumerate(alone):
-        assert mask[i].sum() == len(expected) and np.abs(embeds[i][mask[i].astype(bool)] - expected).max() < 1e-5, i
+    for warm_up in (False, True):  # a GPU's blank batch first (while the workers start): not among the images
+        embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, warm_up=warm_up)
+        assert len(embeds) == len(mask) == len(sizes)
+        for i, expected in enumerate(alone):
+            assert mask[i].sum() == len(expected) and np.abs(embeds[i][mask[i].astype(bool)] - expected).max() < 1e-5
     monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: list(real(*args, **kwargs))[1:])
     with pytest.raises(RuntimeError, match="got 3 images for 5"):
         train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)

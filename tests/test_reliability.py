@@ -332,6 +332,70 @@ def test_workers_take_files_from_one_queue_each_file_once(converted, tmp_path):
     assert sorted(paths) == sorted(str(p) for p in src.rglob("*.png") if p != done)
 
 
+def batches_handed_over(converted, src, idle):
+    """(images per batch, paths handed over, live child processes when on_start ran) of loader_batches
+    over `src` with 2 workers, batch 8, and `idle` as the device's state."""
+    import multiprocessing
+
+    from scoring import FileStream, Scorer, loader_batches
+
+    scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
+    stream = FileStream([str(src)], scorer, np.array([], dtype=np.int64), 0, 1, None)
+    started, sizes, paths = [], [], []
+    on_start = lambda: started.append(len(multiprocessing.active_children()))  # noqa: E731
+    for metas, _ in loader_batches(stream, 8, 2, torch.device("cpu"), idle=idle, on_start=on_start):
+        assert started, "on_start runs before the first batch"
+        sizes.append(len(metas))
+        paths += [meta["path"] for meta in metas]
+    return sizes, sorted(paths), started
+
+
+def test_an_idle_device_gets_the_images_decoded_so_far_a_busy_one_a_whole_batch(converted, tmp_path):
+    """With `idle` (a GPU's queue), a batch goes as soon as it holds a quarter of the batch size while
+    the device has nothing to do, so it starts on the first images and ends on a small batch; while
+    it is busy, whole batches. Either way each file once, and on_start runs once, with the workers
+    started (the model warms up while they decode)."""
+    from scoring import first_batch
+
+    src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(16)])
+    every = sorted(str(p) for p in src.iterdir())
+    sizes, paths, started = batches_handed_over(converted, src, idle=lambda: True)
+    assert paths == every and len(started) == 1 and started[0] >= 2
+    assert first_batch(8) == 2 and max(sizes) < 8  # the workers' small batches (4), each handed over at once
+    sizes, paths, started = batches_handed_over(converted, src, idle=lambda: False)
+    assert paths == every and len(started) == 1
+    assert sizes == [8, 8]  # joined up to the batch size: 16 images, two batches
+
+
+def test_the_stopwatch_tells_the_wait_for_the_first_item_from_the_others():
+    """classify.py's "time:" line: each phase's seconds; an iterator's first wait apart from the rest
+    (the decoding workers' start), the loop body's own phases not counted as waits; phases under
+    0.005 s left out."""
+    from scoring import Stopwatch
+
+    # the clock's readings, in the order the stopwatch reads them
+    ticks = iter([0.0, 3.0,  # waiting for "a"
+                  3.0, 4.0,  # waiting for "b"
+                  4.0, 6.0,  # the model, in the loop body
+                  6.0, 6.5,  # waiting for "c"
+                  6.5, 6.501,  # waiting for the end
+                  7.0, 7.004])  # writing, after the loop: under 0.005 s
+    watch = Stopwatch(clock=lambda: next(ticks))
+    got = []
+    for item in watch.timed("abc", "first_batch", "waiting_for_images"):
+        got.append(item)
+        if item == "b":
+            with watch("model"):
+                pass
+    with watch("writing"):
+        pass
+    assert got == ["a", "b", "c"]
+    assert watch.seconds == pytest.approx({"first_batch": 3.0, "waiting_for_images": 1.501, "model": 2.0,
+                                           "writing": 0.004})
+    assert watch.line() == "first batch after 3.00s, 1.50s waiting for decoded images, 2.00s in the model"
+    assert watch.line({"model": "model {:.1f}", "table": "table {:.1f}"}) == "model 2.0"
+
+
 def test_a_walk_that_fails_midway_raises_after_the_files_it_found(converted, tmp_path, monkeypatch):
     """The walk runs in a thread of the main process: an error there must end the run with that error
     once the files found before it are handed over, never end it early as if all were done."""
