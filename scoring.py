@@ -455,10 +455,16 @@ def micro_batch(batch_size, workers, device, split=False):
     few batches per worker arrived all at once at the end: on an H100 with 15 workers and 600
     images, classify.py made 286 crops/s of the 396 its workers could decode, the GPU idle while
     they decoded and they idle while it ran. On a GPU (or with `split`) they hand out small batches
-    (batch / workers, at least 2) and `join_batches` joins them in the main process."""
+    (batch / workers, at least 2) and `join_batches` joins them in the main process. With `split`
+    (an idle device takes a quarter of a batch: `loader_batches`' `idle`), at most an eighth of a
+    batch: with few workers, each would otherwise hand over more than that quarter at once (2
+    workers, 32 images each), and the device would wait for them as for a whole batch."""
     if (device.type != "cuda" and not split) or workers <= 1:
         return batch_size
-    return max(2, -(-batch_size // workers))
+    size = -(-batch_size // workers)
+    if split:
+        size = min(size, first_batch(batch_size) // 2)
+    return max(2, size)
 
 
 def join_batches(parts, device):

@@ -87,3 +87,20 @@ def test_head_step_benchmark_runs_all_three_ways(tmp_path):
     assert all(report[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
     assert report["head_only_trainer_vs_trainer"] == report["head_only_trainer"] / report["trainer"]
     assert report["recipe_30k_steps_s"] == 30000 / report["head_only_trainer"]
+
+
+def test_batching_simulation_runs_both_ways_and_no_device_beats_its_own_work(tmp_path):
+    """bench/simulate_gpu_batching.py, tiny: the real loader feeding a clock-modelled device, whole
+    batches and idle hand-over. No run can end before the device has done its own work."""
+    out = tmp_path / "sim.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "simulate_gpu_batching.py"), "--images", "8",
+                           "--repeat", "1", "--batch-size", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cpu"] and report["workers"] >= 2 and report["images"] == 8
+    assert report["device_alone_s"] == pytest.approx(report["crops"] / report["device_crops_per_s"])
+    for mode in ("whole", "idle"):
+        run = report[mode]
+        assert run["batches"] >= 1 and run["seconds"] >= report["device_alone_s"] and 0 < run["device_busy"] <= 1
+        assert run["ratio_to_device"] == pytest.approx(report["device_alone_s"] / run["seconds"])

@@ -153,6 +153,9 @@ def test_workers_hand_out_small_batches_that_the_main_process_joins():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert micro_batch(64, 15, gpu) == 5 and micro_batch(8, 15, gpu) == 2 and micro_batch(64, 1, gpu) == 64
     assert micro_batch(8, 4, cpu) == 8  # a CPU's workers share the cores with the model: unchanged
+    # handing an idle GPU a quarter batch (16 of 64): no worker's small batch is larger than half that
+    assert micro_batch(64, 2, gpu, split=True) == 8 and micro_batch(64, 15, gpu, split=True) == 5
+    assert micro_batch(64, 2, cpu, split=True) == 8 and micro_batch(8, 2, cpu, split=True) == 2
 
     def item(name, views):  # (meta, inputs) as FileStream yields; views None: an error row
         meta = {"path": name, "error": None if views else "bad"}
