@@ -82,8 +82,7 @@ def run(scorer, data, batch_size, workers, rate, mode):
         batches += 1
         first = begin - start if first is None else first
         time.sleep(max(0.0, previous_end - clock()))  # classify.py: batch n - 1's rows, once n is queued
-    end = max(clock(), busy_until)
-    time.sleep(max(0.0, busy_until - clock()))
+    end = max(clock(), busy_until)  # the device's last batch done
     return {"seconds": end - start, "device_busy": busy / (end - start) if mode else None, "batches": batches,
             "first_batch_starts_s": first, "device_alone_at_end_s": max(0.0, busy_until - last_arrival)}
 
