@@ -294,14 +294,23 @@ def score_files(args, scorer, store):
         rate = (scored + failed) / seconds if seconds > 0 else 0.0
         print(f"{scored} scored, {failed} failed in {seconds:.1f}s ({rate:.2f} img/s) -> {args.out}", file=sys.stderr)
         print(f"time: {stopwatch.line()}", file=sys.stderr)
-        waiting = stopwatch.seconds.get("waiting_for_images", 0.0)
-        if seconds > 10 and waiting > seconds / 2:
-            more = "more --workers, or --crop-on device, may" if scorer.device.type == "cuda" else "more --workers may"
-            print(f"note: the model waited for decoded images {waiting / seconds:.0%} of the time: decoding is the "
-                  f"limit here ({args.workers} workers, {os.cpu_count()} cores); {more} help", file=sys.stderr)
+        hint = decoding_hint(stopwatch, seconds, scorer.device, args.workers)
+        if hint:
+            print(hint, file=sys.stderr)
         if old_errors:
             print(f"{old_errors} file(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
     return rank, failed + old_errors
+
+
+def decoding_hint(stopwatch, seconds, device, workers):
+    """A note when the model waited for decoded images over half of a run longer than 10 s (shorter
+    runs are mostly start-up), saying what may help; else None."""
+    waiting = stopwatch.seconds.get("waiting_for_images", 0.0)
+    if seconds <= 10 or waiting <= seconds / 2:
+        return None
+    more = "more --workers, or --crop-on device, may" if device.type == "cuda" else "more --workers may"
+    return (f"note: the model waited for decoded images {waiting / seconds:.0%} of the time: decoding is the limit "
+            f"here ({workers} workers, {os.cpu_count()} cores); {more} help")
 
 
 def pending_count(args, done, exclude, world):

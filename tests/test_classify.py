@@ -242,6 +242,26 @@ def test_backbone_runs_once_per_tile_for_shared_models(converted):
     assert calls == [6] and len(rows) == 2 and "compression:JPEG" in rows[0]  # 5 tiles + 1 view, one call
 
 
+def test_a_run_held_up_by_decoding_says_so_and_what_may_help():
+    """The note after the "time:" line: only when the model waited for decoded images over half of a
+    run longer than 10 s; --crop-on device suggested on a GPU only."""
+    import torch
+
+    from classify import decoding_hint
+    from scoring import Stopwatch
+
+    watch = Stopwatch()
+    watch.seconds = {"waiting_for_images": 12.0, "model": 6.0}
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    hint = decoding_hint(watch, 20.0, gpu, 15)
+    assert hint.startswith("note: ") and "60%" in hint and "15 workers" in hint and "--crop-on device" in hint
+    assert "--workers" in decoding_hint(watch, 20.0, cpu, 1) and "--crop-on" not in decoding_hint(watch, 20.0, cpu, 1)
+    assert decoding_hint(watch, 30.0, gpu, 15) is None  # 40% of the run
+    short = Stopwatch()
+    short.seconds = {"waiting_for_images": 8.0}
+    assert decoding_hint(short, 9.0, gpu, 15) is None  # a short run is mostly start-up
+
+
 def test_warming_up_scores_a_blank_tiled_batch_and_changes_no_later_score(converted):
     """A GPU's fresh process warms the model up on blank images while the decoding workers start:
     every model's views of a tiled image, through the same path as the real batches, and nothing of
