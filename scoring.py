@@ -952,8 +952,9 @@ class Scorer:
         """Scores `images` blank tiled images and waits for them -> their rows. On a GPU, a fresh
         process's first model call initialises cuBLAS and loads each kernel it runs (CUDA loads them
         lazily); called while the decoding workers are on their first files (`loader_batches`'
-        `on_start`), that costs the run nothing, and the first real batch runs at full speed. For a
-        GPU only: a CPU's first call costs little, and its blank batch would cost a batch's time."""
+        `on_start`), that set-up is meant to overlap their decoding instead of delaying the first real
+        batch (what it saves: bench_gpu.py's first_calls; not measured on a GPU yet). For a GPU only:
+        a CPU's first call costs little, and its blank batch would cost a batch's time."""
         return self.score(collate([({}, self.preprocess(blank_image(self.processors)))] * images)[1])
 
     @staticmethod

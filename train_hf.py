@@ -396,9 +396,7 @@ class EmbeddedViews(torch.utils.data.Dataset):
         columns = ds.with_format("numpy")
         self.embeds = torch.from_numpy(np.asarray(columns["image_embeds"], dtype=np.float32))
         self.valid = [np.flatnonzero(mask) for mask in np.asarray(columns["tile_mask"])]
-        labels = labels_of({LABEL: list(ds.with_format(None)[LABEL])})
-        self.labels = torch.tensor(labels, dtype=torch.float32 if labels and isinstance(labels[0], float)
-                                   else torch.long)
+        self.labels = label_tensor(labels_of({LABEL: list(ds.with_format(None)[LABEL])}))
         self.on_device = (device is not None and device.type == "cuda"
                           and 4 * self.embeds.nbytes < torch.cuda.mem_get_info(device)[0])
         if self.on_device:
@@ -804,8 +802,13 @@ def collate(rows):
     if isinstance(labels[0], torch.Tensor):  # EmbeddedViews: already a tensor of the right type (on the GPU)
         batch["labels"] = torch.stack(labels)
     else:
-        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+        batch["labels"] = label_tensor(labels)
     return batch
+
+
+def label_tensor(labels):
+    """Labels as a tensor: class ids (long), or float scores (score models)."""
+    return torch.tensor(labels, dtype=torch.float32 if labels and isinstance(labels[0], float) else torch.long)
 
 
 if __name__ == "__main__":
