@@ -11,10 +11,20 @@ A rerun finds the hidden name of a source still there and the final name that is
 or the ledger line, and finishes the job instead of placing the file twice. The source is only
 ever unlinked once a copy of it exists under a name that no other source maps to, and DEST is
 locked for the run, so that two processes never move into one folder at once.
+
+Where DEST's file system has no hard links (exFAT, FAT, CIFS, ...), step 2 renames the hidden file
+to the first free name with a rename that refuses to overwrite (renameat2's RENAME_NOREPLACE),
+after a ledger line saying so; a rerun that finds neither the hidden file nor a finished line
+looks for the placed copy by its bytes. DEST with neither is refused before anything is scored.
+Names longer than the file system allows once `_n` or the hidden name's parts are added are
+shortened, whole characters off the end of the stem.
 """
 
+import ctypes
 import errno
 import fcntl
+import filecmp
+import functools
 import json
 import os
 import shutil
@@ -26,6 +36,7 @@ from scoring import path_key
 from toolkit import UsageError
 
 LEDGER = ".classify-transfers.jsonl"
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # what link(2) says where a file system has none
 
 
 class TransferError(Exception):
@@ -50,11 +61,14 @@ class Transfers:
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
             self.lock_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY)
-            probe = self.dest / f".classify-probe-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            self.name_max = name_max(self.dest)
+            self.links = probe_placing(self.dest)
         except OSError as error:
             raise UsageError(f"{self.dest}: cannot write there ({error.strerror or error})") from None
+        if self.links is None:
+            raise UsageError(f"{self.dest}: its file system has neither hard links nor renames that refuse to "
+                             "overwrite, so files cannot be placed there without risking another file; choose "
+                             "another destination")
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,7 +87,7 @@ class Transfers:
                 for line in f:
                     try:
                         record = json.loads(line)
-                        placed[record.pop("src")] = record
+                        placed[record.pop("src")] = record  # a later line of a source stands for it
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # not a ledger line: that transfer, if any, is finished from its hidden name
         return placed
@@ -87,11 +101,11 @@ class Transfers:
         whether this call placed it); raises TransferError with a one-line reason."""
         source = str(source)
         target = self.dest / relative
-        hidden = target.with_name(f".{target.name}.{path_key(source) & 0xFFFFFFFFFFFFFFFF:016x}.partial")
-        done = self.placed.get(source)
+        hidden = hidden_name(target, source, self.name_max)
+        done = self.placed.get(source) or {}
         placed = None
         try:
-            if done is not None and os.path.lexists(done["dst"]):
+            if "dst" in done and os.path.lexists(done["dst"]):
                 finished = not os.path.lexists(source) or identity(source) == done["id"]
                 if finished:  # by an earlier run; one killed before its last steps is finished here
                     placed = Path(done["dst"])
@@ -104,28 +118,60 @@ class Transfers:
             if not os.path.lexists(source):
                 raise SourceGone("no longer at its path")
             target.parent.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(hidden):
-                placed = already_linked(hidden, target)
+            if "placing" in done and not os.path.lexists(done["hidden"]) and identity(source) == done["id"]:
+                placed = self.find_renamed(source, Path(done["placing"]))  # killed after its rename: where to?
+            elif os.path.lexists(hidden) and self.links:
+                placed = already_linked(hidden, target, self.name_max)
             if placed is None:
+                if "placing" in self.placed.get(source, {}):  # not renamed: no rerun may look for it from now on
+                    self.record(source, {"dropped": True})
                 self.stage(source, hidden)
                 self.step()
-                placed = link_free_name(hidden, target)
+                placed = self.place(source, hidden, target)
                 self.step()
-            self.record(source, placed, hidden)
+            self.record(source, {"dst": str(placed), "hidden": str(hidden), "id": identity(source)})
             self.step()
-            os.unlink(hidden)
+            unlink(hidden)  # after a rename: not there any more
             self.step()
             if self.move:
                 self.remove_source(source, placed)
                 self.step()
         except OSError as error:
             if placed is None and os.path.lexists(hidden):
+                if "placing" in self.placed.get(source, {}):
+                    self.record(source, {"dropped": True})  # a rerun must not look for a copy that was never placed
                 unlink(hidden)  # not linked anywhere yet: the source is still whole
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
                 raise UsageError(f"{target}: cannot write ({error.strerror}); nothing was lost: make room and "
                                  "rerun to finish") from None
             raise TransferError(f"{error.strerror or error}") from None
         return placed, True
+
+    def place(self, source, hidden, target):
+        """Gives the staged file its final name: a hard link, or where DEST has none, a rename that
+        refuses to overwrite, after a ledger line that lets a rerun look for it (`find_renamed`)."""
+        if self.links:
+            return link_free_name(hidden, target, self.name_max)
+        self.record(source, {"placing": str(target), "hidden": str(hidden), "id": identity(source)})
+        self.step()
+        for name in candidates(target, self.name_max):
+            try:
+                rename_noreplace(hidden, name)
+                return name
+            except FileExistsError:
+                continue
+
+    def find_renamed(self, source, target):
+        """The name a killed run renamed the source's copy to: the first of `candidates(target)` with
+        the source's bytes (another identical file there holds them as well), or None."""
+        free = 0
+        for name in candidates(target, self.name_max):
+            if not os.path.lexists(name):
+                free += 1
+                if free > 16:
+                    return None
+            elif os.path.isfile(name) and filecmp.cmp(name, source, shallow=False):
+                return name
 
     @staticmethod
     def remove_source(source, placed):
@@ -160,8 +206,9 @@ class Transfers:
         with open(hidden, "rb+") as f:
             os.fsync(f.fileno())
 
-    def record(self, source, placed, hidden):
-        entry = {"dst": str(placed), "hidden": str(hidden), "id": identity(source)}
+    def record(self, source, entry):
+        """Appends a ledger line: {"dst", "hidden", "id"} when placed; {"placing", "hidden", "id"} before
+        a rename; {"dropped": true} when a rename did not happen after all."""
         self.ledger.write(json.dumps({"src": source, **entry}) + "\n")
         self.ledger.flush()
         self.placed[source] = entry
@@ -173,11 +220,11 @@ def identity(path):
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def already_linked(hidden, target):
+def already_linked(hidden, target, limit):
     """The final name an interrupted run gave the hidden file (the same inode), or None. Names are
     taken in order, so the scan stops after a run of free ones."""
     free = 0
-    for name in candidates(target):
+    for name in candidates(target, limit):
         if not os.path.lexists(name):
             free += 1
             if free > 16:
@@ -186,18 +233,94 @@ def already_linked(hidden, target):
             return name
 
 
-def candidates(target):
-    """NAME, NAME_1, NAME_2, ... beside `target`."""
+def candidates(target, limit):
+    """NAME, NAME_1, NAME_2, ... beside `target`, each at most `limit` bytes long (`fit_name`)."""
     yield target
+    stem, suffix = target.stem, target.suffix
+    if len(os.fsencode(suffix)) > limit // 2:  # no file extension: a dot late in a long name
+        stem, suffix = target.name, ""
     n = 1
     while True:
-        yield target.with_name(f"{target.stem}_{n}{target.suffix}")
+        yield target.with_name(fit_name(stem, f"_{n}{suffix}", limit))
         n += 1
 
 
-def link_free_name(hidden, target):
+def hidden_name(target, source, limit):
+    """`.NAME.<source key>.partial` beside `target`: the staged copy's name, one per source."""
+    return target.with_name(fit_name(f".{target.name}", f".{path_key(source) & 0xFFFFFFFFFFFFFFFF:016x}.partial",
+                                     limit))
+
+
+def fit_name(stem, tail, limit):
+    """`stem + tail`, whole characters cut off the end of the stem until the name takes at most
+    `limit` bytes: a 250-byte name taken in DEST still gets a free one (NAME_MAX is 255 bytes)."""
+    room = limit - len(os.fsencode(tail))
+    while stem and len(os.fsencode(stem)) > room:
+        stem = stem[: min(len(stem) - 1, room)]
+    return stem + tail
+
+
+def name_max(folder):
+    """The longest file name, in bytes, that `folder`'s file system takes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def probe_placing(folder):
+    """How files get their final names in `folder`: True (hard links), False (renames that refuse to
+    overwrite: no hard links, as on exFAT), or None (neither can be done safely). Tried on two empty
+    files of its own; a rename that overwrote the second one counts as none."""
+    first, second = (Path(folder) / f".classify-probe-{os.getpid()}-{n}" for n in (1, 2))
+    try:
+        first.touch()
+        try:
+            os.link(first, second)
+            return True
+        except OSError as error:
+            if error.errno not in NO_HARD_LINKS:
+                raise
+        second.touch()
+        try:
+            rename_noreplace(first, second)
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return None
+            raise
+        return None  # it overwrote
+    finally:
+        unlink(first)
+        unlink(second)
+
+
+@functools.cache
+def _renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # no such C function (not glibc >= 2.28, not Linux)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def rename_noreplace(source, target):
+    """Renames `source` to `target` unless `target` exists (FileExistsError): renameat2 with
+    RENAME_NOREPLACE. OSError EINVAL where the file system or the C library cannot do it."""
+    function = _renameat2()
+    if function is None:
+        raise OSError(errno.EINVAL, "renames that refuse to overwrite are not available here", str(target))
+    at_cwd, no_replace = -100, 1  # AT_FDCWD and RENAME_NOREPLACE from <fcntl.h> and <linux/fs.h>
+    if function(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), no_replace) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(target))
+
+
+def link_free_name(hidden, target, limit):
     """Links `hidden` to the first name among `candidates(target)` that nobody holds."""
-    for name in candidates(target):
+    for name in candidates(target, limit):
         try:
             os.link(hidden, name)
             return name

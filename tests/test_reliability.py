@@ -1,6 +1,7 @@
 """classify.py never loses a file or a row and never scores silently wrong: each case of issue #11,
 and fault injection (SIGKILL at random points while scoring and at every step of --move-to)."""
 
+import errno
 import hashlib
 import json
 import os
@@ -646,8 +647,21 @@ class Killed(BaseException):
     """Stands for SIGKILL inside the test process: nothing after the step runs, no handler sees it."""
 
 
+def without_hard_links(monkeypatch):
+    """Makes every hard link fail as on exFAT or FAT (link(2): EPERM), in this process."""
+    import transfers
+
+    def link(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(transfers.os, "link", link)
+
+
+@pytest.mark.parametrize("placing", ["links", "renames"])
 @pytest.mark.parametrize("mode", ["--move-to", "--copy-to"])
-def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, trial, monkeypatch, mode):
+def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, trial, monkeypatch, mode, placing):
+    """With hard links (5 steps a file) and on a destination without them (renames that refuse to
+    overwrite, after a ledger line: 6 steps)."""
     import transfers
 
     src, dest, out, before, pristine = trial.src, trial.dest, trial.out, trial.before, trial.pristine
@@ -660,8 +674,11 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, tria
             raise Killed()
 
     monkeypatch.setattr(transfers.Transfers, "step", step)
+    if placing == "renames":
+        without_hard_links(monkeypatch)
+    steps = 5 if placing == "links" else 6
     killed = 0
-    for n in range(1, 4 * 5 + 1):  # 4 files, at most 5 steps each
+    for n in range(1, 4 * steps + 1):  # 4 files, at most `steps` steps each
         trial.restore()
         kill_at["n"] = n
         try:
@@ -677,7 +694,8 @@ def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, tria
         else:
             assert contents(src) == contents(pristine) and placed == contents(pristine), n
         assert not hidden_leftovers(dest), n
-    assert killed == (20 if mode == "--move-to" else 16)  # a copy has no source to unlink: 4 steps a file
+        assert sorted(p.name for p in dest.glob("*.png")) == ["x.png", "x_1.png", "x_2.png", "x_3.png", "y.png"], n
+    assert killed == 4 * (steps if mode == "--move-to" else steps - 1)  # a copy has no source to unlink
 
 
 def test_sigkill_of_a_real_move_at_random_steps(converted, trial):
@@ -689,6 +707,109 @@ def test_sigkill_of_a_real_move_at_random_steps(converted, trial):
         assert code == -signal.SIGKILL
         assert cli(*args)[0] == 0
         assert contents(src, dest) == before and not list(src.rglob("*.png")) and not hidden_leftovers(dest)
+
+
+def test_a_rename_cut_short_twice_never_takes_an_identical_file_for_its_copy(tmp_path, monkeypatch):
+    """Without hard links, a rerun that finds neither the staged copy nor a finished ledger line
+    looks for the copy by its bytes. Killed once before the rename and once while staging again,
+    the third run must not take the destination's identical x.png for it and unlink the source."""
+    import transfers
+
+    without_hard_links(monkeypatch)
+    src = images(tmp_path / "in", ["x.png"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copy2(src / "x.png", dest / "x.png")
+    before = contents(src, dest)
+    original_step, real_copy = transfers.Transfers.step, shutil.copy2
+
+    def killed_after_the_ledger_line(self):
+        original_step(self)
+        if self.steps == 2:
+            raise Killed()
+
+    def killed_while_copying(source, target, **kwargs):
+        raise Killed()
+
+    for attempt in (killed_after_the_ledger_line, None):
+        if attempt is None:
+            monkeypatch.setattr(transfers.shutil, "copy2", killed_while_copying)
+        else:
+            monkeypatch.setattr(transfers.Transfers, "step", attempt)
+        mover = transfers.Transfers(dest, move=True)
+        with pytest.raises(Killed):
+            mover.transfer(src / "x.png", Path("x.png"))
+        mover.close()
+        monkeypatch.setattr(transfers.Transfers, "step", original_step)
+    monkeypatch.setattr(transfers.shutil, "copy2", real_copy)
+    mover = transfers.Transfers(dest, move=True)
+    assert mover.transfer(src / "x.png", Path("x.png")) == (dest / "x_1.png", True)
+    mover.close()
+    assert contents(src, dest) == before and not (src / "x.png").exists()
+
+
+def test_a_rename_that_fails_leaves_nothing_for_a_rerun_to_take_for_its_copy(tmp_path, monkeypatch, capsys):
+    import transfers
+
+    without_hard_links(monkeypatch)
+    src = images(tmp_path / "in", ["x.png"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copy2(src / "x.png", dest / "x.png")
+    before, real_rename = contents(src, dest), transfers.rename_noreplace
+
+    def refused(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    mover = transfers.Transfers(dest, move=True)
+    monkeypatch.setattr(transfers, "rename_noreplace", refused)
+    with pytest.raises(transfers.TransferError, match="Permission denied"):
+        mover.transfer(src / "x.png", Path("x.png"))
+    mover.close()
+    assert contents(src, dest) == before and not hidden_leftovers(dest)
+    monkeypatch.setattr(transfers, "rename_noreplace", real_rename)
+    mover = transfers.Transfers(dest, move=True)
+    assert mover.transfer(src / "x.png", Path("x.png")) == (dest / "x_1.png", True)
+    mover.close()
+    assert contents(src, dest) == before
+
+
+@pytest.mark.parametrize("placing", ["links", "renames"])
+def test_names_at_the_file_systems_limit_still_move_and_take_free_names(converted, tmp_path, monkeypatch, placing):
+    """NAME_MAX is 255 bytes: a 251-byte name taken in the destination, and the hidden staging name
+    (26 bytes longer), are shortened by whole characters (3-byte ones here), not refused."""
+    if placing == "renames":
+        without_hard_links(monkeypatch)
+    long_names = ["\u3042" * 82 + "a.png", "b" * 251 + ".png"]  # 82 * 3 + 1 + 4 = 251 bytes; 255 bytes
+    src = images(tmp_path / "in", long_names)
+    dest = images(tmp_path / "dest", long_names, seed=50)  # both names taken by other pictures
+    out = tmp_path / "r.jsonl"
+    before = contents(src, dest)
+    assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest) == 0
+    assert contents(src, dest) == before and not list(src.iterdir()) and not hidden_leftovers(dest)
+    names = sorted(os.fsencode(p.name) for p in dest.iterdir() if not p.name.startswith("."))
+    assert len(names) == 4 and all(len(name) <= 255 for name in names)
+    assert sum(name.endswith(b"_1.png") for name in names) == 2
+    for name in names:
+        name.decode("utf-8")  # cut between characters, not inside one
+
+
+def test_a_destination_without_hard_links_or_safe_renames_is_refused_before_scoring(converted, tmp_path,
+                                                                                   monkeypatch):
+    import transfers
+
+    without_hard_links(monkeypatch)
+
+    def overwriting_rename(source, target):  # a file system that ignores RENAME_NOREPLACE
+        os.rename(source, target)
+
+    monkeypatch.setattr(transfers, "rename_noreplace", overwriting_rename)
+    src = images(tmp_path / "in", ["a.png", "b.png"])
+    before, dest, out = contents(src), tmp_path / "dest", tmp_path / "r.jsonl"
+    with pytest.raises(UsageError, match="neither hard links nor renames that refuse to overwrite"):
+        run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--move-to", dest)
+    assert contents(src) == before and list(dest.iterdir()) == []
+    assert not out.exists() or rows_of(out) == []  # refused before anything was scored
 
 
 def test_a_file_changed_since_it_was_scored_is_not_moved_on_its_old_score(converted, tmp_path, capsys):
