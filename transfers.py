@@ -176,8 +176,13 @@ class Transfers:
     @staticmethod
     def remove_source(source, placed):
         """The last step of a move. A source that cannot be removed (a read-only folder, an
-        immutable file) stays where it is, beside its copy, and says so; a rerun tries again."""
+        immutable file) stays where it is, beside its copy, and says so; a rerun tries again.
+        From another file system, the copy's folder is flushed to disk first: the two file systems
+        write their changes out independently, and a power cut must not find the source's removal
+        on disk and not the copy's name."""
         try:
+            if os.path.lexists(source) and os.stat(source).st_dev != os.stat(placed).st_dev:
+                fsync_folder(placed.parent)
             unlink(source)
         except OSError as error:
             raise TransferError(f"copied to {placed}, but the source cannot be removed "
@@ -212,6 +217,15 @@ class Transfers:
         self.ledger.write(json.dumps({"src": source, **entry}) + "\n")
         self.ledger.flush()
         self.placed[source] = entry
+
+
+def fsync_folder(folder):
+    """Flushes a folder's entries (names made or removed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def identity(path):

@@ -774,6 +774,39 @@ def test_a_rename_that_fails_leaves_nothing_for_a_rerun_to_take_for_its_copy(tmp
     assert contents(src, dest) == before
 
 
+def test_a_move_from_another_file_system_flushes_the_copys_folder_before_removing_the_source(tmp_path,
+                                                                                            monkeypatch):
+    """Two file systems write their changes out independently: a power cut must not find a source's
+    removal on disk without its copy's name. Another file system is faked (the source's st_dev)."""
+    import transfers
+
+    src = images(tmp_path / "in", ["a.png", "b.png"])
+    dest = tmp_path / "dest"
+    real_stat = os.stat
+
+    class Elsewhere:
+        def __init__(self, stat):
+            self.stat = stat
+
+        def __getattr__(self, name):
+            return self.stat.st_dev + 1 if name == "st_dev" else getattr(self.stat, name)
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        return Elsewhere(result) if Path(os.fsdecode(path)).parent == src else result
+
+    flushed = []
+    monkeypatch.setattr(transfers.os, "stat", stat)
+    monkeypatch.setattr(transfers, "fsync_folder", lambda folder: flushed.append(
+        (Path(folder), sorted(p.name for p in src.iterdir()))))
+    mover = transfers.Transfers(dest, move=True)
+    for name in ("a.png", "b.png"):
+        mover.transfer(src / name, Path(name))
+    mover.close()
+    assert flushed == [(dest, ["a.png", "b.png"]), (dest, ["b.png"])]  # each while its source was still there
+    assert sorted(p.name for p in dest.glob("*.png")) == ["a.png", "b.png"] and not list(src.iterdir())
+
+
 @pytest.mark.parametrize("placing", ["links", "renames"])
 def test_names_at_the_file_systems_limit_still_move_and_take_free_names(converted, tmp_path, monkeypatch, placing):
     """NAME_MAX is 255 bytes: a 251-byte name taken in the destination, and the hidden staging name
