@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import Trainer
 
 from convert_original import model_from_clip
@@ -118,24 +117,43 @@ def parse_args(argv=None):
     # accepts it there with use_cpu: say it for the user when there is no GPU, so one config runs on both.
     cpu_bf16 = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     if len(argv) == 1 and argv[0].endswith(".json"):
-        values = {**defaults, **json.loads(Path(argv[0]).read_text())}
+        given = json.loads(Path(argv[0]).read_text())
+        values = {**defaults, **given}
         if values.get("bf16") == "auto":
             values["bf16"] = native_bf16()
         if cpu_bf16 and values.get("bf16"):
             values["use_cpu"] = True
-        data, model, training = parser.parse_dict(values)
+        asked = set(given)
+        parse = lambda **changes: parser.parse_dict({**values, **changes})  # noqa: E731
     else:
         parser.set_defaults(**defaults)
         argv = [str(native_bf16()) if a == "auto" and i and argv[i - 1] == "--bf16" else
                 f"--bf16={native_bf16()}" if a == "--bf16=auto" else a for i, a in enumerate(argv)]
         if cpu_bf16 and bf16_asked(argv) and "--use_cpu" not in argv:
             argv = [*argv, "--use_cpu", "true"]
-        data, model, training = parser.parse_args_into_dataclasses(argv)
+        asked = {a.split("=")[0].removeprefix("--") for a in argv if a.startswith("--")}
+
+        def parse(**changes):
+            parser.set_defaults(**changes)
+            return parser.parse_args_into_dataclasses(argv)
+    try:
+        try:
+            data, model, training = parse()
+        except ValueError as error:
+            if "load_best_model_at_end" in asked or "load_best_model_at_end" not in str(error):
+                raise
+            # this tool's default, not the user's choice: it gives way to the strategies they chose
+            data, model, training = parse(load_best_model_at_end=False)
+            print("note: the best checkpoint is not loaded at the end (load_best_model_at_end, on by default "
+                  "here, needs the save and evaluation strategies to match)", file=sys.stderr)
+    except ValueError as error:  # TrainingArguments' checks: one line, exit status 2
+        raise UsageError(" ".join(str(error).split())) from None
     if training.bf16 and cpu_bf16 and not native_bf16():
         print("note: --bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and much slower than "
               "float32; --bf16 auto uses it only where it is native", file=sys.stderr)
     training.remove_unused_columns = False  # set_transform needs the raw image column
-    if training.load_best_model_at_end and training.metric_for_best_model is None:
+    if training.load_best_model_at_end and not {"metric_for_best_model", "greater_is_better"} & asked:
+        # TrainingArguments has made it "loss" already: a classifier's best checkpoint is its best ROC AUC
         training.metric_for_best_model = "roc_auc" if model.arch == "class" else "loss"
         training.greater_is_better = model.arch == "class"
     return data, model, training
@@ -233,25 +251,28 @@ def label_mapping(ds, data_args):
 
 
 def check_dataset(splits, data_args, arch):
-    """Fails before training on unreadable images, unlabelled images or a single class."""
-    problems, label_sets = [], {}
+    """-> (splits without their unreadable images, label ids). Every image is decoded once, as
+    training decodes it (datasets caches the outcome for reruns): one that fails gets an error line
+    and is left out, and training goes on (a truncated JPEG passes Pillow's verify() and used to end
+    training midway with a traceback). Unlabelled images or a single class stop it before it starts."""
+    problems, label_sets, checked = [], {}, {}
     for split, ds in splits.items():
         to_id = label_mapping(ds, data_args)
-        seen = set()
-        for row in ds:
+        seen, keep, errors = set(), [], decode_errors(ds)
+        for index, (row, error) in enumerate(zip(ds, errors)):
             image, value = row[IMAGE], row[LABEL]
-            where = image.get("path") or f"{split}[{len(seen)}]"
+            where = image.get("path") or f"{split}[{index}]"
             label = to_id(value) if arch == "class" else value
             if label is None:
                 problems.append(f"{where}: no label (put it in a folder named like 0_pass/ or 1_aberration/)")
-                continue
-            seen.add(label if arch == "class" else None)
-            try:
-                with Image.open(image_source(image)) as im:
-                    im.verify()
-            except Exception as error:  # noqa: BLE001 - any decoder failure is the same user problem
-                problems.append(f"{where}: unreadable image ({type(error).__name__}: {error})")
-        label_sets[split] = seen
+            elif error is not None:
+                print(f"error: {where}: unreadable image ({error}); left out", file=sys.stderr)
+            else:
+                seen.add(label if arch == "class" else None)
+                keep.append(index)
+        if len(keep) < len(ds):
+            print(f"note: {len(ds) - len(keep)} of the {len(ds)} images of split {split!r} left out", file=sys.stderr)
+        label_sets[split], checked[split] = seen, ds if len(keep) == len(ds) else ds.select(keep)
     if problems:
         shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise UsageError(f"{data_args.dataset_name}: {len(problems)} bad image(s):\n{shown}")
@@ -259,7 +280,33 @@ def check_dataset(splits, data_args, arch):
     if arch == "class" and len(train_labels) < 2:
         raise UsageError(f"{data_args.dataset_name}: the {data_args.train_split!r} split has only label(s) "
                          f"{sorted(train_labels)}; a classifier needs at least two")
-    return sorted(set().union(*label_sets.values())) if arch == "class" else None
+    return checked, sorted(set().union(*label_sets.values())) if arch == "class" else None
+
+
+def decode_errors(ds):
+    """Per image of a split, why it cannot be decoded as training decodes it (`decode`), or None;
+    in parallel processes for large splits, cached by datasets with the split."""
+    workers = min(os.cpu_count() or 1, len(ds) // 250)
+    checked = ds.map(decode_error_column, batched=True, batch_size=50, input_columns=[IMAGE],
+                     remove_columns=ds.column_names, num_proc=workers if workers > 1 else None,
+                     desc="decoding every image once")
+    return checked["decode_error"]
+
+
+def decode_error_column(images):
+    """`datasets.map` batch of Image(decode=False) values -> {"decode_error": [reason or None, ...]}."""
+    from scoring import BadImage
+
+    errors = []
+    for image in images:
+        try:
+            decode(image)
+            errors.append(None)
+        except BadImage as error:
+            errors.append(str(error))
+        except Exception as error:  # noqa: BLE001 - any decoder failure is the same user problem
+            errors.append(f"{type(error).__name__}: {error}")
+    return {"decode_error": errors}
 
 
 def image_source(image):
@@ -655,8 +702,7 @@ def main(argv=None):
         raise UsageError(f"--arch must be class or score, got {model_args.arch!r}")
     check_push(training_args)
 
-    splits = load_splits(data_args)
-    label_ids = check_dataset(splits, data_args, model_args.arch)
+    splits, label_ids = check_dataset(load_splits(data_args), data_args, model_args.arch)
     names = data_args.class_names.split(",") if data_args.class_names else None
     model, processor, train_backbone = build_model(model_args, label_ids or [0], names)
     train_ds = splits[data_args.train_split]

@@ -3,6 +3,7 @@
 import csv
 import functools
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -245,16 +246,42 @@ def image_folder(root, layout):
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "bad":
             path.write_bytes(b"not a png")
+        elif kind == "truncated":  # Pillow's verify() passes it; decoding fails
+            data = io.BytesIO()
+            make_image(80, 60, seed=1).save(data, "JPEG", quality=90)
+            path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
         else:
             make_image(80, 60, seed=len(str(path))).save(path)
     return root
 
 
+def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(tmp_path, capsys):
+    import train_hf
+
+    layout = {"0_pass/a.png": "ok", "0_pass/b.png": "ok", "1_ca/c.png": "ok", "1_ca/d.png": "ok",
+              "1_ca/e.png": "bad", "0_pass/f.jpg": "truncated"}
+    data = image_folder(tmp_path / "data", layout)
+    out = tmp_path / "o"
+    args = ["--dataset_name", str(data), "--output_dir", str(out), "--vision_config", TINY_VISION, "--eval_split",
+            "", "--max_steps", "2", "--head_hidden_size", "8", "--use_cpu", "true", "--report_to", "none",
+            "--top_loss_images", "10"]
+    for _ in range(2):  # the second run reads the outcome from datasets' cache: the same lines
+        assert train_hf.main(args) == 0
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 2 and all("left out" in line for line in errors), errors
+        assert any("e.png: unreadable image" in line for line in errors)
+        assert any("f.jpg: unreadable image (cannot decode" in line for line in errors)
+        assert "note: 2 of the 6 images of split 'train' left out" in err
+        with open(out / "highest_loss.csv") as f:  # every image trained on is listed: the four good ones
+            assert sorted(Path(row["path"]).name for row in csv.DictReader(f)) == ["a.png", "b.png", "c.png", "d.png"]
+
+
 @pytest.mark.parametrize("layout,message", [
-    ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "1_ca/c.png": "bad"}, "unreadable image"),
+    ({"0_pass/a.png": "ok", "1_ca/b.png": "bad", "1_ca/c.png": "truncated"}, "only label"),
     ({"0_pass/a.png": "ok", "0_pass/b.png": "ok"}, "only label"),
     ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "misc/c.png": "ok"}, "no label"),
-], ids=["unreadable", "one-class", "missing-label"])
+], ids=["one-class-left", "one-class", "missing-label"])
 def test_bad_datasets_fail_before_training(tmp_path, layout, message):
     import train_hf
     from toolkit import UsageError
@@ -339,6 +366,33 @@ def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch)
             assert training.bf16 is native and training.use_cpu is native, (native, argv)
     for name in ("default_model.json", "default_model_stage2.json", "default_model_stage3.json"):
         assert json.loads((REPO / "configs" / name).read_text())["bf16"] == "auto"
+
+
+def test_training_arguments_that_do_not_fit_are_one_line_or_give_way_with_a_note(tmp_path, capsys):
+    """load_best_model_at_end is this tool's default, not the user's: it gives way to save and
+    evaluation strategies that do not match it. TrainingArguments' refusals are one-line errors."""
+    import train_hf
+    from toolkit import UsageError
+
+    base = ["--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]
+    _, _, training = train_hf.parse_args([*base, "--eval_strategy", "steps", "--save_strategy", "no"])
+    assert not training.load_best_model_at_end and "best checkpoint is not loaded" in capsys.readouterr().err
+    _, _, training = train_hf.parse_args(base)
+    assert training.load_best_model_at_end and training.metric_for_best_model == "roc_auc"
+    refused = {"load_best_model_at_end requires the save and eval strategy to match":
+               ["--eval_strategy", "steps", "--save_strategy", "no", "--load_best_model_at_end", "true"],
+               "requires non-zero --logging_steps": ["--logging_steps", "0"]}
+    for words, bad in refused.items():
+        with pytest.raises(UsageError, match=words) as info:
+            train_hf.parse_args([*base, *bad])
+        assert "\n" not in str(info.value)
+    _, _, training = train_hf.parse_args([*base, "--metric_for_best_model", "loss"])
+    assert training.metric_for_best_model == "loss" and not training.greater_is_better  # the user's choice stands
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"dataset_name": str(tmp_path), "output_dir": str(tmp_path / "o"), "use_cpu": True,
+                                  "eval_strategy": "steps", "save_strategy": "no"}))
+    _, _, training = train_hf.parse_args([str(config)])
+    assert not training.load_best_model_at_end
 
 
 def test_push_to_hub_is_checked_before_any_data_is_read(tmp_path):
