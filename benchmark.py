@@ -101,7 +101,12 @@ def load_records(dataset, split, max_images=None):
     else:
         import datasets
 
-        ds = datasets.load_dataset(dataset, split=split)
+        from scoring import first_line
+
+        try:
+            ds = datasets.load_dataset(dataset, split=split)
+        except (FileNotFoundError, ValueError, ConnectionError) as error:  # no such folder or Hub dataset, no split
+            raise UsageError(f"{dataset}: cannot load the dataset ({first_line(error)})") from None
         if "label" not in ds.column_names:
             raise UsageError(f"{dataset}: no 'label' column (has {', '.join(ds.column_names)})")
         scalar = [c for c, f in ds.features.items() if c not in ("image", "label") and hasattr(f, "dtype")]

@@ -75,6 +75,17 @@ def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_p
     update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine
 
 
+def test_a_dataset_that_cannot_be_loaded_is_one_line(tmp_path):
+    from benchmark import load_records
+    from toolkit import UsageError
+
+    for dataset, words in ((tmp_path / "no-such-folder", "Couldn't find any data file"),
+                           ("someone/not-on-this-machine", "cannot load the dataset")):
+        with pytest.raises(UsageError, match=words) as info:
+            load_records(str(dataset), "test")
+        assert "\n" not in str(info.value)
+
+
 def test_a_local_dataset_appears_in_cards_by_name_only(tmp_path):
     from huggingface_hub import ModelCard
 
