@@ -12,7 +12,8 @@ import os
 import numpy as np
 from PIL import ImageDraw, ImageFont
 
-from scoring import Scorer, collate, first_line
+from scoring import Scorer, collate
+from toolkit import first_line
 
 DEFAULT_MODEL = os.path.dirname(os.path.abspath(__file__))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model_cards import BASELINE, dataset_id, load_card, update_card
-from toolkit import UsageError, label_from_folder, run_cli
+from toolkit import UsageError, first_line, label_from_folder, load_dataset, run_cli
 
 ROOT = Path(__file__).resolve().parent
 STRATEGIES = ("mean", "median", "max", "min")
@@ -99,14 +99,7 @@ def load_records(dataset, split, max_images=None):
             meta.pop("label", None)
             records.append({"path": path, "label": int(label), **meta})
     else:
-        import datasets
-
-        from scoring import first_line
-
-        try:
-            ds = datasets.load_dataset(dataset, split=split)
-        except (FileNotFoundError, ValueError, ConnectionError) as error:  # no such folder or Hub dataset, no split
-            raise UsageError(f"{dataset}: cannot load the dataset ({first_line(error)})") from None
+        ds = load_dataset(dataset, split=split)
         if "label" not in ds.column_names:
             raise UsageError(f"{dataset}: no 'label' column (has {', '.join(ds.column_names)})")
         scalar = [c for c, f in ds.features.items() if c not in ("image", "label") and hasattr(f, "dtype")]
@@ -145,7 +138,7 @@ def derive_columns(record):
 def batches(records, scorer, args, tiling):
     """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
     files; an image that cannot be scored is reported, not fatal."""
-    from scoring import FileStream, collate, first_line, loader_batches
+    from scoring import FileStream, collate, loader_batches
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}

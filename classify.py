@@ -51,14 +51,13 @@ from scoring import (
     default_batch_size,
     default_workers,
     file_stamp,
-    first_line,
     is_done,
     iter_files,
     loader_batches,
     model_threads,
     path_key,
 )
-from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, run_cli
+from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, first_line, load_dataset, run_cli
 from transfers import SourceGone, TransferError, Transfers, inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
@@ -431,13 +430,9 @@ def batch_rows(metas, scored_rows):
 
 def score_dataset(args, scorer):
     """Adds the score columns to a `datasets` split with Dataset.map(batched=True)."""
-    import datasets
+    from scoring import BadImage
 
-    from scoring import BadImage, first_line
-
-    local = Path(args.dataset)
-    ds = datasets.load_dataset("imagefolder", data_dir=str(local), split=args.split) if local.is_dir() else \
-        datasets.load_dataset(args.dataset, split=args.split)
+    ds = load_dataset(args.dataset, split=args.split)
     if args.image_column not in ds.column_names:
         raise UsageError(f"{args.dataset}: no column {args.image_column!r} (has {', '.join(ds.column_names)})")
     columns = scorer.columns()

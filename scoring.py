@@ -30,6 +30,7 @@ from remote_code import (
     CityClassifierImageProcessor,
     to_device,
 )
+from toolkit import first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
@@ -151,11 +152,6 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
         raise BadImage("not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as error:
         raise BadImage(f"cannot decode: {first_line(error)}") from None
-
-
-def first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def iter_files(paths, exclude=(), notice=None):

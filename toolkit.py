@@ -29,6 +29,26 @@ def run_cli(main, argv=None):
     sys.exit(code or 0)
 
 
+def first_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def load_dataset(name, split=None, config=None, **folder_options):
+    """A `datasets` dataset, or one split of it, from a local image folder (with `folder_options`,
+    such as drop_labels) or a Hub id; UsageError in one line where it cannot be loaded (no such
+    folder or Hub dataset, no such split, the Hub out of reach)."""
+    import datasets
+
+    try:
+        if Path(name).is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(name), split=split, **folder_options)
+        return datasets.load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise UsageError(f"{name}: cannot load the dataset ({first_line(error)})") from None
+
+
 def label_from_folder(name):
     """`0_reg` -> 0, `1_chroma_synthetic` -> 1, `2` -> 2: the number before the first underscore."""
     match = LABEL_FOLDER.match(name)

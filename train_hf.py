@@ -36,7 +36,7 @@ from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import UsageError, label_from_folder, run_cli
+from toolkit import UsageError, label_from_folder, load_dataset, run_cli
 
 logger = logging.getLogger("train_hf")
 IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
@@ -202,14 +202,7 @@ def load_splits(data_args):
     """{split: Dataset} for the train and eval splits, images not decoded yet."""
     import datasets
 
-    local = Path(data_args.dataset_name)
-    try:
-        if local.is_dir():
-            dataset = datasets.load_dataset("imagefolder", data_dir=str(local), drop_labels=False)
-        else:
-            dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"{data_args.dataset_name}: cannot load the dataset ({str(error).splitlines()[0]})") from None
+    dataset = load_dataset(data_args.dataset_name, config=data_args.dataset_config_name, drop_labels=False)
     wanted = [data_args.train_split] + ([data_args.eval_split] if data_args.eval_split else [])
     splits = {}
     for split in wanted:

@@ -137,6 +137,8 @@ def test_missing_list_entries_and_bad_arguments(converted, folder, tmp_path):
         run(tmp_path / "nope", "--model", converted["ca"], "--out", out)
     with pytest.raises(UsageError, match="no such score column"):
         run(folder, "--model", converted["ca"], "--out", out, "--label", "Blurry", "--list")
+    with pytest.raises(UsageError, match="cannot load the dataset"):
+        run("--dataset", tmp_path / "nope", "--model", converted["ca"], "--out", tmp_path / "scored")
     with pytest.raises(SystemExit) as exit_info:
         run(folder, "--copy-to", tmp_path / "x")  # filtering without --label
     assert exit_info.value.code == 2
