@@ -59,8 +59,9 @@ def test_generator_draws_only_the_chosen_hard_negatives():
     assert set(chosen) == set(m.POSITIVES) | {"clean", "jpeg", "webp"}
     # the same draws, only the hard kinds renamed: positives and clean images stay where they were
     assert [e in m.POSITIVES or e == "clean" for e in chosen] == [e in m.POSITIVES or e == "clean" for e in default]
-    with pytest.raises(SystemExit):
-        m.parse_args(["--out", "x", "--hard-negatives", "jpeg,blur"])
+    for bad in (["--hard-negatives", "jpeg,blur"], ["--train", "-1"], ["--real-pictures", "1.5"]):
+        with pytest.raises(SystemExit):
+            m.parse_args(["--out", "x", *bad])
 
 
 def test_delivered_images_are_the_same_pictures_compressed_once_more(synthetic, tmp_path):
