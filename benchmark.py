@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model_cards import BASELINE, dataset_id, load_card, update_card
-from toolkit import UsageError, first_line, label_from_folder, load_dataset, run_cli
+from toolkit import UsageError, count, first_line, fraction, label_from_folder, load_dataset, positive_int, run_cli
 
 ROOT = Path(__file__).resolve().parent
 STRATEGIES = ("mean", "median", "max", "min")
@@ -42,16 +42,16 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", required=True, help="image folder (with split subfolders) or Hub dataset id")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md and plots")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score cut for the positive label (0.5)")
-    parser.add_argument("--target-precision", type=float, default=0.95, help="report the threshold reaching it")
-    parser.add_argument("--max-images", type=int, help="evaluate a random subset of this size")
+    parser.add_argument("--threshold", type=fraction, default=0.5, help="score cut for the positive label (0.5)")
+    parser.add_argument("--target-precision", type=fraction, default=0.95, help="report the threshold reaching it")
+    parser.add_argument("--max-images", type=positive_int, help="evaluate a random subset of this size")
     parser.add_argument("--no-baseline", action="store_true", help="skip the classical fringe baseline")
     parser.add_argument("--passes", type=passes_list, default=["tiling", "no-tiling"],
                         help="comma-separated scoring passes: tiling (the model's saved tiling, each tile strategy), "
                              "no-tiling, grid (grid tiling at native resolution, each strategy) "
                              "(default: tiling,no-tiling)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--workers", type=count, default=None,
                         help="decoding processes (default: as classify.py: half the cores on a CPU, the model's "
                              "threads get the rest; cores - 1 feeding a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -31,7 +31,6 @@ output that cannot be written.
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -57,24 +56,21 @@ from scoring import (
     model_threads,
     path_key,
 )
-from toolkit import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, first_line, load_dataset, run_cli
+from toolkit import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    count,
+    finite_float,
+    first_line,
+    load_dataset,
+    positive_int,
+    run_cli,
+)
 from transfers import SourceGone, TransferError, Transfers, inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
-
-
-def finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
 
 
 def parse_args(argv=None):
@@ -86,15 +82,15 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results.jsonl"),
                         help="output file: .jsonl, .csv or .parquet (default: results.jsonl); with --dataset, a "
                              "folder (save_to_disk) or a .parquet file")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per batch (default: 8 on a CPU; on a GPU as many as fit in half its free memory "
                              "by an estimate from the model, 8 to 64)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=count, default=None,
                         help="decoding processes (default: half the cores on a CPU, the model's threads get the "
                              "rest; cores - 1 feeding a GPU); 0 decodes in the main process")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda or cuda:N (default: auto: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for the model (default: all cores for models over 50M parameters, which "
                              "are compute-bound; otherwise the cores the decoding workers leave free, at least 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -148,8 +144,6 @@ def parse_args(argv=None):
         parser.error("filtering needs --label")
     if args.label and args.min is None and args.max is None:
         args.min = 0.5
-    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
     if args.out.suffix not in (".jsonl", ".csv", ".parquet") and not args.dataset:
         parser.error(f"--out {args.out}: use a .jsonl, .csv or .parquet file")
     return args

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from toolkit import count, fraction
+
 POSITIVES = ("shift", "radial", "partial")
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
 HARD_NEGATIVES = NEGATIVES[1:]
@@ -476,15 +478,15 @@ def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    parser.add_argument("--train", type=count_arg, default=6000, help="train images (default: 6000)")
-    parser.add_argument("--validation", type=count_arg, default=600, help="validation images (default: 600)")
-    parser.add_argument("--test", type=count_arg, default=2000, help="test images (default: 2000)")
-    parser.add_argument("--positive-fraction", type=fraction_arg, default=0.4,
+    parser.add_argument("--train", type=count, default=6000, help="train images (default: 6000)")
+    parser.add_argument("--validation", type=count, default=600, help="validation images (default: 600)")
+    parser.add_argument("--test", type=count, default=2000, help="test images (default: 2000)")
+    parser.add_argument("--positive-fraction", type=fraction, default=0.4,
                         help="share of label-1 images (default: 0.4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
-    parser.add_argument("--real-pictures", type=fraction_arg, default=0.0, metavar="FRACTION",
+    parser.add_argument("--real-pictures", type=fraction, default=0.0, metavar="FRACTION",
                         help="share of images made from the allowed Debian packages' pictures and the packaged "
                              "photos, at native resolution or scaled down, each picture in one split for good "
                              "(default: 0, only generated images and crops of the packaged photos)")
@@ -494,25 +496,11 @@ def parse_args(argv=None):
         "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
              f"positives (default: all of {', '.join(HARD_NEGATIVES)})")
-    parser.add_argument("--delivered", type=fraction_arg, default=0.0, metavar="FRACTION",
+    parser.add_argument("--delivered", type=fraction, default=0.0, metavar="FRACTION",
                         help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
                              "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
                              "column says how (default: 0, every image stored losslessly as made)")
     return parser.parse_args(argv)
-
-
-def count_arg(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: not a count of images (0 or more)")
-    return value
-
-
-def fraction_arg(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text}: not a fraction between 0 and 1")
-    return value
 
 
 def hard_negative_kinds(text):

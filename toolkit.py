@@ -1,5 +1,7 @@
 """Plumbing shared by the command-line tools: one-line errors, exit codes, label-folder names."""
 
+import argparse
+import math
 import os
 import re
 import shutil
@@ -27,6 +29,38 @@ def run_cli(main, argv=None):
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code or 0)
+
+
+def positive_int(text):
+    """argparse type: an integer of 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def count(text):
+    """argparse type: an integer of 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def finite_float(text):
+    """argparse type: a number, not nan or inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def fraction(text):
+    """argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: not a fraction between 0 and 1")
+    return value
 
 
 def first_line(error):

@@ -75,6 +75,15 @@ def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_p
     update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine
 
 
+def test_numbers_out_of_range_are_usage_errors():
+    import benchmark
+
+    for bad in (["--batch-size", "0"], ["--workers", "-1"], ["--threshold", "1.5"], ["--max-images", "0"]):
+        with pytest.raises(SystemExit) as info:
+            benchmark.parse_args(["--dataset", "d", "--out", "o", *bad])
+        assert info.value.code == 2
+
+
 def test_a_dataset_that_cannot_be_loaded_is_one_line(tmp_path):
     from benchmark import load_records
     from toolkit import UsageError

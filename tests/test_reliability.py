@@ -520,7 +520,7 @@ def test_exit_status_2_with_one_line_for_what_cannot_work(converted, tmp_path, m
     with pytest.raises(UsageError, match="no such model folder"):
         run(src, "--model", "models/ca", "--out", tmp_path / "r.jsonl")  # shaped like a Hub id, meant locally
     assert time.monotonic() - started < 30  # no Hub retries
-    for bad in (["--min", "nan"], ["--max", "inf"]):
+    for bad in (["--min", "nan"], ["--max", "inf"], ["--threads", "-3"], ["--max-pixels", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             classify.parse_args([str(src), "--label", "Pass", *bad])
         assert exit_info.value.code == 2
