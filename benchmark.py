@@ -27,7 +27,6 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model_cards import BASELINE, dataset_id, load_card, update_card
 from toolkit import UsageError, count, first_line, fraction, label_from_folder, load_dataset, positive_int, run_cli
@@ -163,6 +162,7 @@ def model_scores(name, records, args):
     """(key, default variant, {variant: {record index: scores}}, {record index: error}) for one model:
     each tile strategy from one tiled pass, and one pass without tiling. The default variant is what
     the saved settings give."""
+    import torch  # here, not at the top: --help and bad arguments answer without it (seconds to import)
     from tqdm import tqdm
 
     from remote_code import combine_tiles

@@ -37,29 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from results_store import ResultsStore, display_text
-from scoring import (
-    MAX_PIXELS,
-    FileStream,
-    Stopwatch,
-    WorkerMarkers,
-    collate,
-    default_batch_size,
-    default_workers,
-    file_stamp,
-    is_done,
-    iter_files,
-    loader_batches,
-    model_threads,
-    path_key,
-)
 from toolkit import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
+    MAX_PIXELS,
     UsageError,
     count,
     finite_float,
@@ -68,7 +50,6 @@ from toolkit import (
     positive_int,
     run_cli,
 )
-from transfers import SourceGone, TransferError, Transfers, inside
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent)
 
@@ -148,6 +129,29 @@ def parse_args(argv=None):
         parser.error(f"--out {args.out}: use a .jsonl, .csv or .parquet file")
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments get their answer before the imports below, which take seconds
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from results_store import ResultsStore, display_text  # noqa: E402
+from scoring import (  # noqa: E402
+    FileStream,
+    Stopwatch,
+    WorkerMarkers,
+    collate,
+    default_batch_size,
+    default_workers,
+    file_stamp,
+    is_done,
+    iter_files,
+    loader_batches,
+    model_threads,
+    path_key,
+)
+from transfers import SourceGone, TransferError, Transfers, inside  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- filters
 

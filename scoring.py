@@ -30,10 +30,9 @@ from remote_code import (
     CityClassifierImageProcessor,
     to_device,
 )
-from toolkit import first_line
+from toolkit import MAX_PIXELS, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; we say so per file
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
 
 

@@ -10,7 +10,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from PIL import Image
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; the tools say so per file
 LABEL_FOLDER = re.compile(r"^(\d+)(?:_.*)?$")
 
 

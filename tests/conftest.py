@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 CLIP_SIZE = 30  # the tiny CLIP's input: tiles are 60 px, tiling starts above 60 px
+
+
+def run_script_watching_imports(script, args):
+    """Runs a tool of the repo as `python script args` would, in a fresh Python, up to its exit.
+    -> (exit status, whether torch was imported, whether transformers was, stdout, stderr)."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}, *{list(args)!r}]\n"
+             "try:\n"
+             f"    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
+             "except SystemExit as exit:\n"
+             "    print('\\nexit', exit.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    last = done.stdout.splitlines()[-1].split() if done.stdout.strip() else []
+    assert last[:1] == ["exit"], done.stderr[-2000:]
+    return int(last[1]), last[2] == "True", last[3] == "True", done.stdout, done.stderr
 
 
 def make_tiny_clip(folder):

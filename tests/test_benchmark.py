@@ -75,6 +75,13 @@ def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_p
     update_card(card_dir, {**summary, "split": "validation"})  # the same evaluation again: fine
 
 
+def test_help_is_answered_before_torch_is_imported():
+    from conftest import run_script_watching_imports
+
+    code, torch_imported, _, out, _ = run_script_watching_imports("benchmark.py", ["--help"])
+    assert code == 0 and not torch_imported and "--update-card" in out
+
+
 def test_numbers_out_of_range_are_usage_errors():
     import benchmark
 
