@@ -123,6 +123,9 @@ def parse_args(argv=None):
         parser.error("--copy-to and --move-to exclude each other")
     if (args.list or args.copy_to or args.move_to or args.min is not None or args.max is not None) and not args.label:
         parser.error("filtering needs --label")
+    if args.dataset and (args.label or args.keep_structure):
+        parser.error("with --dataset the scores become columns of the saved dataset; --label, --list, --copy-to and "
+                     "--move-to filter files (PATHs): filter the saved dataset with Dataset.filter instead")
     if args.label and args.min is None and args.max is None:
         args.min = 0.5
     if args.out.suffix not in (".jsonl", ".csv", ".parquet") and not args.dataset:
@@ -428,21 +431,32 @@ def batch_rows(metas, scored_rows):
 
 def score_dataset(args, scorer):
     """Adds the score columns to a `datasets` split with Dataset.map(batched=True)."""
-    from scoring import BadImage
+    import datasets
+
+    from scoring import BadImage, load_dataset_image, load_image
 
     ds = load_dataset(args.dataset, split=args.split)
     if args.image_column not in ds.column_names:
         raise UsageError(f"{args.dataset}: no column {args.image_column!r} (has {', '.join(ds.column_names)})")
+    feature = ds.features[args.image_column]
+    if isinstance(feature, datasets.Image):  # decoded here, one image at a time: a bad one is an error row
+        ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
     columns = scorer.columns()
+    work_pixels = scorer.work_pixels
+
+    def open_image(value):
+        if value is None:
+            raise BadImage("no image")
+        if isinstance(value, dict):
+            return load_dataset_image(value, args.max_pixels, work_pixels)
+        return load_image(value, args.max_pixels, work_pixels=work_pixels) if isinstance(value, str) else value
 
     def add_scores(batch):
         out = {name: [] for name in ["error", *columns]}
         inputs, positions = [], []
-        for i, image in enumerate(batch[args.image_column]):
+        for i, value in enumerate(batch[args.image_column]):
             try:
-                if image is None:
-                    raise BadImage("no image")
-                inputs.append(scorer.preprocess(image))
+                inputs.append(scorer.preprocess(open_image(value)))
                 positions.append(i)
                 out["error"].append(None)
             except Exception as error:  # noqa: BLE001 - an error row, never a crash
@@ -457,6 +471,8 @@ def score_dataset(args, scorer):
         return out
 
     scored = ds.map(add_scores, batched=True, batch_size=args.batch_size, desc="scoring")
+    if isinstance(feature, datasets.Image):
+        scored = scored.cast_column(args.image_column, feature)  # saved as it came: decoded on access
     if args.out.suffix == ".parquet":
         scored.to_parquet(str(args.out))
     else:

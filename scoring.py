@@ -3,6 +3,7 @@ multi-model inference with one backbone pass per tile for models that share back
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import queue
@@ -151,6 +152,13 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
         raise BadImage("not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as error:
         raise BadImage(f"cannot decode: {first_line(error)}") from None
+
+
+def load_dataset_image(value, max_pixels=MAX_PIXELS, work_pixels=None):
+    """A `datasets` Image(decode=False) value ({"bytes", "path"}) opened as `load_image` opens a
+    file: the same EXIF rotation, limits and one-line BadImage reasons."""
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    return load_image(source, max_pixels, work_pixels=work_pixels)
 
 
 def iter_files(paths, exclude=(), notice=None):

@@ -302,18 +302,11 @@ def decode_error_column(images):
     return {"decode_error": errors}
 
 
-def image_source(image):
-    """A `datasets` Image(decode=False) value as something PIL opens: its bytes, else its path."""
-    from io import BytesIO
-
-    return BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-
-
 def decode(image):
-    """Decodes as classify.py does (EXIF rotation, first frame, bomb limit)."""
-    from scoring import load_image
+    """Decodes a `datasets` Image(decode=False) value as classify.py does (EXIF rotation, first frame, bomb limit)."""
+    from scoring import load_dataset_image
 
-    return load_image(image_source(image))
+    return load_dataset_image(image)
 
 
 def random_view(processor, image, rng):
