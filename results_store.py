@@ -11,9 +11,12 @@ Guarantees, each tested in tests/test_reliability.py:
 - a path is in the output once: resume skips every path already there, parts merge by path;
 - rows from one setup only: a rerun with another model, weights, tiling or combine is refused;
 - one writer: a second process on the same output is refused (exit 2) while the first runs;
-- a table whose journal was deleted is read back into a new journal, never wiped.
+- a table whose journal was deleted is read back into a new journal, never wiped;
+- a file at the output's path that is not a classify.py output (no `path` column) is never
+  written over, not even with --no-resume.
 """
 
+import csv
 import fcntl
 import json
 import os
@@ -176,6 +179,10 @@ class ResultsStore:
     def start(self, setup, fresh=False):
         """Prepares the output for a run with `setup` (a JSON-able description of what scores):
         starts afresh, or checks that the rows there were scored with the same setup."""
+        reason = self.foreign()
+        if reason:
+            raise UsageError(f"{self.out}: exists and is not a classify.py output ({reason}); it is left as it is: "
+                             "choose another --out")
         if fresh:
             for path in [self.journal, *self.parts(), self.setup_path]:
                 path.unlink(missing_ok=True)
@@ -193,6 +200,30 @@ class ResultsStore:
                                      "or choose another --out")
                 return
         write_atomic(self.setup_path, json.dumps(setup, indent=1, sort_keys=True) + "\n")
+
+    def foreign(self):
+        """Why the file at the output's path is not one that classify.py wrote (so it must not be
+        replaced), or None: an empty or missing file, or one whose rows or columns have a `path`."""
+        if not self.out.is_file() or self.out.stat().st_size == 0:
+            return None
+        try:
+            if self.out.suffix == ".parquet":
+                import pyarrow.parquet
+
+                columns = pyarrow.parquet.read_schema(self.out).names
+            elif self.out.suffix == ".csv":
+                with open(self.out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                    columns = next(csv.reader(f), [])
+            else:
+                with open(self.out, encoding="utf-8", errors="surrogateescape") as f:
+                    first = f.readline()
+                if not first.endswith("\n") and first.startswith('{"path": '):
+                    return None  # a first row torn by a kill: classify.py's own
+                row = json.loads(first)
+                columns = list(row) if isinstance(row, dict) else []
+        except Exception as error:  # noqa: BLE001 - whatever it is, it cannot be read as rows
+            return f"cannot be read as rows: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        return None if "path" in columns else "no 'path' column"
 
     def recorded_setup(self):
         try:

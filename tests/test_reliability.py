@@ -129,6 +129,30 @@ def test_a_table_whose_journal_was_deleted_keeps_its_rows(converted, tmp_path, s
     assert all(abs(r["ca:Pass"] - first[r["path"]]) < 1e-9 for r in rows if r["path"] in first)
 
 
+def test_a_file_at_the_output_path_that_classify_did_not_write_is_never_replaced(converted, tmp_path):
+    """--out naming someone's own table or notes, with or without --no-resume: refused, untouched."""
+    import pyarrow as pa
+    import pyarrow.parquet
+
+    src = images(tmp_path / "in", ["a.png"])
+    theirs = {tmp_path / "people.csv": b"name,age\nalice,30\n", tmp_path / "notes.jsonl": b'{"todo": "x"}\n',
+              tmp_path / "words.jsonl": b"hello"}
+    for path, data in theirs.items():
+        path.write_bytes(data)
+    table = tmp_path / "table.parquet"
+    pyarrow.parquet.write_table(pa.table({"name": ["alice"]}), table)
+    theirs[table] = table.read_bytes()
+    for out, data in theirs.items():
+        for fresh in ([], ["--no-resume"]):
+            with pytest.raises(UsageError, match="is not a classify.py output"):
+                run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *fresh)
+            assert out.read_bytes() == data
+    assert not list(tmp_path.glob(".*.jsonl")) and not list(tmp_path.glob(".*.setup.json"))  # nothing beside them
+    ours = tmp_path / "ours.csv"
+    for fresh in ([], ["--no-resume"]):  # its own output, resumed or replaced, as before
+        assert run(src, "--model", converted["ca"], "--out", ours, "--workers", 0, *fresh) == 0
+
+
 def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
     from results_store import ResultsStore
 
