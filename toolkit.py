@@ -94,10 +94,19 @@ def label_from_folder(name):
 
 @contextmanager
 def atomic_output_dir(out, overwrite=False):
-    """Yields a temporary folder beside `out` that replaces `out` only when the block succeeds."""
+    """Yields a temporary folder beside `out` that replaces `out` only when the block succeeds.
+    A folder already there is replaced only with `overwrite`, and only if it is a model folder (it
+    has a config.json, as everything these tools write there): `--out ~/Pictures --overwrite` is
+    refused, not deleted."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+        if not (out / "config.json").is_file():
+            raise UsageError(f"{out}: not replaced, although --overwrite: it is not a model folder (no config.json), "
+                             "and its files would be lost; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

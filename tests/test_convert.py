@@ -142,3 +142,30 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
         average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--weight", "2",
                              "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_overwrite_replaces_a_model_folder_only(converted, tmp_path):
+    """--overwrite (average_models, convert_original, release) replaces an earlier output; a folder of
+    other files named by mistake is refused with one line, every file kept."""
+    import average_models
+    from toolkit import UsageError
+
+    args = [str(converted["ca"]), str(converted["ca"]), "--out"]
+    pictures = tmp_path / "Pictures"
+    (pictures / "trip").mkdir(parents=True)
+    (pictures / "trip" / "a.png").write_bytes(b"a picture")
+    (pictures / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine too")
+    for out, words in ((pictures, "not a model folder"), (a_file, "not a folder")):
+        with pytest.raises(UsageError, match=words) as info:
+            average_models.main([*args, str(out), "--overwrite"])
+        assert "\n" not in str(info.value)
+    assert (pictures / "trip" / "a.png").read_bytes() == b"a picture" and a_file.read_text() == "mine too"
+    earlier = tmp_path / "earlier"
+    assert average_models.main([*args, str(earlier)]) == 0
+    (earlier / "stale.txt").write_text("from before")
+    with pytest.raises(UsageError, match="pass --overwrite"):
+        average_models.main([*args, str(earlier)])
+    assert average_models.main([*args, str(earlier), "--overwrite"]) == 0
+    assert (earlier / "config.json").is_file() and not (earlier / "stale.txt").exists()
