@@ -158,6 +158,9 @@ class ResultsStore:
             holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
             raise OutputError(f"{self.out}: another process (pid {holder}) is writing this output; wait for it "
                               "or choose another --out") from None
+        except OSError as error:  # a file system without locks (some network and FUSE mounts)
+            raise OutputError(f"{self.out}: cannot be locked against a second writer ({error.strerror or error}); "
+                              "choose an --out on another file system") from None
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -73,6 +73,9 @@ class Transfers:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"{self.dest}: another process is copying or moving files into it; wait for it") from None
+        except OSError as error:  # a file system without locks (some network and FUSE mounts)
+            raise UsageError(f"{self.dest}: cannot be locked against a second process ({error.strerror or error}); "
+                             "choose a destination on another file system") from None
         self.steps, self.kill_at = 0, int(os.environ.get("CITYCLASSIFIER_KILL_AT_TRANSFER_STEP", "0"))
         self.ledger_path = self.dest / LEDGER
         repair_tail(self.ledger_path)  # a line torn by a kill would swallow the next one

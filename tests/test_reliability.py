@@ -153,6 +153,25 @@ def test_a_file_at_the_output_path_that_classify_did_not_write_is_never_replaced
         assert run(src, "--model", converted["ca"], "--out", ours, "--workers", 0, *fresh) == 0
 
 
+def test_a_file_system_without_locks_is_a_one_line_refusal(converted, tmp_path, monkeypatch):
+    import fcntl
+
+    import transfers
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    src = images(tmp_path / "in", ["a.png"])
+    before = contents(src)
+    with pytest.raises(UsageError, match="cannot be locked against a second writer") as info:
+        run(src, "--model", converted["ca"], "--out", tmp_path / "r.jsonl", "--workers", 0)
+    assert "\n" not in str(info.value) and not (tmp_path / "r.jsonl").exists()
+    with pytest.raises(UsageError, match="cannot be locked against a second process"):
+        transfers.Transfers(tmp_path / "dest", move=True)
+    assert contents(src) == before
+
+
 def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
     from results_store import ResultsStore
 
