@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from model_cards import BASELINE, dataset_id, load_card, update_card
-from toolkit import UsageError, count, first_line, fraction, label_from_folder, load_dataset, positive_int, run_cli
+from toolkit import (
+    UsageError,
+    first_line,
+    fraction,
+    label_from_folder,
+    load_dataset,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent
 STRATEGIES = ("mean", "median", "max", "min")
@@ -50,7 +59,7 @@ def parse_args(argv=None):
                              "no-tiling, grid (grid tiling at native resolution, each strategy) "
                              "(default: tiling,no-tiling)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--workers", type=count, default=None,
+    parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="decoding processes (default: as classify.py: half the cores on a CPU, the model's "
                              "threads get the rest; cores - 1 feeding a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -43,10 +43,10 @@ from toolkit import (
     EXIT_USAGE,
     MAX_PIXELS,
     UsageError,
-    count,
     finite_float,
     first_line,
     load_dataset,
+    non_negative_int,
     positive_int,
     run_cli,
 )
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per batch (default: 8 on a CPU; on a GPU as many as fit in half its free memory "
                              "by an estimate from the model, 8 to 64)")
-    parser.add_argument("--workers", type=count, default=None,
+    parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="decoding processes (default: half the cores on a CPU, the model's threads get the "
                              "rest; cores - 1 feeding a GPU); 0 decodes in the main process")
     parser.add_argument("--device", default="auto",

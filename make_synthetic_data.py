@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from toolkit import count, fraction
+from toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
@@ -478,13 +478,13 @@ def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    parser.add_argument("--train", type=count, default=6000, help="train images (default: 6000)")
-    parser.add_argument("--validation", type=count, default=600, help="validation images (default: 600)")
-    parser.add_argument("--test", type=count, default=2000, help="test images (default: 2000)")
+    parser.add_argument("--train", type=non_negative_int, default=6000, help="train images (default: 6000)")
+    parser.add_argument("--validation", type=non_negative_int, default=600, help="validation images (default: 600)")
+    parser.add_argument("--test", type=non_negative_int, default=2000, help="test images (default: 2000)")
     parser.add_argument("--positive-fraction", type=fraction, default=0.4,
                         help="share of label-1 images (default: 0.4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="processes (default: all cores)")
     parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
     parser.add_argument("--real-pictures", type=fraction, default=0.0, metavar="FRACTION",
                         help="share of images made from the allowed Debian packages' pictures and the packaged "

@@ -1,4 +1,5 @@
-"""Plumbing shared by the command-line tools: one-line errors, exit codes, label-folder names."""
+"""Plumbing shared by the command-line tools: one-line errors and exit codes, argparse types, the
+pixel limit, loading a dataset, label-folder names, output folders replaced whole."""
 
 import argparse
 import math
@@ -42,7 +43,7 @@ def positive_int(text):
     return value
 
 
-def count(text):
+def non_negative_int(text):
     """argparse type: an integer of 0 or more."""
     value = int(text)
     if value < 0:
