@@ -791,7 +791,7 @@ def test_a_rename_cut_short_twice_never_takes_an_identical_file_for_its_copy(tmp
     assert contents(src, dest) == before and not (src / "x.png").exists()
 
 
-def test_a_rename_that_fails_leaves_nothing_for_a_rerun_to_take_for_its_copy(tmp_path, monkeypatch, capsys):
+def test_a_rename_that_fails_leaves_nothing_for_a_rerun_to_take_for_its_copy(tmp_path, monkeypatch):
     import transfers
 
     without_hard_links(monkeypatch)
