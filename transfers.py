@@ -273,7 +273,7 @@ def fit_name(stem, tail, limit):
     `limit` bytes: a 250-byte name taken in DEST still gets a free one (NAME_MAX is 255 bytes)."""
     room = limit - len(os.fsencode(tail))
     while stem and len(os.fsencode(stem)) > room:
-        stem = stem[: min(len(stem) - 1, room)]
+        stem = stem[: max(0, min(len(stem) - 1, room))]  # at most `room` characters, each a byte or more
     return stem + tail
 
 
