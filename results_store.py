@@ -144,9 +144,14 @@ class ResultsStore:
     # ------------------------------------------------------------------------------ lock and setup
 
     def lock(self):
-        """Takes the output's lock for this process (released when it exits, however it exits)."""
+        """Takes the output's lock for this process (released when it exits, however it exits), after
+        refusing an existing output that classify.py did not write (`foreign`)."""
         if self.out.is_dir():
             raise OutputError(f"{self.out}: is a folder; --out takes a .jsonl, .csv or .parquet file")
+        reason = self.foreign()
+        if reason:  # refused before anything is written beside it, the lock file included
+            raise UsageError(f"{self.out}: exists and is not a classify.py output ({reason}); it is left as it is: "
+                             "choose another --out")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -182,10 +187,6 @@ class ResultsStore:
     def start(self, setup, fresh=False):
         """Prepares the output for a run with `setup` (a JSON-able description of what scores):
         starts afresh, or checks that the rows there were scored with the same setup."""
-        reason = self.foreign()
-        if reason:
-            raise UsageError(f"{self.out}: exists and is not a classify.py output ({reason}); it is left as it is: "
-                             "choose another --out")
         if fresh:
             for path in [self.journal, *self.parts(), self.setup_path]:
                 path.unlink(missing_ok=True)

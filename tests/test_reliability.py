@@ -147,7 +147,7 @@ def test_a_file_at_the_output_path_that_classify_did_not_write_is_never_replaced
             with pytest.raises(UsageError, match="is not a classify.py output"):
                 run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *fresh)
             assert out.read_bytes() == data
-    assert not list(tmp_path.glob(".*.jsonl")) and not list(tmp_path.glob(".*.setup.json"))  # nothing beside them
+    assert not list(tmp_path.glob(".*"))  # nothing beside them: no journal, setup record or lock file
     ours = tmp_path / "ours.csv"
     for fresh in ([], ["--no-resume"]):  # its own output, resumed or replaced, as before
         assert run(src, "--model", converted["ca"], "--out", ours, "--workers", 0, *fresh) == 0
