@@ -36,7 +36,7 @@ from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import UsageError, label_from_folder, load_dataset, run_cli
+from toolkit import UsageError, first_line, label_from_folder, load_dataset, run_cli
 
 logger = logging.getLogger("train_hf")
 IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
@@ -298,7 +298,7 @@ def decode_error_column(images):
         except BadImage as error:
             errors.append(str(error))
         except Exception as error:  # noqa: BLE001 - any decoder failure is the same user problem
-            errors.append(f"{type(error).__name__}: {error}")
+            errors.append(first_line(error))  # printed as one line
     return {"decode_error": errors}
 
 
