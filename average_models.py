@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from scoring import load_scoring_model
-from toolkit import UsageError, atomic_output_dir, run_cli
+from toolkit import UsageError, atomic_output_dir, check_output_dir, run_cli
 
 TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "use_cache", "_name_or_path", "transformers_version",
                  "dtype")
@@ -29,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("second", help="model folder or Hub id (weight w); its config and processor are kept")
     parser.add_argument("--weight", type=float, default=0.5, help="w, between 0 and 1 (default: 0.5)")
     parser.add_argument("--out", required=True, type=Path, help="model folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a model folder this tool "
+                        "wrote (nothing else in it, and not one of the inputs)")
     return parser.parse_args(argv)
 
 
@@ -68,9 +69,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not 0 <= args.weight <= 1:
         raise UsageError(f"--weight {args.weight}: not between 0 and 1")
+    inputs = (args.first, args.second)
+    check_output_dir(args.out, args.overwrite, inputs)  # before the models load
     (first, _), (second, processor) = load(args.first), load(args.second)
     model = average(first, second, args.weight)
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     print(f"wrote {args.out}: {1 - args.weight:g} x {args.first} + {args.weight:g} x {args.second}")

@@ -30,6 +30,8 @@ import numpy as np
 
 from model_cards import BASELINE, dataset_id, load_card, update_card
 from toolkit import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
     UsageError,
     first_line,
     fraction,
@@ -68,7 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--update-card", type=Path, metavar="MODEL_DIR",
                         help="write the headline metrics into MODEL_DIR/README.md as a model-index block (refused "
                              "when the card reports another dataset or split, unless --force)")
-    parser.add_argument("--force", action="store_true", help="with --update-card: replace another dataset's results")
+    parser.add_argument("--force", action="store_true", help="with --update-card: replace another dataset's results, "
+                        "or publish figures although some images could not be scored")
     return parser.parse_args(argv)
 
 
@@ -167,7 +170,18 @@ def batches(records, scorer, args, tiling):
             yield good, collate(items)[1] if items else None, errors
 
 
-def model_scores(name, records, args):
+def load_scorer(name, args, **options):
+    """A Scorer for one model; a model that cannot be loaded (no weights, not all of them, no such
+    folder) is a UsageError in one line."""
+    from scoring import Scorer
+
+    try:
+        return Scorer([name], device=args.device, dtype=args.dtype, **options)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def model_scores(scorer, name, records, args):
     """(key, default variant, {variant: {record index: scores}}, {record index: error}) for one model:
     each tile strategy from one tiled pass, and one pass without tiling. The default variant is what
     the saved settings give."""
@@ -175,9 +189,8 @@ def model_scores(name, records, args):
     from tqdm import tqdm
 
     from remote_code import combine_tiles
-    from scoring import Scorer, default_workers, model_threads
+    from scoring import default_workers, model_threads
 
-    scorer = Scorer([name], device=args.device, dtype=args.dtype)
     model = scorer.models[0].model
     if args.workers is None:
         args.workers = default_workers(scorer.device)
@@ -190,7 +203,7 @@ def model_scores(name, records, args):
     for name_of_pass in passes:
         tiling = name_of_pass != "no-tiling"
         if name_of_pass == "grid":
-            scorer = Scorer([name], device=args.device, dtype=args.dtype, tiling_mode="grid")
+            scorer = load_scorer(name, args, tiling_mode="grid")
         bar = tqdm(total=len(records), unit="img", desc=f"{scorer.models[0].key} {name_of_pass}")
         for indices, grouped, errors in batches(records, scorer, args, tiling):
             bar.update(len(indices) + len(errors))  # decoding workers send partial batches: count images
@@ -427,12 +440,15 @@ def family_plot(headline, labels, threshold):
     return fig
 
 
-def report_md(results, args, n, written):
-    lines = [f"# Benchmark: {args.dataset} ({args.split}, {n} images)", "",
-             f"Threshold {args.threshold}; target precision {args.target_precision}.", "",
-             "| model / variant | ROC AUC | PR AUC | accuracy | precision | recall | F1 | FPR | ECE | "
-             f"threshold for P>={args.target_precision} (recall) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def report_md(results, args, n, written, skipped=()):
+    lines = [f"# Benchmark: {args.dataset} ({args.split}, {n} images scored)", "",
+             f"Threshold {args.threshold}; target precision {args.target_precision}.", ""]
+    if skipped:
+        lines += [f"**{len(skipped)} image(s) could not be scored and are left out of every figure:**", ""]
+        lines += [f"- `{s['path']}`: {s['error']}" for s in skipped] + [""]
+    lines += ["| model / variant | ROC AUC | PR AUC | accuracy | precision | recall | F1 | FPR | ECE | "
+              f"threshold for P>={args.target_precision} (recall) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
@@ -471,14 +487,18 @@ def report_md(results, args, n, written):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # refused before hours of scoring, as the card below
+        raise UsageError(f"--out {args.out}: is a file, not a folder")
     if args.update_card:
         load_card(args.update_card, dataset_id({"dataset": args.dataset, "local": Path(args.dataset).is_dir()}),
-                  args.split, args.force)  # refused before hours of scoring
+                  args.split, args.force)
     records = load_records(args.dataset, args.split, args.max_images)
-    scored, failed = [], {}
-    for name in args.model:
-        key, default, variants, errors = model_scores(name, records, args)
+    scorers = [load_scorer(name, args) for name in args.model]  # every model loads before any scores
+    scored, failed, weights = [], {}, {}
+    for name, scorer in zip(args.model, scorers):
+        key, default, variants, errors = model_scores(scorer, name, records, args)
         scored.append((key, default, variants))
+        weights[key] = scorer.models[0].weights
         failed.update(errors)
     keep = [i for i in range(len(records)) if i not in failed]  # every model is judged on the same images
     if not keep:
@@ -492,7 +512,7 @@ def main(argv=None):
             scores = np.stack([rows[i] for i in keep])
             grid = default.replace("tiling-", "grid-", 1)  # the same combination over grid tiles, when asked for
             results[f"{key} {variant}"] = {"scores": scores, "binary": scores.shape[1] == 2,
-                                           "headline": variant in (default, grid)}
+                                           "headline": variant in (default, grid), "weights": weights[key]}
     if not args.no_baseline and all(r["binary"] for r in results.values()):
         results[BASELINE] = {"scores": baseline_scores(records, os.cpu_count() or 1), "binary": True,
                              "headline": True}
@@ -515,15 +535,16 @@ def main(argv=None):
     summary = {"dataset": args.dataset, "local": Path(args.dataset).is_dir(), "split": args.split,
                "images": len(records), "skipped": skipped,
                "threshold": args.threshold, "target_precision": args.target_precision,
-               "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"]}
+               "models": {name: {"headline": r["headline"], "metrics": r["metrics"], "by": r["by"],
+                                 **({"weights": r["weights"]} if "weights" in r else {})}
                           for name, r in results.items()}}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_scores(args.out / "scores.csv", records, headline)
-    (args.out / "report.md").write_text(report_md(results, args, len(records), written))
+    (args.out / "report.md").write_text(report_md(results, args, len(records), written, skipped))
+    print((args.out / "report.md").read_text())
     if args.update_card:
         update_card(args.update_card, summary, args.force)
-    print((args.out / "report.md").read_text())
-    return 0
+    return EXIT_SOME_FAILED if skipped else EXIT_OK
 
 
 if __name__ == "__main__":

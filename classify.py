@@ -45,6 +45,7 @@ from toolkit import (
     UsageError,
     finite_float,
     first_line,
+    labels_from_folders,
     load_dataset,
     non_negative_int,
     positive_int,
@@ -128,6 +129,8 @@ def parse_args(argv=None):
                      "--move-to filter files (PATHs): filter the saved dataset with Dataset.filter instead")
     if args.label and args.min is None and args.max is None:
         args.min = 0.5
+    if args.min is not None and args.max is not None and args.min > args.max:
+        parser.error(f"--min {args.min} is above --max {args.max}: no score can match")
     if args.out.suffix not in (".jsonl", ".csv", ".parquet") and not args.dataset:
         parser.error(f"--out {args.out}: use a .jsonl, .csv or .parquet file")
     return args
@@ -148,6 +151,7 @@ from scoring import (  # noqa: E402
     default_batch_size,
     default_workers,
     file_stamp,
+    hold_for_kill,
     is_done,
     iter_files,
     loader_batches,
@@ -339,6 +343,7 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
                 journal.write(rows)
             scored, failed = scored + ok, failed + bad
             bar.update(len(rows))
+            hold_for_kill(scored + failed)
 
     def warm_up():
         if on_gpu:
@@ -441,6 +446,10 @@ def score_dataset(args, scorer):
     feature = ds.features[args.image_column]
     if isinstance(feature, datasets.Image):  # decoded here, one image at a time: a bad one is an error row
         ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
+        if os.path.isdir(args.dataset) and "label" not in ds.column_names:  # a metadata.csv hid the folder labels
+            labels = labels_from_folders(ds[args.image_column])
+            if all(label is not None for label in labels):
+                ds = ds.add_column("label", labels)
     columns = scorer.columns()
     work_pixels = scorer.work_pixels
 

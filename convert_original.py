@@ -16,7 +16,7 @@ from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import UsageError, atomic_output_dir, run_cli
+from toolkit import UsageError, atomic_output_dir, check_output_dir, first_line, run_cli
 
 # Loss weights of the released models (ORIGINAL.md); the release configs do not carry them.
 RELEASED_LOSS_WEIGHTS = {
@@ -45,12 +45,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, type=Path, help="model folder to write")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weight dtype")
     parser.add_argument("--repo-id", help="the Hub id the model card's usage snippet names (default: --out's name)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a model folder this tool "
+                        "wrote (nothing else in it, and not one of the inputs)")
     return parser.parse_args(argv)
 
 
 def read_head(path):
-    """The head's state dict, checked against the original's layer names and shapes."""
+    """The head's state dict, checked against the original's layer names and shapes: one line naming
+    the first weight that does not fit."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
@@ -64,11 +66,22 @@ def read_head(path):
             f"{path}: not a CityClassifiers head (missing keys: {missing[:4] or 'none'}, "
             f"unexpected keys: {unexpected[:4] or 'none'})"
         )
+    hidden, features = state["up.0.weight"].shape if state["up.0.weight"].ndim == 2 else (0, 0)
+    outputs = state["down.5.weight"].shape[0] if state["down.5.weight"].ndim == 2 else 0
+    sizes = (features, hidden, hidden, hidden, hidden, 128, 64, 32, outputs)  # layer i: sizes[i] -> sizes[i + 1]
+    for i, layer in enumerate(HEAD_LAYERS):
+        want = {"weight": (sizes[i + 1], sizes[i]), "bias": (sizes[i + 1],)}
+        for kind, shape in want.items():
+            got = tuple(state[f"{layer}.{kind}"].shape)
+            if got != shape or min(shape) < 1:
+                raise UsageError(f"{path}: {layer}.{kind} has shape {list(got)}, the original's head needs "
+                                 f"{list(shape)} there")
     return {key: value.float() for key, value in state.items()}
 
 
 def read_release_config(path, head_path, outputs):
-    """Name, revision, arch and labels from STEM.config.json, or the original's fallbacks without one."""
+    """Name, revision, arch and labels from STEM.config.json, or the original's fallbacks without one;
+    a config that does not fit the head is one line naming what does not fit."""
     if path is None:
         sibling = head_path.with_name(head_path.name.removesuffix(".safetensors") + ".config.json")
         path = sibling if sibling.is_file() else None
@@ -78,12 +91,25 @@ def read_release_config(path, head_path, outputs):
     try:
         release = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path}: cannot read the release config ({error})") from None
-    declared = release.get("model_params", {}).get("outputs", outputs)
+        raise UsageError(f"{path}: cannot read the release config ({first_line(error)})") from None
+    if not isinstance(release, dict):
+        raise UsageError(f"{path}: not a release config (a JSON object with name, arch, labels)")
+    params = release.get("model_params", {})
+    declared = params.get("outputs", outputs) if isinstance(params, dict) else outputs
     if declared != outputs:
         raise UsageError(f"{path}: says outputs={declared} but the head has {outputs}")
-    if release.get("arch", "class") == "class":
-        release.setdefault("labels", {str(i): str(i) for i in range(outputs)})
+    arch = release.setdefault("arch", "class")
+    if arch not in ("class", "score"):
+        raise UsageError(f"{path}: arch {arch!r} is neither class nor score")
+    if arch == "score" and outputs != 1:
+        raise UsageError(f"{path}: arch is score, which needs a head with 1 output; this one has {outputs}")
+    if arch == "class":
+        labels = release.setdefault("labels", {str(i): str(i) for i in range(outputs)})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise UsageError(f"{path}: labels must be an object of id -> name, like {{\"0\": \"Pass\"}}")
+        if sorted(labels) != sorted(str(i) for i in range(outputs)):
+            raise UsageError(f"{path}: labels name ids {', '.join(sorted(labels)) or 'none'}; the head has "
+                             f"{outputs} outputs, ids 0..{outputs - 1}")
     return release
 
 
@@ -112,6 +138,7 @@ def model_from_clip(clip_name, tiling, dtype=torch.float32, **config):
 
 
 def convert(args):
+    check_output_dir(args.out, args.overwrite, inputs=(args.head, args.clip))  # before the CLIP loads
     head = read_head(args.head)
     hidden, features = head["up.0.weight"].shape
     outputs = head["down.5.bias"].shape[0]
@@ -133,7 +160,7 @@ def convert(args):
 
     repo_id = args.repo_id or args.out.name
     source = f"Backbone: `{hub_id(args.clip) or 'a local CLIP folder'}`; head: `{args.head.name}`."
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, inputs=(args.head, args.clip)) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(card_text(model.config.to_dict(), repo_id, source=source))

@@ -515,6 +515,9 @@ def hard_negative_kinds(text):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out}: is a file, not a folder", file=sys.stderr)
+        return 2
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out}: output folder exists and is not empty", file=sys.stderr)
         return 2

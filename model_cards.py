@@ -3,7 +3,7 @@ and the model-index that benchmark.py keeps in them: one home for card code."""
 
 from pathlib import Path
 
-from toolkit import UsageError
+from toolkit import UsageError, first_line
 
 CLIP_BASE = "openai/clip-vit-large-patch14-336"
 BASELINE = "fringe-baseline"  # benchmark.py's entry for the classical detector: not a model of the card
@@ -57,14 +57,66 @@ def eval_results(summary):
     return results
 
 
+def read_summary(path):
+    """A benchmark.py metrics.json, checked for the shape cards read (dataset, split, images, threshold,
+    models with headline and metrics): a UsageError in one line naming what is missing."""
+    import json
+
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: cannot read metrics ({first_line(error)})") from None
+    fields = {"dataset": str, "split": str, "images": int, "threshold": (int, float), "models": dict}
+    if not isinstance(summary, dict):
+        wrong = list(fields)
+    else:
+        wrong = [name for name, kind in fields.items() if not isinstance(summary.get(name), kind)]
+    if not wrong:
+        wrong = [f"models.{name}" for name, entry in summary["models"].items() if not isinstance(entry, dict)
+                 or not isinstance(entry.get("headline"), bool) or not isinstance(entry.get("metrics"), dict)]
+    if wrong:
+        raise UsageError(f"{path}: not a benchmark.py metrics.json (missing or malformed: {', '.join(wrong[:4])})")
+    return summary
+
+
+def check_summary_is_of(summary, path, fingerprint):
+    """Refuses a benchmark summary that does not hold results of the weights `fingerprint` names
+    (`toolkit.weights_fingerprint`): a card must never publish another model's figures."""
+    measured = {name: entry.get("weights") for name, entry in summary["models"].items()
+                if entry["headline"] and name != BASELINE}
+    if fingerprint in measured.values():
+        return
+    if not any(measured.values()):
+        raise UsageError(f"{path}: names no weights for its models (written by an older benchmark.py): run "
+                         "benchmark.py on this model again")
+    raise UsageError(f"{path}: holds results of other weights ({', '.join(measured)}), not of this model's "
+                     f"(weights {fingerprint[:12]}...)")
+
+
 def load_card(model_dir, dataset, split, force=False):
-    """MODEL_DIR/README.md as a ModelCard (a new one if missing). One that reports results on another
-    dataset or split (`dataset` as `dataset_id` gives it) is refused unless `force`: its published
-    numbers would be replaced by figures of a different evaluation."""
+    """MODEL_DIR/README.md as a ModelCard, MODEL_DIR being a model folder (a new card if it has none).
+    Refused in one line: a folder that does not exist or holds no config.json, a README that is not a
+    model card (no YAML front matter: plain notes) or whose front matter does not parse, and, unless
+    `force`, a card that reports results on another dataset or split (`dataset` as `dataset_id` gives
+    it): its published numbers would be replaced by figures of a different evaluation."""
     from huggingface_hub import ModelCard
 
-    readme = Path(model_dir) / "README.md"
-    card = ModelCard.load(readme) if readme.exists() else ModelCard("---\nlibrary_name: transformers\n---\n")
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        what = "no such folder" if not folder.exists() else "not a folder" if not folder.is_dir() else \
+            "not a model folder (no config.json)"
+        raise UsageError(f"--update-card {folder}: {what}")
+    readme = folder / "README.md"
+    if readme.exists():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if not text.startswith("---"):
+            raise UsageError(f"{readme}: not a model card (no YAML front matter); left as it is")
+        try:
+            card = ModelCard(text)
+        except Exception as error:  # noqa: BLE001 - YAML and metadata errors alike: one line
+            raise UsageError(f"{readme}: its YAML front matter does not parse ({first_line(error)})") from None
+    else:
+        card = ModelCard("---\nlibrary_name: transformers\n---\n")
     published = {(r.dataset_type, r.dataset_split) for r in card.data.eval_results or []}
     if published - {(dataset, split)} and not force:
         shown = ", ".join(f"{d} ({s})" for d, s in sorted(published, key=str))
@@ -73,7 +125,12 @@ def load_card(model_dir, dataset, split, force=False):
 
 
 def update_card(model_dir, summary, force=False):
-    """Writes a benchmark.py summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest."""
+    """Writes a benchmark.py summary into MODEL_DIR/README.md as the Hub's model-index, keeping the rest.
+    Images that could not be scored (`summary["skipped"]`) refuse it unless `force`: the card would
+    publish figures of part of the split as if of all of it."""
+    if summary.get("skipped") and not force:
+        raise UsageError(f"{model_dir}: card not updated: {len(summary['skipped'])} image(s) of the split could not "
+                         "be scored (see report.md); pass --force to publish the figures of the rest")
     card = load_card(model_dir, dataset_id(summary), summary["split"], force)
     card.data.eval_results = eval_results(summary)
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name

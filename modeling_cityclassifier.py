@@ -234,6 +234,12 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True  # the CLIP encoder's layers
     _no_split_modules = ["CLIPEncoderLayer"]
+    # The head (and the stem, where there is one: see CityClassifierForImageClassification.__init__)
+    # stay float32 whatever dtype the model is loaded in; bf16 or fp16 put only the CLIP tower in that
+    # precision. The stem reads pixel differences of one grey level, which bf16's 8-bit mantissa cannot
+    # hold, and a head's rounding moves a score near 0.5 across the threshold: precision must never
+    # change a decision.
+    _keep_in_fp32_modules_strict = ["head"]
     _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
 
     @classmethod
@@ -283,6 +289,8 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         self.head = CityClassifierHead(self.head_inputs(config), config.head_hidden_size, config.num_labels,
                                        config.head_dropout)
         self.post_init()
+        if self.stem is not None:  # after post_init, which refuses a name that is not a module of every instance
+            self._keep_in_fp32_modules_strict = {"head", "stem"}
 
     @staticmethod
     def head_inputs(config):
@@ -324,13 +332,21 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         inputs are CLIP's projected embeddings, then the fringe measurements if configured.
         `clip_options` (output_hidden_states, output_attentions) go to the CLIP tower."""
         fringe = self.fringe(pixel_values) if self.fringe is not None else None  # float32, on the exact pixels
-        pixel_values = pixel_values.to(self.dtype)
-        features = self._stem_features(pixel_values) if self.stem is not None else None
-        clip = self.clip(pixel_values=features if features is not None else pixel_values, **clip_options)
-        embeds = clip.image_embeds
+        features = None
+        if self.stem is not None:
+            with torch.autocast(pixel_values.device.type, enabled=False):  # float32 under a caller's autocast too
+                features = self._stem_features(pixel_values.to(self.stem.layers[0].weight.dtype))
+        tower_input = features if features is not None else pixel_values
+        clip = self.clip(pixel_values=tower_input.to(self.clip.dtype), **clip_options)
+        embeds = clip.image_embeds.to(self.head_dtype)
         if fringe is not None:
             embeds = torch.cat([embeds, fringe.to(embeds.dtype)], dim=-1)
         return embeds, features, clip
+
+    @property
+    def head_dtype(self):
+        """The head's dtype (float32 unless a user cast it): what its inputs are cast to."""
+        return self.head.up[0].weight.dtype
 
     def _stem_features(self, pixel_values):
         """The stem on (n, 3, H, W) pixels; on a CPU a few views at a time. Its first activations are
@@ -344,6 +360,15 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
                       // stem["strides"][0] ** 2)
         chunk = max(1, CPU_CHUNK_BYTES // max(1, view_bytes))
         return torch.cat([self.stem(views) for views in pixel_values.split(chunk)])
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, `.bfloat16()` keep the stem and the head in float32, as loading with
+        `dtype=` does (`_keep_in_fp32_modules_strict`)."""
+        super()._apply(fn, recurse)
+        for module in (self.stem, self.head):
+            if module is not None and any(p.dtype != torch.float32 for p in module.parameters()):
+                module.float()
+        return self
 
     def backbone_modules(self):
         """What turns pixels into embeddings (the stem, if any, and the CLIP tower): frozen in head-only training."""
@@ -390,12 +415,12 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             stem_features = None
             if image_embeds.ndim == 2:
                 image_embeds = image_embeds[:, None]  # (batch, dim) -> (batch, 1, dim)
-            image_embeds = image_embeds.to(self.dtype)
             if tile_mask is None:
                 tile_mask = torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
 
         how = tile_combine or self.config.tile_combine
-        z = self.head(image_embeds).float()  # (batch, tiles, num_labels)
+        with torch.autocast(image_embeds.device.type, enabled=False):  # as the stem: float32 under autocast too
+            z = self.head(image_embeds.to(self.head_dtype)).float()  # (batch, tiles, num_labels)
         tile_scores, scores, logits = self._combine(z, tile_mask, how)
 
         loss = None
@@ -471,7 +496,7 @@ class CityClassifierImageClassificationPipeline(ImageClassificationPipeline):
                 image = PIL.ImageOps.exif_transpose(PIL.Image.open(image))
         if getattr(image, "ndim", 0) == 4:
             raise ValueError(f"one image per input, got an array of shape {tuple(image.shape)}: pass a list of images")
-        return self.image_processor(images=image, return_tensors="pt").to(self.model.dtype)
+        return self.image_processor(images=image, return_tensors="pt")  # float32: the model casts what may be cast
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5, drop_class_0=False):
         if function_to_apply is not None:

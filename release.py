@@ -18,8 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
-from model_cards import card_text
-from toolkit import UsageError, atomic_output_dir, run_cli
+from model_cards import card_text, check_summary_is_of, read_summary
+from toolkit import UsageError, atomic_output_dir, check_hub, check_output_dir, run_cli, weights_fingerprint
 
 ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py")
@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="release folder to write")
     parser.add_argument("--license", default="mit", help="licence id for the card (default: mit)")
     parser.add_argument("--dry-run", action="store_true", help="write the folder, print the Hub calls, upload nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a release folder this tool "
+                        "wrote (nothing else in it, and not the model folder)")
     args = parser.parse_args(argv)
     if args.repo_id.count("/") != 1:
         parser.error(f"--repo-id {args.repo_id!r}: expected OWNER/NAME")
@@ -53,12 +54,10 @@ def build(args):
         raise UsageError(f"{args.model / 'config.json'}: model_type is {config.get('model_type')!r}, "
                          "not cityclassifier")
     summary = None
-    if args.metrics:
-        try:
-            summary = json.loads(args.metrics.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UsageError(f"{args.metrics}: cannot read metrics ({error})") from None
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    if args.metrics:  # the figures of this model's weights, or none
+        summary = read_summary(args.metrics)
+        check_summary_is_of(summary, args.metrics, weights_fingerprint(args.model))
+    with atomic_output_dir(args.out, args.overwrite, inputs=(args.model,)) as tmp:
         for name in MODEL_FILES:
             shutil.copy2(args.model / name, tmp / name)
         for name in CODE_FILES:  # the repo's code: the version these tools were tested with
@@ -99,7 +98,12 @@ def upload(args, api=None):
 
 
 def main(argv=None, api=None):
+    """`api`: an HfApi stand-in (tests); without one a real upload first checks that the Hub answers
+    with a token, before the release folder is written."""
     args = parse_args(argv)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model,))
+    if not args.dry_run and api is None:
+        check_hub("release.py upload (use --dry-run to only write the folder)")
     build(args)
     print(f"wrote {args.out}")
     upload(args, api)

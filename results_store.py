@@ -17,14 +17,13 @@ Guarantees, each tested in tests/test_reliability.py:
 """
 
 import csv
-import fcntl
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from toolkit import UsageError
+from toolkit import UsageError, lock_exclusive, release_lock
 
 STRING_COLUMNS = ("path", "error")
 
@@ -158,7 +157,7 @@ class ResultsStore:
         except OSError as error:
             raise OutputError(f"{self.out}: cannot write here ({error.strerror or error})") from None
         try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(self.lock_fd)
         except BlockingIOError:
             holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
             raise OutputError(f"{self.out}: another process (pid {holder}) is writing this output; wait for it "
@@ -172,7 +171,7 @@ class ResultsStore:
     def close(self):
         """Releases the lock (the lock file stays: removing it would let two processes lock two files)."""
         if self.lock_fd is not None:
-            os.close(self.lock_fd)
+            release_lock(self.lock_fd)
             self.lock_fd = None
 
     def parts(self):

@@ -31,7 +31,7 @@ from remote_code import (
     CityClassifierImageProcessor,
     to_device,
 )
-from toolkit import MAX_PIXELS, first_line
+from toolkit import MAX_PIXELS, first_line, weights_fingerprint
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif", ".jxl"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
@@ -164,7 +164,8 @@ def load_dataset_image(value, max_pixels=MAX_PIXELS, work_pixels=None):
 def iter_files(paths, exclude=(), notice=None):
     """Yields absolute paths from PATH arguments, lazily: files as given, folders recursively
     (sorted, image extensions only, symlinked folders followed), and `@list.txt` files holding one
-    path (a file or a folder) per line. `good`, `./good` and `/abs/good` give the same paths.
+    path (a file or a folder) per line; blank lines and lines starting with `#` are skipped (a path
+    that starts with `#` is written `./#name`). `good`, `./good` and `/abs/good` give the same paths.
 
     exclude: folders (os.stat identities) not to walk, e.g. a --move-to destination inside an input.
     notice(text): told of every folder left out (a loop, a second route, unreadable, excluded)."""
@@ -175,7 +176,7 @@ def iter_files(paths, exclude=(), notice=None):
             with open(arg[1:], encoding="utf-8", errors="surrogateescape") as listing:
                 for line in listing:
                     line = line.rstrip("\n")
-                    if line.strip():
+                    if line.strip() and not line.lstrip().startswith("#"):
                         yield from expand(line, visited, exclude, notice)
         else:
             yield from expand(arg, visited, exclude, notice)
@@ -375,6 +376,17 @@ def fault_injection(path):
     name = os.environ.get("CITYCLASSIFIER_KILL_WORKER_ON")
     if name and os.path.basename(path) == name and torch.utils.data.get_worker_info() is not None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_for_kill(rows_written):
+    """Test hook: CITYCLASSIFIER_HOLD_AFTER_ROWS=N:PATH makes classify.py's main process, once it has
+    written N rows, create PATH and wait there, its decoding workers alive, so that a test kills it at
+    a known point instead of racing it (tests/test_classify.py)."""
+    spec = os.environ.get("CITYCLASSIFIER_HOLD_AFTER_ROWS")
+    if spec and rows_written >= int(spec.split(":", 1)[0]):
+        Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
+        while True:
+            time.sleep(3600)
 
 
 class WorkerMarkers:
@@ -631,38 +643,43 @@ def pick_device(device="auto"):
 
 
 def pick_dtype(dtype, device):
-    """auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    """auto: float16 on CUDA, float32 on a CPU. Whatever the dtype, the model keeps its stem and head
+    in float32 and takes float32 pixels (see CityClassifierForImageClassification), so bf16 and fp16
+    change scores by less than 1e-2 (tests/test_precision.py); on a CPU bf16 speeds up only the CLIP
+    tower, which for the shipped model is a small share of the work (docs: README, "Precision")."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def cpu_has_bf16():
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). CITYCLASSIFIER_CPU_BF16=1 or 0
+    forces the answer, so that both branches of every choice made on it run on any machine."""
+    forced = os.environ.get("CITYCLASSIFIER_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+        with open(cpuinfo) as f:
+            flags = f.read().split()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_workers(device):
+def default_workers(device, cores=None):
     """Decoding processes: feeding a GPU, every core but the one that drives it (the data path must
     keep up with the GPU); on a CPU half the cores, the model's threads get the other half (see
     `model_threads`): with the shipped model an image costs about as much to decode and cut as to
-    score. On a 2-core AVX2 EPYC, 1 worker and 1 thread scored 17.1 img/s, 2 workers beside 1
-    thread 15.6 (3 processes on 2 cores) and 1 worker beside 2 threads 12.1."""
-    cores = os.cpu_count() or 1
+    score (bench/bench_classify.py --profile). `cores` defaults to this machine's."""
+    cores = cores or os.cpu_count() or 1
     return max(1, cores - 1) if device.type == "cuda" else cores // 2
 
 
-def model_threads(num_parameters, workers):
+def model_threads(num_parameters, workers, cores=None):
     """CPU threads for the model beside `workers` decoding processes: the cores they leave free, at
-    least 1 (oversubscribing the cores cost 10-30%, see `default_workers`); big models are
-    compute-bound and want every core."""
-    cores = os.cpu_count() or 1
+    least 1 (oversubscribed cores cost more than they give); big models are compute-bound and want
+    every core. `cores` defaults to this machine's."""
+    cores = cores or os.cpu_count() or 1
     return cores if num_parameters > 50_000_000 else max(1, cores - workers)
 
 
@@ -755,15 +772,17 @@ def ready_event(device):
     return event
 
 
-def model_pixels(processor, tiles, tile_mask, device, dtype):
+def model_pixels(processor, tiles, tile_mask, device):
     """Tiles from `collate` (a tensor of crops, or a list of whole images with `tile_mask` counting
-    their views) -> normalised (n, 3, S, S) pixels on `device` in `dtype`."""
+    their views) -> normalised (n, 3, S, S) float32 pixels on `device`. Never rounded to the model's
+    dtype here: the model casts what may be cast (its CLIP tower's input), while the fringe
+    measurements and the stem need the exact pixels (bf16 cannot hold one grey level's step)."""
     if isinstance(tiles, list):
         tiles = device_crops(processor, tiles, tile_mask, device)
     tiles = to_device(tiles, device)
     if tiles.dtype == torch.uint8:
         tiles = processor.normalize_tensor(tiles)
-    return tiles.to(dtype)
+    return tiles.float()
 
 
 def model_key(name):
@@ -785,22 +804,6 @@ def check_model_name(name):
     if looks_local:
         what = "is not a folder" if path.exists() else "no such model folder"
         raise ValueError(f"{name}: {what} (a model is a folder with config.json and model.safetensors, or a Hub id)")
-
-
-def weights_fingerprint(name):
-    """Digest of a model's safetensors files: what identifies the weights that scored a row."""
-    folder = Path(name)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(name, allow_patterns=["*.safetensors"]))
-    digest = hashlib.blake2b(digest_size=16)
-    for file in sorted(folder.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_scoring_model(name, dtype):
@@ -923,7 +926,7 @@ class Scorer:
             if isinstance(pixels, list):  # whole images: the device cuts their views
                 pixels = device_crops(group[0].processor, pixels, host_mask, self.device)
             tile_mask = to_device(host_mask, self.device)
-            chunks = (model_pixels(group[0].processor, chunk, None, self.device, self.dtype)
+            chunks = (model_pixels(group[0].processor, chunk, None, self.device)
                       for chunk in pixels.split(self.chunk_views(pixels)))
             image_embeds = group[0].model.embed_tiles(chunks, host_mask)  # the mask on the host: no wait
             for m in group:

@@ -36,7 +36,17 @@ from remote_code import (
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import UsageError, first_line, label_from_folder, load_dataset, run_cli
+from toolkit import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    UsageError,
+    check_hub,
+    first_line,
+    label_from_folder,
+    labels_from_folders,
+    load_dataset,
+    run_cli,
+)
 
 logger = logging.getLogger("train_hf")
 IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
@@ -172,27 +182,13 @@ def bf16_asked(argv):
 
 def native_bf16():
     """`--bf16 auto`: bf16 where the hardware computes it natively, a GPU that supports it or a CPU
-    with AVX512-BF16/AMX (as classify.py chooses its dtype); float32 elsewhere."""
+    with AVX512-BF16/AMX; float32 elsewhere. The stem and the head train in float32 either way (the
+    model turns autocast off for them), so the trained model scores the same in every dtype."""
     from scoring import cpu_has_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_has_bf16()
-
-
-def check_push(training_args):
-    """--push_to_hub needs the Hub and a token: checked before any data is read or embedded."""
-    if not training_args.push_to_hub:
-        return
-    from huggingface_hub import constants, whoami
-
-    if constants.HF_HUB_OFFLINE:
-        raise UsageError("--push_to_hub: the Hub is switched off here (HF_HUB_OFFLINE is set)")
-    try:
-        whoami(token=training_args.hub_token)
-    except Exception as error:  # noqa: BLE001 - no token, a bad one, or no network: one line
-        raise UsageError(f"--push_to_hub: cannot reach the Hub with a token ({str(error).splitlines()[0]}); "
-                         "log in with `hf auth login` or pass --hub_token") from None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -224,31 +220,27 @@ def load_splits(data_args):
     return splits
 
 
-def labels_from_folders(images):
-    """Label ids from each file's folder name (`1_chroma/x.png` -> 1); -1 where the folder has none.
-
-    datasets' imagefolder drops folder labels when a metadata file is present; this restores them."""
-    return [label_from_folder(Path(image["path"]).parent.name) if image.get("path") else None for image in images]
-
-
 def label_mapping(ds, data_args):
-    """Maps the label column's values to label ids: ClassLabel names by the folder rule where any
-    name follows it (names that do not map to None: unlabelled), else the ClassLabel index."""
+    """Maps the label column's values to label ids: ClassLabel names by the folder rule (names that do
+    not follow it map to None: unlabelled). Only a Hub dataset whose names all lack a number uses the
+    ClassLabel index: a local folder's `pass/` and `aberration/` would otherwise become labels 1 and 0
+    by alphabetical order, silently."""
     names = getattr(ds.features[LABEL], "names", None)
     if names is None:
         return lambda value: None if value is None else int(value)
     ids = [label_from_folder(name) for name in names]
-    if all(i is None for i in ids):
+    if all(i is None for i in ids) and not Path(data_args.dataset_name).is_dir():
         return lambda value: None if value is None else int(value)
     return lambda value: None if value is None else ids[value]
 
 
 def check_dataset(splits, data_args, arch):
-    """-> (splits without their unreadable images, label ids). Every image is decoded once, as
-    training decodes it (datasets caches the outcome for reruns): one that fails gets an error line
-    and is left out, and training goes on (a truncated JPEG passes Pillow's verify() and used to end
-    training midway with a traceback). Unlabelled images or a single class stop it before it starts."""
-    problems, label_sets, checked = [], {}, {}
+    """-> (splits without their unreadable images, label ids, how many were left out). Every image is
+    decoded once, as training decodes it (datasets caches the outcome for reruns): one that fails gets
+    an error line and is left out, and training goes on (a truncated JPEG passes Pillow's verify() and
+    used to end training midway with a traceback). Unlabelled images, or a single class in the train
+    or the evaluation split, stop it before it starts."""
+    problems, label_sets, checked, left_out = [], {}, {}, 0
     for split, ds in splits.items():
         to_id = label_mapping(ds, data_args)
         seen, keep, errors = set(), [], decode_errors(ds)
@@ -257,7 +249,7 @@ def check_dataset(splits, data_args, arch):
             where = image.get("path") or f"{split}[{index}]"
             label = to_id(value) if arch == "class" else value
             if label is None:
-                problems.append(f"{where}: no label (put it in a folder named like 0_pass/ or 1_aberration/)")
+                problems.append(Path(where).parent.name if image.get("path") else where)
             elif error is not None:
                 print(f"error: {where}: unreadable image ({error}); left out", file=sys.stderr)
             else:
@@ -265,15 +257,21 @@ def check_dataset(splits, data_args, arch):
                 keep.append(index)
         if len(keep) < len(ds):
             print(f"note: {len(ds) - len(keep)} of the {len(ds)} images of split {split!r} left out", file=sys.stderr)
+        left_out += len(ds) - len(keep)
         label_sets[split], checked[split] = seen, ds if len(keep) == len(ds) else ds.select(keep)
     if problems:
-        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise UsageError(f"{data_args.dataset_name}: {len(problems)} bad image(s):\n{shown}")
-    train_labels = label_sets[data_args.train_split]
-    if arch == "class" and len(train_labels) < 2:
-        raise UsageError(f"{data_args.dataset_name}: the {data_args.train_split!r} split has only label(s) "
-                         f"{sorted(train_labels)}; a classifier needs at least two")
-    return checked, sorted(set().union(*label_sets.values())) if arch == "class" else None
+        where = sorted(set(problems))
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        raise UsageError(f"{data_args.dataset_name}: {len(problems)} image(s) without a label id, in {shown}: put "
+                         "them in folders named like 0_pass/ or 1_aberration/ (the number before the first "
+                         "underscore is the label)")
+    for split, labels in label_sets.items():
+        if arch == "class" and len(labels) < 2:
+            need = "a classifier needs at least two" if split == data_args.train_split else \
+                'evaluating a classifier (ROC AUC) needs two (or pass --eval_split "" to train without it)'
+            raise UsageError(f"{data_args.dataset_name}: the {split!r} split has only label(s) {sorted(labels)}; "
+                             f"{need}")
+    return checked, sorted(set().union(*label_sets.values())) if arch == "class" else None, left_out
 
 
 def decode_errors(ds):
@@ -338,14 +336,17 @@ def build_model(model_args, label_ids, label_names):
             raise UsageError(f"--class_names: {len(names)} names for {num_labels} labels (ids 0..{num_labels - 1})")
         labels = {"id2label": dict(enumerate(names))}
         if model_args.label_loss_weights:
-            labels["label_loss_weights"] = [float(w) for w in model_args.label_loss_weights.split(",")]
+            labels["label_loss_weights"] = loss_weights(model_args.label_loss_weights, num_labels)
     else:
         labels = {}
     head = {"arch": model_args.arch, "head_hidden_size": model_args.head_hidden_size,
             "tile_combine": model_args.tile_combine, "fringe_features": model_args.fringe_features or None, **labels}
 
     if model_args.vision_config:
-        vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
+        try:
+            vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
+        except (ValueError, TypeError) as error:  # not JSON, not an object, or a field CLIPVisionConfig refuses
+            raise UsageError(f"--vision_config: not a CLIP vision config ({first_line(error)})") from None
         try:
             stem = json.loads(model_args.stem) if model_args.stem else None
             config = CityClassifierConfig(vision_config=vision, stem=stem,
@@ -367,7 +368,10 @@ def build_model(model_args, label_ids, label_names):
         raise UsageError(f"{model_args.model_name_or_path}: cannot load a config "
                          f"({str(error).splitlines()[0]})") from None
     if config.get("model_type") == "cityclassifier":
-        model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
+        try:
+            model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError) as error:  # no weights, or not all of them
+            raise UsageError(f"{model_args.model_name_or_path}: cannot load the model ({first_line(error)})") from None
         for name in ("arch", "head_hidden_size", "tile_combine"):  # the model's own; never silently another
             given = getattr(model_args, name)
             if given != ModelArguments.__dataclass_fields__[name].default and given != getattr(model.config, name):
@@ -380,14 +384,24 @@ def build_model(model_args, label_ids, label_names):
         if model_args.fringe_features:
             model.add_fringe_features()
         if "label_loss_weights" in labels:  # a training setting: it applies to a model being fine-tuned too
-            try:
-                model.config.label_loss_weights = model.config.loss_weights(labels["label_loss_weights"], num_labels)
-            except ValueError:
-                raise UsageError(f"--label_loss_weights: {num_labels} positive numbers needed, "
-                                 f"got {labels['label_loss_weights']}") from None
+            model.config.label_loss_weights = labels["label_loss_weights"]
         return model, processor, bool(model_args.train_backbone)
-    model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
+    try:
+        model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
+    except ValueError as error:  # a head setting CityClassifierConfig refuses
+        raise UsageError(f"{model_args.model_name_or_path}: {first_line(error)}") from None
     return model, processor, bool(model_args.train_backbone)
+
+
+def loss_weights(text, num_labels):
+    """--label_loss_weights "1.0,0.5" -> [1.0, 0.5]: one positive number per label, or a UsageError."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != num_labels or not all(w > 0 and np.isfinite(w) for w in weights):
+        raise UsageError(f"--label_loss_weights {text}: {num_labels} positive numbers needed, one per label")
+    return weights
 
 
 def views_fingerprint(model, processor):
@@ -493,7 +507,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
 
     def embed(tiles, mask):
         """Queues one batch; the mask stays on the host and the embeddings come back without waiting."""
-        return to_host(model.embed_tiles(model_pixels(processor, tiles, mask, device, torch.float32), mask).float())
+        return to_host(model.embed_tiles(model_pixels(processor, tiles, mask, device), mask).float())
 
     def blank_batch():  # while the workers decode their first images
         if warm_up:
@@ -595,44 +609,33 @@ class HeadOnlyTrainer(Trainer):
             self.model._modules.update(dict.fromkeys(self._aside))
 
 
-class LossHistory:
-    """Trainer callback that keeps the log history as CSV and the original's loss plots."""
+def write_loss_history(log_history, output_dir):
+    """Trainer's log history (every step of the run, those before a resume included: Trainer restores
+    it from the checkpoint) as loss.csv, and the original's loss plots."""
+    import matplotlib
 
-    def __init__(self, output_dir):
-        from transformers import TrainerCallback
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        history = self
-
-        class Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                history.rows.append({"step": state.global_step, **(logs or {})})
-
-        self.callback, self.rows, self.output_dir = Callback(), [], Path(output_dir)
-
-    def write(self):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = sorted({key for row in self.rows for key in row})
-        with open(self.output_dir / "loss.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        for name, key, title in (("loss.png", "loss", "training loss"), ("loss-eval.png", "eval_loss", "eval loss")):
-            points = [(row["step"], row[key]) for row in self.rows if key in row]
-            if not points:
-                continue
-            fig, ax = plt.subplots(figsize=(7, 4))
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
-            ax.set_xlabel("step")
-            ax.set_ylabel(key)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(self.output_dir / name, dpi=100)
-            plt.close(fig)
+    rows = [row for row in log_history if "step" in row]
+    keys = ["step"] + sorted({key for row in rows for key in row} - {"step"})
+    with open(Path(output_dir) / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    for name, key, title in (("loss.png", "loss", "training loss"), ("loss-eval.png", "eval_loss", "eval loss")):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(Path(output_dir) / name, dpi=100)
+        plt.close(fig)
 
 
 def compute_metrics_fn(arch):
@@ -686,9 +689,13 @@ def main(argv=None):
     set_seed(training_args.seed)
     if model_args.arch not in ("class", "score"):
         raise UsageError(f"--arch must be class or score, got {model_args.arch!r}")
-    check_push(training_args)
+    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
+        raise UsageError(f"--output_dir {training_args.output_dir}: is a file, not a folder")
+    if training_args.push_to_hub:
+        check_hub("--push_to_hub", training_args.hub_token)  # before any data is read or embedded
+    resume = checkpoint_to_resume(training_args)
 
-    splits, label_ids = check_dataset(load_splits(data_args), data_args, model_args.arch)
+    splits, label_ids, left_out = check_dataset(load_splits(data_args), data_args, model_args.arch)
     names = data_args.class_names.split(",") if data_args.class_names else None
     model, processor, train_backbone = build_model(model_args, label_ids or [0], names)
     train_ds = splits[data_args.train_split]
@@ -712,7 +719,6 @@ def main(argv=None):
         training_args.eval_strategy = "no"
         training_args.load_best_model_at_end = False
 
-    history = LossHistory(training_args.output_dir)
     trainer = (Trainer if train_backbone else HeadOnlyTrainer)(
         model=model,
         args=training_args,
@@ -721,13 +727,12 @@ def main(argv=None):
         data_collator=collate,
         processing_class=processor,  # saved with every checkpoint: each loads in a pipeline
         compute_metrics=compute_metrics_fn(model_args.arch),
-        callbacks=[history.callback],
     )
-    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    trainer.train(resume_from_checkpoint=resume)
 
     output = Path(training_args.output_dir)
     trainer.save_model(str(output))  # the model and its processor
-    history.write()
+    write_loss_history(trainer.state.log_history, output)  # a resumed run's state holds the earlier steps too
     if eval_ds is not None:
         trainer.save_metrics("eval", trainer.evaluate())
     if data_args.top_loss_images and model_args.arch == "class":
@@ -735,7 +740,7 @@ def main(argv=None):
                           train_labels, data_args, training_args, output)
     if training_args.push_to_hub:
         trainer.push_to_hub()
-    return 0
+    return EXIT_SOME_FAILED if left_out else EXIT_OK
 
 
 def labels_of_split(ds, data_args, arch):
@@ -782,15 +787,51 @@ def embed_splits(model, processor, splits, training_args):
 
 
 def checkpoint_to_resume(training_args):
-    """--resume_from_checkpoint: a path as given, or `last`/`true`: the newest in the output folder."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """--resume_from_checkpoint, checked before any work: a path as given (refused in one line when it
+    is not a complete checkpoint), or `last`/`true`: the newest complete checkpoint in the output
+    folder, after a note for each newer one that a kill cut short."""
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint in ("True", "true", "last"):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is None:
-            raise UsageError(f"{training_args.output_dir}: no checkpoint to resume from")
-    return checkpoint
+    if checkpoint is None:
+        return None
+    if checkpoint not in ("True", "true", "last"):
+        problem = checkpoint_problem(Path(checkpoint))
+        if problem:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint}: {problem}")
+        return checkpoint
+    folders = sorted((p for p in Path(training_args.output_dir).glob("checkpoint-*") if p.name[11:].isdigit()),
+                     key=lambda p: int(p.name[11:]), reverse=True)
+    for folder in folders:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        print(f"note: {folder} skipped: {problem} (cut short by a kill?)", file=sys.stderr)
+    raise UsageError(f"{training_args.output_dir}: no complete checkpoint to resume from")
+
+
+def checkpoint_problem(folder):
+    """Why `folder` is not a checkpoint Trainer can resume from, or None: it must hold trainer_state.json
+    and weights whose safetensors files are whole (a kill during the save leaves either out or short)."""
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return "no such checkpoint folder"
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"trainer_state.json does not read ({first_line(error)})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # a truncated file fails here, tensor by tensor
+                    f.get_slice(key)
+        except Exception as error:  # noqa: BLE001 - any unreadable weights file: that checkpoint is broken
+            return f"{file.name} is unreadable ({first_line(error)})"
+    return None
 
 
 def list_highest_loss(model, images, train_ds, train_backbone, processor, labels_of, data_args, training_args, output):

@@ -22,7 +22,6 @@ shortened, whole characters off the end of the stem.
 
 import ctypes
 import errno
-import fcntl
 import filecmp
 import functools
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from results_store import repair_tail
 from scoring import path_key
-from toolkit import UsageError
+from toolkit import UsageError, lock_exclusive, release_lock
 
 LEDGER = ".classify-transfers.jsonl"
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # what link(2) says where a file system has none
@@ -70,7 +69,7 @@ class Transfers:
                              "overwrite, so files cannot be placed there without risking another file; choose "
                              "another destination")
         try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(self.lock_fd)
         except BlockingIOError:
             raise UsageError(f"{self.dest}: another process is copying or moving files into it; wait for it") from None
         except OSError as error:  # a file system without locks (some network and FUSE mounts)
@@ -97,7 +96,7 @@ class Transfers:
 
     def close(self):
         self.ledger.close()
-        os.close(self.lock_fd)
+        release_lock(self.lock_fd)
 
     def transfer(self, source, relative):
         """Copies or moves `source` to DEST/relative (or NAME_n beside it). Returns (destination,

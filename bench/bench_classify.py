@@ -11,6 +11,7 @@ timed. Writes JSON and prints a Markdown table.
   python bench/bench_classify.py --vit-l-images 8         # adds a ViT-L/14-336-sized random backbone
   python bench/bench_classify.py --out bench/results.json # the README's figures
   python bench/bench_classify.py --profile 60              # adds where an image's time goes, stage by stage
+  python bench/bench_classify.py --dtypes bfloat16         # adds classify.py --dtype bfloat16 on the same images
   python bench/bench_classify.py --compare runs/default_model_stage3 --large-images 12
       # also: classify.py with another model on the same images (the speed ratio of a new default
       # model), and 4000x3000 pictures scored with five crops and with grid tiling (crops per MP)
@@ -140,6 +141,12 @@ def bench(model, files, workdir, label, extra=(), repeat=3):
     }
 
 
+def scores_of(results):
+    """{path: the first label's score} of a classify.py output."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return {row["path"]: next(v for k, v in row.items() if ":" in k and isinstance(v, float)) for row in rows}
+
+
 def machine():
     """The CPU by name and the features that decide the dtype and the kernels: a figure means little without it."""
     name, flags = platform.processor() or platform.machine(), set()
@@ -233,6 +240,9 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also time each stage (decode, resize, normalise, stem, fringe, CLIP, head) on N of "
                              "the images, one thread, in this process (0: skip)")
+    parser.add_argument("--dtypes", default="", help="comma-separated dtypes classify.py also runs in on the same "
+                        "images (e.g. bfloat16), each with its speed against the default and its largest score "
+                        "change against it (default: none)")
     parser.add_argument("--large-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=(4000, 3000),
                         help="their size, WxH (default: 4000x3000)")
     args = parser.parse_args()
@@ -241,9 +251,16 @@ def main():
         tmp = Path(tmp)
         files = make_images(tmp / "images", args.images, args.seed)
         runs = [bench(args.model, files, tmp, "default", repeat=args.repeat)]
+        default_scores = scores_of(tmp / "default.jsonl")
+        for dtype in filter(None, args.dtypes.split(",")):
+            runs.append(bench(args.model, files, tmp, f"default-{dtype}", ("--dtype", dtype), repeat=args.repeat))
+            changes = [abs(a - default_scores[path]) for path, a in scores_of(tmp / f"default-{dtype}.jsonl").items()]
+            runs[-1]["max_score_change_vs_default"] = max(changes)
+            extras[f"{dtype}_vs_default_img_per_s"] = runs[-1]["classify"]["images_per_s"] / runs[0]["classify"][
+                "images_per_s"]
         if args.compare:
             runs.append(bench(args.compare, files, tmp, "compare", repeat=args.repeat))
-            extras["classify_vs_compare"] = runs[0]["classify"]["images_per_s"] / runs[1]["classify"]["images_per_s"]
+            extras["classify_vs_compare"] = runs[0]["classify"]["images_per_s"] / runs[-1]["classify"]["images_per_s"]
         if args.large_images:
             large = make_large_images(tmp / "large", args.large_images, args.seed, args.large_size)
             for mode in ("five", "grid"):

@@ -412,9 +412,11 @@ def host_waits(files, device):
 
 
 def agreement(files, device):
-    """The shipped model's scores: GPU in its auto dtype against CPU float32, and on the GPU with views
-    cut by the GPU against cut by the decoding workers (the same bytes: only batching differs)."""
-    from scoring import Scorer, collate, load_image
+    """The shipped model's scores in every precision against CPU float32: each dtype on `device`
+    (auto's choice among them), and on a GPU its views cut by the GPU against cut by the decoding
+    workers (the same bytes: only batching differs). `agrees`: every precision within 1e-2 and no
+    decision flipped at 0.5, what tests/test_precision.py asks on a CPU."""
+    from scoring import Scorer, collate, load_image, pick_dtype
 
     def scores(where, dtype, crop="auto"):
         scorer = Scorer([str(ROOT)], device=where, dtype=dtype, crop=crop)
@@ -428,12 +430,12 @@ def agreement(files, device):
         return {"max_abs_diff": float(np.abs(a - b).max()), "flips_at_0.5": int(((a >= 0.5) != (b >= 0.5)).sum())}
 
     cpu = scores("cpu", "float32")
-    gpu = scores(device.type, "auto")
-    report = {"images": len(files), **compare(gpu, cpu)}
+    precisions = {dtype: compare(scores(device.type, dtype), cpu) for dtype in ("float32", "bfloat16", "float16")}
+    report = {"images": len(files), "device": device.type, "auto": str(pick_dtype("auto", device)).split(".")[1],
+              "vs_cpu_float32": precisions}
     if device.type == "cuda":
-        report["crop_on_gpu_vs_workers"] = compare(scores(device.type, "auto", "device"), gpu)
-        # how much of the difference is half precision, and how much the GPU's kernels in float32
-        report["gpu_float32_vs_cpu"] = compare(scores(device.type, "float32"), cpu)
+        report["crop_on_gpu_vs_workers"] = compare(scores(device.type, "auto", "device"), scores(device.type, "auto"))
+    report["agrees"] = all(c["max_abs_diff"] <= 1e-2 and c["flips_at_0.5"] == 0 for c in precisions.values())
     return report
 
 
@@ -527,7 +529,7 @@ def main():
             torch.cuda.empty_cache()
         measure("first_calls", in_fresh_python, "first_calls", model_dir, device.type)
         measure("host_waits_per_batch", host_waits, files, device)
-        measure("gpu_vs_cpu", agreement, files[: min(len(files), 100)], device)
+        measure("precision_agreement", agreement, files[: min(len(files), 100)], device)
 
         def ratio(crops_per_s):
             return crops_per_s / ceiling if ceiling else None

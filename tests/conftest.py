@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,48 @@ def write_benchmark_split(split, count=8, size=(90, 80), step=10, family=None):
         extra = f",{family(i)},{image.width},{image.height}" if family else ""
         rows.append(f"{folder}/{i}.png,{effect},{strength}{extra}")
     (split / "metadata.csv").write_text("\n".join(rows) + "\n")
+
+
+def children_of(pid):
+    """The pids of a process's living children, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def start_held(command, env, rows, marker, deadline_s=300):
+    """Starts a classify.py command that stops after writing `rows` rows (scoring.hold_for_kill) and
+    returns its process once it is held there, so a test kills it at a point the test chose, not at
+    whatever point a timer hits. Fails if the command ends first (a refusal, or it finished)."""
+    marker = Path(marker)
+    marker.unlink(missing_ok=True)
+    process = subprocess.Popen(command, env={**env, "CITYCLASSIFIER_HOLD_AFTER_ROWS": f"{rows}:{marker}"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + deadline_s  # a safety net against a hang, not a speed assumption
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"ended with {process.returncode} before it was held: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "never reached the hold point"
+        time.sleep(0.02)
+    return process
+
+
+def sigkill(process, freeze_children=False):
+    """SIGKILLs a process held by `start_held`, and only it: its children (decoding workers) live on,
+    stopped with SIGSTOP when `freeze_children`, so they cannot exit before the next step of the test.
+    Asserts that the kill is what ended it. -> the frozen children's pids (SIGKILL them afterwards)."""
+    frozen = children_of(process.pid) if freeze_children else []
+    for child in frozen:
+        os.kill(child, signal.SIGSTOP)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, process.returncode
+    return frozen

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO
 
 
@@ -32,19 +31,18 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
         assert pillow["crop_mode"] == "device" and pillow["crops_per_s"] > 0 and pillow["ratio_to_raw"] > 0
     assert report["classify"]["gpu_busy_percent"] is None  # no GPU to sample
     twice = report["classify_x2"]  # the same files twice over (hard links): rate and fixed cost apart
-    assert twice["images_per_s"] * twice["seconds"] == pytest.approx(2 * images)
     assert set(twice) >= {"marginal_crops_per_s", "marginal_ratio_to_raw", "fixed_s"}
     recipe = report["head_only_recipe_batch_1"]
     assert recipe["batch"] == 1 and recipe["steps"] == 20 and recipe["steps_per_s"] > 0
     assert recipe["precision"] == "fp32"  # a CPU: no autocast
-    assert recipe["recipe_3215_images_30k_seen_s_extrapolated"] > 30000 / recipe["steps_per_s"]
-    assert recipe["recipe_3215_images_30k_steps_with_startup_s"] > recipe["recipe_3215_images_30k_steps_s_extrapolated"]
     steps = report["head_steps"]  # Trainer, HeadOnlyTrainer and the head alone in a plain loop
     assert steps["steps"] == 20 and all(steps[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
-    assert steps["head_only_trainer_vs_trainer"] == steps["head_only_trainer"] / steps["trainer"]
-    assert steps["recipe_batch_1_share"] == recipe["steps_per_s"] / steps["plain_loop"]
     assert report["original_loop_images_per_s"] > 0 and report["full_training_steps_per_s"] > 0
-    assert report["gpu_vs_cpu"] == {"images": 12, "max_abs_diff": 0.0, "flips_at_0.5": 0}  # CPU against itself
+    precision = report["precision_agreement"]  # every dtype on this CPU against float32
+    assert precision["images"] == 12 and precision["auto"] == "float32" and precision["agrees"] is True
+    for dtype in ("bfloat16", "float16"):
+        assert precision["vs_cpu_float32"][dtype]["max_abs_diff"] <= 1e-2, precision
+        assert precision["vs_cpu_float32"][dtype]["flips_at_0.5"] == 0, precision
     assert report["png_decoder"] in ("libspng", "pillow")
 
 
@@ -85,8 +83,6 @@ def test_head_step_benchmark_runs_all_three_ways(tmp_path):
     assert report["device"] == "cpu" and report["cpu"]["processor"] and report["cpu"]["cpus"] >= 1
     assert report["backbone"] == "tiny" and report["head"] == "tiny" and report["steps"] == 20
     assert all(report[key] > 0 for key in ("trainer", "head_only_trainer", "plain_loop"))
-    assert report["head_only_trainer_vs_trainer"] == report["head_only_trainer"] / report["trainer"]
-    assert report["recipe_30k_steps_s"] == 30000 / report["head_only_trainer"]
 
 
 def test_batching_simulation_runs_both_ways_and_no_device_beats_its_own_work(tmp_path):
@@ -99,8 +95,7 @@ def test_batching_simulation_runs_both_ways_and_no_device_beats_its_own_work(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["cpu"] and report["workers"] >= 2 and report["images"] == 8
-    assert report["device_alone_s"] == pytest.approx(report["crops"] / report["device_crops_per_s"])
+    assert report["device_alone_s"] > 0
     for mode in ("whole", "idle"):
         run = report[mode]
         assert run["batches"] >= 1 and run["seconds"] >= report["device_alone_s"] and 0 < run["device_busy"] <= 1
-        assert run["ratio_to_device"] == pytest.approx(report["device_alone_s"] / run["seconds"])

@@ -36,8 +36,9 @@ def test_float16_output(tmp_path, tiny_clip, releases):
 
     convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(tmp_path / "h"),
                            "--dtype", "float16"])
-    with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
-        assert f.get_tensor("head.up.0.weight").dtype == torch.float16
+    with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:  # the CLIP tower in float16; the head
+        assert f.get_tensor("clip.visual_projection.weight").dtype == torch.float16  # stays float32 (see
+        assert f.get_tensor("head.up.0.weight").dtype == torch.float32  # tests/test_precision.py)
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["dtype"] == config["vision_config"]["dtype"] == "float16"
 
@@ -157,15 +158,17 @@ def test_overwrite_replaces_a_model_folder_only(converted, tmp_path):
     (pictures / "notes.txt").write_text("mine")
     a_file = tmp_path / "a-file"
     a_file.write_text("mine too")
-    for out, words in ((pictures, "not a model folder"), (a_file, "not a folder")):
+    for out, words in ((pictures, r"not a folder this tool wrote \(no config.json\)"), (a_file, "is a file")):
         with pytest.raises(UsageError, match=words) as info:
             average_models.main([*args, str(out), "--overwrite"])
         assert "\n" not in str(info.value)
     assert (pictures / "trip" / "a.png").read_bytes() == b"a picture" and a_file.read_text() == "mine too"
     earlier = tmp_path / "earlier"
     assert average_models.main([*args, str(earlier)]) == 0
-    (earlier / "stale.txt").write_text("from before")
     with pytest.raises(UsageError, match="pass --overwrite"):
         average_models.main([*args, str(earlier)])
-    assert average_models.main([*args, str(earlier), "--overwrite"]) == 0
-    assert (earlier / "config.json").is_file() and not (earlier / "stale.txt").exists()
+    assert average_models.main([*args, str(earlier), "--overwrite"]) == 0  # an earlier output alone: replaced
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"does not write \(notes.txt\)"):  # with a file of someone else's: kept
+        average_models.main([*args, str(earlier), "--overwrite"])
+    assert (earlier / "config.json").is_file() and (earlier / "notes.txt").read_text() == "mine"

@@ -10,11 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 
-def metrics_summary(path):
+def metrics_summary(path, model):
+    """A benchmark.py metrics.json of `model` (a folder: its weights digest is recorded, as benchmark.py does)."""
+    from toolkit import weights_fingerprint
+
     summary = {"dataset": "data/synthetic", "split": "test", "images": 10, "threshold": 0.5,
                "target_precision": 0.95,
                "models": {"ca tiling-mean": {"headline": True, "metrics": {"roc_auc": 0.91234, "pr_auc": 0.8,
-                                                                          "accuracy": 0.9, "f1": 0.85}, "by": {}},
+                                                                          "accuracy": 0.9, "f1": 0.85}, "by": {},
+                                             "weights": weights_fingerprint(model)},
                           "fringe-baseline": {"headline": True, "metrics": {"roc_auc": 0.7}, "by": {}}}}
     path.write_text(json.dumps(summary))
     return path
@@ -45,8 +49,9 @@ def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
     import release
 
     out = tmp_path / "dist"
+    metrics = metrics_summary(tmp_path / "m.json", converted["ca"])
     assert release.main(["--model", str(converted["ca"]), "--repo-id", "me/ca", "--tag", "v1.16", "--metrics",
-                         str(metrics_summary(tmp_path / "m.json")), "--out", str(out), "--dry-run"]) == 0
+                         str(metrics), "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "would call HfApi().upload_folder(" in printed and "tag='v1.16'" in printed
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_image
+from conftest import REPO, make_image, sigkill, start_held
 from safetensors.torch import load_file, save_file
 
 from toolkit import UsageError
@@ -638,6 +638,8 @@ def test_symlinked_folders_are_followed_once_and_loops_end(converted, tmp_path, 
 
 
 def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path):
+    """Three runs, each SIGKILLed after a number of rows the seed draws (held there, so the kill lands
+    where the seed says) and rerun at once, then a last run: every file exactly once."""
     src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(60)])
     out = tmp_path / "r.csv"
     journal = tmp_path / ".r.csv.jsonl"
@@ -646,14 +648,10 @@ def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path)
     rng = np.random.default_rng(11)
     for _ in range(3):
         have = len(journal.read_text().splitlines()) if journal.exists() else 0
-        target = have + int(rng.integers(1, 6))  # kill once the journal holds this many rows
-        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None and \
-                (not journal.exists() or len(journal.read_text().splitlines()) < target):
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        rows = int(rng.integers(1, 6))  # this run is killed once it has written this many rows
+        sigkill(start_held(command, ENV, rows, tmp_path / "held"))
+        now = len(journal.read_text().splitlines())
+        assert have + rows <= now < have + rows + 2, (have, rows, now)  # batches of 2: killed where drawn
     assert len(journal.read_text().splitlines()) < 60, "the runs should have been killed midway"
     assert subprocess.run(command, env=ENV, capture_output=True).returncode == 0
     import pyarrow.csv
@@ -661,6 +659,35 @@ def test_sigkill_at_random_points_while_scoring_then_resume(converted, tmp_path)
     paths = pyarrow.csv.read_csv(out).column("path").to_pylist()
     assert sorted(paths) == sorted(str(p) for p in src.iterdir())  # each exactly once
     assert not list(tmp_path.glob(".r.csv.tmp"))
+
+
+def test_a_lock_is_freed_by_its_holders_death_while_its_forked_child_lives(tmp_path):
+    """The output's and the destination's locks belong to the process that took them: a child it
+    forks (a decoding worker) does not keep them after the parent is SIGKILLed."""
+    out, dest = tmp_path / "r.jsonl", tmp_path / "dest"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from results_store import ResultsStore\nfrom transfers import Transfers\n"
+              f"ResultsStore({str(out)!r}).lock(); Transfers({str(dest)!r}, move=False)\n"
+              "child = os.fork()\n"
+              "if child == 0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(0)\n"
+              "print(child, flush=True)\nsignal.pause()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        from results_store import ResultsStore
+        from transfers import Transfers
+
+        with pytest.raises(UsageError, match="another process"):
+            ResultsStore(out).lock()  # held while the parent lives: the lock works
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert os.path.exists(f"/proc/{child}")  # the child lives on, stopped
+        store = ResultsStore(out)
+        store.lock()
+        store.close()
+        Transfers(dest, move=False).close()
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -208,13 +208,44 @@ def test_head_mode_trains_with_the_backbone_set_aside_and_saves_whole_checkpoint
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
 
 
-def test_resume_from_checkpoint(synthetic, tmp_path):
+def test_resume_from_checkpoint(synthetic, tmp_path, monkeypatch):
+    """A resumed run takes only the steps left (a restart would take all 6) and starts from the
+    checkpoint's weights and history."""
+    from transformers import Trainer
+
     out = train(tmp_path, synthetic, "--vision_config", TINY_VISION)
     assert (out / "checkpoint-4").is_dir()
+    first = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    steps = []
+    original = Trainer.training_step
+
+    def counting(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", counting)
     train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--max_steps", "6", "--resume_from_checkpoint",
           "last")
+    assert steps == [4, 5], steps  # global steps before each step taken: 5 and 6 only
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
+    assert state["global_step"] == 6 and state["log_history"][: len(first)] == first
+
+
+def test_train_backbone_changes_the_backbone_and_head_only_does_not(synthetic, tiny_clip, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from remote_code import CityClassifierForImageClassification
+
+    clip = CLIPVisionModelWithProjection.from_pretrained(tiny_clip).state_dict()
+    for flag, trains in (("true", True), ("false", False)):
+        out = train(tmp_path / flag, synthetic, "--model_name_or_path", str(tiny_clip), "--train_backbone", flag,
+                    "--learning_rate", "1e-3")
+        trained = CityClassifierForImageClassification.from_pretrained(out).clip.state_dict()
+        changed = [name for name, tensor in clip.items() if not torch.equal(trained[name], tensor)]
+        if trains:
+            assert len(changed) > len(clip) // 2, f"--train_backbone left most of the backbone as it was: {changed}"
+        else:
+            assert not changed, changed
 
 
 def test_metric_module_matches_scikit_learn():
@@ -267,7 +298,7 @@ def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(
             "", "--max_steps", "2", "--head_hidden_size", "8", "--use_cpu", "true", "--report_to", "none",
             "--top_loss_images", "10"]
     for _ in range(2):  # the second run reads the outcome from datasets' cache: the same lines
-        assert train_hf.main(args) == 0
+        assert train_hf.main(args) == 1  # some images failed: exit 1, as classify.py
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 2 and all("left out" in line for line in errors), errors
@@ -281,7 +312,7 @@ def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(
 @pytest.mark.parametrize("layout,message", [
     ({"0_pass/a.png": "ok", "1_ca/b.png": "bad", "1_ca/c.png": "truncated"}, "only label"),
     ({"0_pass/a.png": "ok", "0_pass/b.png": "ok"}, "only label"),
-    ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "misc/c.png": "ok"}, "no label"),
+    ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "misc/c.png": "ok"}, "without a label id"),
 ], ids=["one-class-left", "one-class", "missing-label"])
 def test_bad_datasets_fail_before_training(tmp_path, layout, message):
     import train_hf
@@ -341,8 +372,11 @@ def test_fine_tuning_refuses_head_settings_it_would_ignore(converted, tmp_path, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
-def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
+def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(synthetic, tmp_path, monkeypatch):
+    """--bf16 on a machine without a GPU trains on the CPU under bf16 autocast (whether the CPU computes
+    bf16 natively or not), and the model it trains scores the same in float32 and in bf16."""
     import train_hf
+    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     _, _, training = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "true"])
     assert training.bf16 and training.use_cpu
@@ -350,6 +384,31 @@ def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(tmp_path):
     config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": True}))
     _, _, training = train_hf.parse_args([str(config)])
     assert training.bf16 and training.use_cpu
+
+    autocast = []
+    original = CityClassifierForImageClassification.forward
+
+    @functools.wraps(original)  # Trainer reads the signature to find the labels
+    def recording(self, *args, **kwargs):
+        if self.training:
+            autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CityClassifierForImageClassification, "forward", recording)
+    vision = json.loads(TINY_VISION) | {"image_size": 15, "patch_size": 5}
+    stem = json.dumps({"channels": [4, 4], "kernel_sizes": [3, 3], "strides": [1, 2]})
+    out = train(tmp_path / "run", synthetic, "--vision_config", json.dumps(vision), "--stem", stem, "--bf16", "true",
+                "--learning_rate", "1e-3")
+    assert autocast and set(autocast) == {(True, torch.bfloat16)}, autocast
+    processor = CityClassifierImageProcessor.from_pretrained(out)
+    inputs = processor(images=[make_image(120 + 7 * i, 90, seed=i) for i in range(8)], return_tensors="pt")
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = CityClassifierForImageClassification.from_pretrained(out, dtype=dtype).eval()
+        with torch.inference_mode():
+            scores[dtype] = model(**inputs).scores[:, 1]
+    assert (scores[torch.bfloat16] - scores[torch.float32]).abs().max() <= 1e-2, scores
+    assert torch.equal(scores[torch.bfloat16] >= 0.5, scores[torch.float32] >= 0.5)
 
 
 def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
