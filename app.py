@@ -12,6 +12,7 @@ import os
 import numpy as np
 from PIL import ImageDraw, ImageFont
 
+from remote_code import TILE_COMBINES
 from scoring import Scorer, collate
 from toolkit import first_line
 
@@ -105,7 +106,7 @@ class Demo:
                     image = gr.Image(type="pil", label="image", image_mode=None)
                     include_default = gr.Checkbox(value=True, label="include the default class (Pass)")
                     tiling = gr.Checkbox(value=True, label="tiling (five crops on large images)")
-                    combine = gr.Radio(["mean", "median", "max", "min"], value="mean", label="combine tiles by")
+                    combine = gr.Radio(list(TILE_COMBINES), value="mean", label="combine tiles by")
                     button = gr.Button("Analyse", variant="primary")
                 with gr.Column():
                     outputs = [gr.Label(label=m.key, num_top_classes=10) for m in self.scorer.models]

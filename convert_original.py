@@ -123,7 +123,7 @@ def model_from_clip(clip_name, tiling, dtype=torch.float32, **config):
     try:
         clip = CLIPVisionModelWithProjection.from_pretrained(clip_name, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise UsageError(f"{clip_name}: cannot load a CLIP vision model ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{clip_name}: cannot load a CLIP vision model ({first_line(error)})") from None
     vision = {**clip.config.to_dict(), "_name_or_path": hub_id(clip_name) or ""}
     model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **config))
     model.clip.load_state_dict(clip.state_dict())

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import CLIPVisionModelWithProjection, ImageClassificationPipeline, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .configuration_cityclassifier import CityClassifierConfig
+from .configuration_cityclassifier import TILE_COMBINES, CityClassifierConfig
 from .image_processing import to_device
 
 CPU_CHUNK_BYTES = 16 * 2**20  # stem and fringe measurements: see CityClassifierForImageClassification._stem_features
@@ -90,8 +90,8 @@ class CityClassifierStem(nn.Module):
         self.probe = nn.Linear(2 * channels, outputs)
 
     def forward(self, pixel_values):
-        # Channels-last lets oneDNN (and cuDNN) run these full-resolution convolutions about twice as
-        # fast on a CPU (measured on an AVX2 EPYC: 52 -> 23 ms per 336 px view); same maths, float rounding.
+        # Channels-last is the layout oneDNN (and cuDNN) run full-resolution convolutions fastest in
+        # (docs/speed.md); the same maths up to float rounding.
         return self.layers(pixel_values.contiguous(memory_format=torch.channels_last))
 
     def probe_logits(self, features):
@@ -222,7 +222,7 @@ def combine_tiles(tile_scores, tile_mask, how):
         return tile_scores.masked_fill(~valid, float("inf")).amin(1)
     if how == "median":
         return tile_scores.masked_fill(~valid, float("nan")).nanmedian(1).values
-    raise ValueError(f"tile_combine must be one of mean, median, max, min, got {how!r}")
+    raise ValueError(f"tile_combine must be one of {', '.join(TILE_COMBINES)}, got {how!r}")
 
 
 class CityClassifierPreTrainedModel(PreTrainedModel):
@@ -240,7 +240,7 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     # hold, and a head's rounding moves a score near 0.5 across the threshold: precision must never
     # change a decision.
     _keep_in_fp32_modules_strict = ["head"]
-    _supports_sdpa = True  # the CLIP tower supports it; ViT-L is 2x faster with it on CPU and GPU
+    _supports_sdpa = True  # the CLIP tower supports it, and it is the fast attention on CPU and GPU
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -350,9 +350,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
     def _stem_features(self, pixel_values):
         """The stem on (n, 3, H, W) pixels; on a CPU a few views at a time. Its first activations are
-        large (16 x 336 x 336 floats, 7 MB a view), and glibc gives blocks over 32 MB fresh pages from
-        the kernel on every call: a batch of 19 views cost 3.4 M page faults per 240 images, 12 s of
-        system time, on a 2-core EPYC. Chunks under 16 MB reuse the heap (10.5 -> 16 img/s there)."""
+        large (16 channels at the view's full resolution), and glibc hands blocks above its mmap
+        threshold out as fresh pages from the kernel on every call, page faults that cost more than
+        the convolutions: chunks under CPU_CHUNK_BYTES reuse the heap (docs/speed.md)."""
         if pixel_values.device.type != "cpu":
             return self.stem(pixel_values)
         stem = self.config.stem

@@ -18,7 +18,7 @@ if "cityclassifier" not in sys.modules:
     _package.__path__ = [str(ROOT)]
     sys.modules["cityclassifier"] = _package
 
-from cityclassifier.configuration_cityclassifier import CityClassifierConfig  # noqa: E402
+from cityclassifier.configuration_cityclassifier import TILE_COMBINES, CityClassifierConfig  # noqa: E402
 from cityclassifier.image_processing import (  # noqa: E402
     CityClassifierImageProcessor,
     grid_layout,
@@ -30,6 +30,7 @@ from cityclassifier.image_processing import (  # noqa: E402
     to_rgb,
 )
 from cityclassifier.modeling_cityclassifier import (  # noqa: E402
+    CPU_CHUNK_BYTES,
     FRINGE_FEATURES,
     CityClassifierForImageClassification,
     CityClassifierFringe,
@@ -44,7 +45,9 @@ CityClassifierImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "ROOT",
+    "TILE_COMBINES",
     "CityClassifierConfig",
+    "CPU_CHUNK_BYTES",
     "FRINGE_FEATURES",
     "CityClassifierForImageClassification",
     "CityClassifierFringe",

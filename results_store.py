@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import UsageError, lock_exclusive, release_lock
+from toolkit import UsageError, first_line, lock_exclusive, release_lock
 
 STRING_COLUMNS = ("path", "error")
 
@@ -225,7 +225,7 @@ class ResultsStore:
                 row = json.loads(first)
                 columns = list(row) if isinstance(row, dict) else []
         except Exception as error:  # noqa: BLE001 - whatever it is, it cannot be read as rows
-            return f"cannot be read as rows: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            return f"cannot be read as rows: {first_line(error)}"
         return None if "path" in columns else "no 'path' column"
 
     def recorded_setup(self):
@@ -247,7 +247,7 @@ class ResultsStore:
                 pyarrow.csv.read_csv(self.out)
         except Exception as error:  # noqa: BLE001 - a damaged table is the user's to look at, never overwritten
             raise UsageError(f"{self.out}: its journal {self.journal.name} is missing and the table cannot be read "
-                             f"back ({str(error).splitlines()[0]}); move it away or rerun with --no-resume") from None
+                             f"back ({first_line(error)}); move it away or rerun with --no-resume") from None
         tmp = self.journal.with_name(f"{self.journal.name}.recovering")
         journal = Journal(tmp)
         journal.write_all(table.to_pylist())

@@ -27,6 +27,7 @@ except ImportError:
     pyspng = None
 
 from remote_code import (
+    CPU_CHUNK_BYTES,
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
     to_device,
@@ -46,8 +47,8 @@ PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}  # 8-bit colour types libspng hands ba
 
 
 def decode_png(path):
-    """A PNG file -> a PIL image with the pixels and mode Pillow decodes, through libspng (2x faster:
-    12.4 -> 6.3 ms an image on a 2-core EPYC), or None where Pillow must decode it:
+    """A PNG file -> a PIL image with the pixels and mode Pillow decodes, through libspng (faster than
+    Pillow: docs/speed.md), or None where Pillow must decode it:
     - no pyspng; not 8-bit L, RGB or RGBA; interlaced; transparency by tRNS; animation;
     - a chunk other than pixel data whose CRC fails (Pillow rejects those; pyspng ignores CRCs);
     - no IEND (truncated); a file far larger than its pixels (huge metadata); anything libspng refuses.
@@ -255,8 +256,7 @@ class FileStream(torch.utils.data.IterableDataset):
     Files reach the workers through a queue when `feed` was called (`loader_batches` does, for two
     workers or more): one walk in the main process, and each worker takes the next file when it is
     free. Otherwise every worker walks and keeps a fixed share by path key, and the run waits for the
-    worker that drew the most work: on an H100's host with 15 workers, classify.py scored 1800
-    pictures of 256-2048 px in 8.6 s that way and in 7.0 s from the queue (bench/gpu-h100-run4.json).
+    worker that drew the most work (the queue's gain: bench/gpu-h100-run4.json).
 
     Each worker notes the file it is decoding in `markers` (see WorkerMarkers), so that when the
     kernel kills a worker (out of memory) the main process can give that file an error row."""
@@ -467,9 +467,8 @@ def collate(items):
 def micro_batch(batch_size, workers, device, split=False):
     """Images per decoding worker's batch. A worker fills each batch alone, so with whole batches
     the first came only after every worker had decoded `batch_size` images, and a collection of a
-    few batches per worker arrived all at once at the end: on an H100 with 15 workers and 600
-    images, classify.py made 286 crops/s of the 396 its workers could decode, the GPU idle while
-    they decoded and they idle while it ran. On a GPU (or with `split`) they hand out small batches
+    few batches per worker arrived all at once at the end, the GPU idle while they decoded and they
+    idle while it ran (bench/gpu-h100-run3.json). On a GPU (or with `split`) they hand out small batches
     (batch / workers, at least 2) and `join_batches` joins them in the main process. With `split`
     (an idle device takes a quarter of a batch: `loader_batches`' `idle`), at most an eighth of a
     batch: with few workers, each would otherwise hand over more than that quarter at once (2
@@ -564,9 +563,8 @@ def blank_image(processors):
 
 def first_batch(batch_size):
     """The fewest images a batch for an idle GPU holds (`loader_batches`' `idle`): a quarter of a
-    full batch. 16 of 64 images are about 48 ViT-L views, about 50 ms of an H100 at the rate it ran
-    160 views a call (bench/gpu-h100-run4.json); whether it keeps that rate at 48, bench_gpu.py's
-    raw_backbone_small_batch tells (not measured yet)."""
+    full batch, enough views to keep a GPU busy while the next are decoded; bench_gpu.py's
+    raw_backbone_small_batch measures the backbone's rate at that size."""
     return max(1, batch_size // 4)
 
 
@@ -712,12 +710,10 @@ class DeviceImage:
 
 def view_tiles(processor, image, tiling, mode):
     """The real tiles of one image, for `collate`, in one of three forms by where the model runs:
-    "normalised": (k, 3, S, S) float32, normalised here in the decoding worker, for a CPU (measured
-    on a 2-core EPYC, normalising in the model's process cost 15% of the throughput); "uint8":
-    (k, S, S, 3) crops, a quarter of the bytes, normalised by the GPU; "device": the whole decoded
-    image (`DeviceImage`), resized, cut and normalised by the GPU, so that the decoding workers only
-    decode (on an H100's 16-core host they fed 548 crops/s so, 462 when they also cut the views:
-    bench/gpu-h100-run3.json)."""
+    "normalised": (k, 3, S, S) float32, normalised here in the decoding worker, for a CPU (where the
+    model's process is the slower side: docs/speed.md); "uint8": (k, S, S, 3) crops, a quarter of
+    the bytes, normalised by the GPU; "device": the whole decoded image (`DeviceImage`), resized,
+    cut and normalised by the GPU, so that the decoding workers only decode."""
     if mode == "device":
         image = processor.prepare(image, tiling)  # RGB; non-RGB modes already resized, as the original
         pixels = np.asarray(image)  # read-only from Pillow: torch wants to be able to write
@@ -732,9 +728,8 @@ def crop_mode(device, processors, requested="auto"):
     """Where views are cut: by the decoding workers ("normalised" crops for a CPU, "uint8" for a GPU)
     unless `requested` is "device": the model's device resizes and cuts them from the whole decoded
     image, the same bytes (BILINEAR/BICUBIC processors only; on a CPU too, for tests). Not the GPU
-    default: on an H100 its workers fed more crops (548 against 462 crops/s), but classify.py was
-    slower with it, 297 against 490 crops/s on 600 files and 488 against 629 on 1800, with a fixed
-    cost of 3.5 s against 1.2 (bench/gpu-h100-run3.json)."""
+    default: its workers feed more crops, but classify.py as a whole was slower with it on an H100
+    (bench/gpu-h100-run3.json, docs/speed.md)."""
     if requested not in ("auto", "workers", "device"):
         raise ValueError(f"crop mode must be auto, workers or device, got {requested!r}")
     if requested == "device":
@@ -939,7 +934,7 @@ class Scorer:
         kernel, every time: see CityClassifierForImageClassification._stem_features)."""
         if self.device.type != "cpu" or pixels.dtype != torch.uint8:
             return len(pixels)
-        return max(1, (16 << 20) // (pixels[0].numel() * 8))  # the float64 rescale is the widest step
+        return max(1, CPU_CHUNK_BYTES // (pixels[0].numel() * 8))  # the float64 rescale is the widest step
 
     def score(self, grouped_inputs):
         """One dict of score columns per image (see `columns`)."""
@@ -959,7 +954,7 @@ class Scorer:
         process's first model call initialises cuBLAS and loads each kernel it runs (CUDA loads them
         lazily); called while the decoding workers are on their first files (`loader_batches`'
         `on_start`), that set-up is meant to overlap their decoding instead of delaying the first real
-        batch (what it saves: bench_gpu.py's first_calls; not measured on a GPU yet). For a GPU only:
+        batch (what it saves: bench_gpu.py's first_calls). For a GPU only:
         a CPU's first call costs little, and its blank batch would cost a batch's time."""
         return self.score(collate([({}, self.preprocess(blank_image(self.processors)))] * images)[1])
 

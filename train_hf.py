@@ -366,7 +366,7 @@ def build_model(model_args, label_ids, label_names):
         config = PretrainedConfig.get_config_dict(model_args.model_name_or_path)[0]
     except (OSError, ValueError) as error:
         raise UsageError(f"{model_args.model_name_or_path}: cannot load a config "
-                         f"({str(error).splitlines()[0]})") from None
+                         f"({first_line(error)})") from None
     if config.get("model_type") == "cityclassifier":
         try:
             model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
@@ -433,7 +433,7 @@ class ImageViews(torch.utils.data.Dataset):
 class EmbeddedViews(torch.utils.data.Dataset):
     """Head-only training rows from the cached embeddings, held in memory: per image and step, the
     embedding of one of its real tiles at random (each DataLoader process draws from its own seed).
-    Batch-1 head steps are few milliseconds: reading Arrow rows cost 0.26 ms a step, this 0.03.
+    Batch-1 head steps are all fixed cost, so rows come from memory, not from Arrow, on every step.
 
     On a GPU the rows live on the GPU when they take under a quarter of its free memory (`on_device`):
     a step then copies nothing to it (pinning and two copies that wait for the GPU, every step); the
@@ -461,8 +461,9 @@ class EmbeddedViews(torch.utils.data.Dataset):
 
 
 def embedding_precision(training_args):
-    """The dtype the frozen backbone embeds in: fp16 (bf16 with --bf16) on a GPU, whose score changes
-    against float32 were measured at 6e-4; on a CPU bf16 only with --bf16 on a CPU that has it."""
+    """The dtype the frozen backbone embeds in: fp16 (bf16 with --bf16) on a GPU; on a CPU bf16 only
+    with --bf16 on a CPU that has it. The model keeps its stem and head in float32 under either, so
+    the embeddings agree with float32 ones (tests/test_precision.py, docs/model.md#precision)."""
     from scoring import cpu_has_bf16
 
     if training_args.device.type == "cuda":
@@ -574,12 +575,9 @@ class HeadOnlyTrainer(Trainer):
     and the backbone is frozen, the very weights the checkpoint holds.
 
     Trainer walks the whole model on every step (`model.train()`, `zero_grad()`, the gradient norm
-    over `parameters()`). With a ViT-L backbone, a batch-1 step of a 16-wide head (a step that is
-    all fixed cost, as on a GPU, where the head's own work takes microseconds) took 11.1 ms under
-    Trainer and 5.8 ms under this class on a 2-core EPYC (bench/bench_head_steps.py); the original's
-    head, 23.4 against 19.8 ms; on an H100, 9.7 against 5.8 ms (bench/gpu-h100-run3.json). Under
-    DeepSpeed, FSDP or torch.compile, which take their own copies of the weights, nothing is set
-    aside."""
+    over `parameters()`): with a ViT-L backbone that walk is most of a batch-1 head step, which is
+    all fixed cost (bench/bench_head_steps.py measures both ways). Under DeepSpeed, FSDP or
+    torch.compile, which take their own copies of the weights, nothing is set aside."""
 
     _aside = {}  # backbone modules by attribute name, while set aside
 
@@ -758,7 +756,7 @@ def full_mode_transform(processor, labels_of, seed):
     rng = np.random.default_rng(seed)
 
     def transform(batch):
-        if "view" in batch:  # cached views, raw bytes (decoding nested lists is 100x slower)
+        if "view" in batch:  # cached views, raw bytes (Arrow decodes nested lists far slower)
             size = processor.crop_size["height"]
             views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
             views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
