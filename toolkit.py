@@ -1,5 +1,6 @@
 """Plumbing shared by the command-line tools: one-line errors and exit codes, argparse types, the
-pixel limit, loading a dataset, label-folder names, output folders replaced whole."""
+pixel limit, loading a dataset, label-folder names, locks that stay with the process that took them,
+weights fingerprints, and the checks that refuse before any work (output folders, the Hub)."""
 
 import argparse
 import fcntl
