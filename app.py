@@ -12,11 +12,12 @@ import os
 import numpy as np
 from PIL import ImageDraw, ImageFont
 
-from remote_code import TILE_COMBINES
-from scoring import Scorer, collate
-from toolkit import first_line
+from citytools.loading import collate
+from citytools.remote import TILE_COMBINES
+from citytools.scorer import Scorer
+from citytools.toolkit import ROOT, first_line
 
-DEFAULT_MODEL = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = str(ROOT)
 
 
 def parse_args(argv=None):
@@ -49,7 +50,7 @@ def annotate(image, boxes, scores):
 
 def original_boxes(image, processor, tiling=None):
     """The views' boxes in the uploaded image's coordinates."""
-    from remote_code import tile_boxes, tiling_size
+    from citytools.remote import tile_boxes, tiling_size
 
     tile = 2 * processor.size["shortest_edge"]
     w, h = image.size

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from scoring import load_scoring_model
-from toolkit import UsageError, atomic_output_dir, check_output_dir, run_cli
+from citytools.models import load_scoring_model
+from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir, run_cli
 
 TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "use_cache", "_name_or_path", "transformers_version",
                  "dtype")

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_cards import BASELINE, dataset_id, load_card, update_card
-from toolkit import (
+from citytools.cards import BASELINE, dataset_id, load_card, update_card
+from citytools.toolkit import (
     EXIT_OK,
     EXIT_SOME_FAILED,
+    ROOT,
     UsageError,
     first_line,
     fraction,
@@ -42,7 +43,6 @@ from toolkit import (
     run_cli,
 )
 
-ROOT = Path(__file__).resolve().parent
 STRATEGIES = ("mean", "median", "max", "min")
 
 
@@ -93,7 +93,7 @@ def load_records(dataset, split, max_images=None):
     if Path(dataset).is_dir():
         if not local.is_dir():
             raise UsageError(f"{dataset}: no split folder {split!r}")
-        from scoring import walk
+        from citytools.discovery import walk
 
         metadata = {}
         if (local / "metadata.csv").is_file():
@@ -149,7 +149,7 @@ def derive_columns(record):
 def batches(records, scorer, args, tiling):
     """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
     files; an image that cannot be scored is reported, not fatal."""
-    from scoring import FileStream, collate, loader_batches
+    from citytools.loading import FileStream, collate, loader_batches
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}
@@ -173,7 +173,7 @@ def batches(records, scorer, args, tiling):
 def load_scorer(name, args, **options):
     """A Scorer for one model; a model that cannot be loaded (no weights, not all of them, no such
     folder) is a UsageError in one line."""
-    from scoring import Scorer
+    from citytools.scorer import Scorer
 
     try:
         return Scorer([name], device=args.device, dtype=args.dtype, **options)
@@ -188,8 +188,8 @@ def model_scores(scorer, name, records, args):
     import torch  # here, not at the top: --help and bad arguments answer without it (seconds to import)
     from tqdm import tqdm
 
-    from remote_code import combine_tiles
-    from scoring import default_workers, model_threads
+    from citytools.devices import default_workers, model_threads
+    from citytools.remote import combine_tiles
 
     model = scorer.models[0].model
     if args.workers is None:
@@ -226,8 +226,8 @@ def model_scores(scorer, name, records, args):
 
 
 def baseline_job(record):
-    from fringe_baseline import FringeBaseline
-    from scoring import load_image
+    from citytools.baseline import FringeBaseline
+    from citytools.images import load_image
 
     image = load_image(record["path"]) if "path" in record else record["image"]
     p = FringeBaseline()(image)

@@ -37,11 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit import (
+from citytools.toolkit import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
     MAX_PIXELS,
+    ROOT,
     UsageError,
     finite_float,
     first_line,
@@ -52,7 +53,7 @@ from toolkit import (
     run_cli,
 )
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent)
+DEFAULT_MODEL = str(ROOT)
 
 
 def parse_args(argv=None):
@@ -142,23 +143,20 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from results_store import ResultsStore, display_text  # noqa: E402
-from scoring import (  # noqa: E402
+from citytools.devices import default_batch_size, default_workers, model_threads  # noqa: E402
+from citytools.discovery import iter_files, path_key  # noqa: E402
+from citytools.loading import (  # noqa: E402
     FileStream,
     Stopwatch,
     WorkerMarkers,
     collate,
-    default_batch_size,
-    default_workers,
     file_stamp,
     hold_for_kill,
     is_done,
-    iter_files,
     loader_batches,
-    model_threads,
-    path_key,
 )
-from transfers import SourceGone, TransferError, Transfers, inside  # noqa: E402
+from citytools.results import ResultsStore, display_text  # noqa: E402
+from citytools.transfers import SourceGone, TransferError, Transfers, inside  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- filters
 
@@ -192,7 +190,7 @@ def check_destination(args):
 
 def excluded_folders(args):
     """os.stat identities of the transfer destination, which the walk leaves out."""
-    from scoring import folder_identity
+    from citytools.discovery import folder_identity
 
     dest = args.copy_to or args.move_to
     return {folder_identity(dest)} if dest and dest.is_dir() else set()
@@ -207,7 +205,7 @@ def print_path(path):
 
 def apply_filters(args, columns, store, transfers):
     """--list / --copy-to / --move-to over every row of the output. Returns how many files failed."""
-    from scoring import root_of
+    from citytools.discovery import root_of
 
     column = resolve_label(args.label, columns)
     target = args.copy_to or args.move_to
@@ -327,7 +325,7 @@ def pending_count(args, done, exclude, world):
 def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, stopwatch):
     """Decodes and scores this rank's share of the files not in `done` into `journal`; a decoding
     worker that dies (killed by the kernel) costs its file an error row and the loader restarts
-    without the files written so far. Returns (scored, failed); `stopwatch` (scoring.Stopwatch)
+    without the files written so far. Returns (scored, failed); `stopwatch` (citytools.loading.Stopwatch)
     gets the time each phase took."""
     scored = failed = deaths = 0
     pending = []  # the batch whose scores are on their way: written once the next one is queued
@@ -438,7 +436,7 @@ def score_dataset(args, scorer):
     """Adds the score columns to a `datasets` split with Dataset.map(batched=True)."""
     import datasets
 
-    from scoring import BadImage, load_dataset_image, load_image
+    from citytools.images import BadImage, load_dataset_image, load_image
 
     ds = load_dataset(args.dataset, split=args.split)
     if args.image_column not in ds.column_names:
@@ -492,7 +490,7 @@ def score_dataset(args, scorer):
 
 
 def main(argv=None):
-    from scoring import Scorer
+    from citytools.scorer import Scorer
 
     args = parse_args(argv)
     for path in args.paths:

@@ -10,13 +10,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model_cards import card_text, hub_id
-from remote_code import (
+from citytools.cards import card_text, hub_id
+from citytools.remote import (
     CityClassifierConfig,
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import UsageError, atomic_output_dir, check_output_dir, first_line, run_cli
+from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir, first_line, run_cli
 
 # Loss weights of the released models (ORIGINAL.md); the release configs do not carry them.
 RELEASED_LOSS_WEIGHTS = {

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from toolkit import fraction, non_negative_int, positive_int
+from citytools.toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")

@@ -18,10 +18,17 @@ import json
 import shutil
 from pathlib import Path
 
-from model_cards import card_text, check_summary_is_of, read_summary
-from toolkit import UsageError, atomic_output_dir, check_hub, check_output_dir, run_cli, weights_fingerprint
+from citytools.cards import card_text, check_summary_is_of, read_summary
+from citytools.toolkit import (
+    ROOT,
+    UsageError,
+    atomic_output_dir,
+    check_hub,
+    check_output_dir,
+    run_cli,
+    weights_fingerprint,
+)
 
-ROOT = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py")
 MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 

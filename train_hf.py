@@ -29,14 +29,13 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from convert_original import model_from_clip
-from remote_code import (
+from citytools.remote import (
     ROOT,
     CityClassifierConfig,
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
 )
-from toolkit import (
+from citytools.toolkit import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     UsageError,
@@ -47,6 +46,7 @@ from toolkit import (
     load_dataset,
     run_cli,
 )
+from convert_original import model_from_clip
 
 logger = logging.getLogger("train_hf")
 IMAGE, LABEL = "image", "label"  # the columns are renamed to these on loading
@@ -184,7 +184,7 @@ def native_bf16():
     """`--bf16 auto`: bf16 where the hardware computes it natively, a GPU that supports it or a CPU
     with AVX512-BF16/AMX; float32 elsewhere. The stem and the head train in float32 either way (the
     model turns autocast off for them), so the trained model scores the same in every dtype."""
-    from scoring import cpu_has_bf16
+    from citytools.devices import cpu_has_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -286,7 +286,7 @@ def decode_errors(ds):
 
 def decode_error_column(images):
     """`datasets.map` batch of Image(decode=False) values -> {"decode_error": [reason or None, ...]}."""
-    from scoring import BadImage
+    from citytools.images import BadImage
 
     errors = []
     for image in images:
@@ -302,7 +302,7 @@ def decode_error_column(images):
 
 def decode(image):
     """Decodes a `datasets` Image(decode=False) value as classify.py does (EXIF rotation, first frame, bomb limit)."""
-    from scoring import load_dataset_image
+    from citytools.images import load_dataset_image
 
     return load_dataset_image(image)
 
@@ -310,7 +310,7 @@ def decode(image):
 def random_view(processor, image, rng):
     """A training view as (S, S, 3) uint8: the inference resize rule, one random (2 x S) crop where
     inference would tile (the original's RandomCrop), CLIP's resize, and a random flip."""
-    from remote_code import resize_for_tiling
+    from citytools.remote import resize_for_tiling
 
     tile = 2 * processor.size["shortest_edge"]
     view = processor.prepare(image, tiling=True)
@@ -406,25 +406,25 @@ def loss_weights(text, num_labels):
 
 def views_fingerprint(model, processor):
     """Identifies the frozen backbone's weights and the views, to name the cached embeddings."""
-    from scoring import backbone_fingerprint
+    from citytools.models import backbone_fingerprint
 
     views = json.dumps(processor.to_dict(), sort_keys=True, default=str)
     return hashlib.sha256((backbone_fingerprint(model) + views).encode()).hexdigest()[:16]
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """Image i of a dataset -> (i, its real tiles (`scoring.view_tiles`)), decoded in a DataLoader
+    """Image i of a dataset -> (i, its real tiles (`citytools.views.view_tiles`)), decoded in a DataLoader
     worker; the index lets batches be taken as the workers finish them (`embed_all`)."""
 
     def __init__(self, ds, processor, mode):
-        self.ds, self.processor, self.mode = ds.select_columns([IMAGE]), processor, mode  # scoring.crop_mode
+        self.ds, self.processor, self.mode = ds.select_columns([IMAGE]), processor, mode  # citytools.views.crop_mode
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, index):
-        """-> (index, [(real tiles, tile slots)]): one group, as `scoring.collate` takes it."""
-        from scoring import view_tiles
+        """-> (index, [(real tiles, tile slots)]): one group, as `citytools.loading.collate` takes it."""
+        from citytools.views import view_tiles
 
         return index, [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.mode),
                         self.processor.tile_slots())]
@@ -464,7 +464,7 @@ def embedding_precision(training_args):
     """The dtype the frozen backbone embeds in: fp16 (bf16 with --bf16) on a GPU; on a CPU bf16 only
     with --bf16 on a CPU that has it. The model keeps its stem and head in float32 under either, so
     the embeddings agree with float32 ones (tests/test_precision.py, docs/model.md#precision)."""
-    from scoring import cpu_has_bf16
+    from citytools.devices import cpu_has_bf16
 
     if training_args.device.type == "cuda":
         return torch.bfloat16 if training_args.bf16 else torch.float16
@@ -475,25 +475,16 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
     """(embeddings (images, tiles, dim) float32, tile_mask (images, tiles)) of every image, on `device`:
     decoding in `workers` processes feeding batches, taken as they finish (a worker on a large image
     holds up no other) and put back in dataset order, pinned memory and non-blocking copies on a GPU,
-    which also resizes and cuts the views (`crop`: see scoring.crop_mode), the backbone under
+    which also resizes and cuts the views (`crop`: see citytools.views.crop_mode), the backbone under
     autocast in `precision`. `warm_up` (default: on a GPU): a blank batch first, while the workers
-    start (see scoring.Scorer.warm_up)."""
+    start (see citytools.scorer.Scorer.warm_up)."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
 
-    from scoring import (
-        Stopwatch,
-        blank_image,
-        collate,
-        crop_mode,
-        loader_batches,
-        model_pixels,
-        model_threads,
-        ready_event,
-        to_host,
-        view_tiles,
-    )
+    from citytools.devices import model_threads, ready_event, to_host
+    from citytools.loading import Stopwatch, blank_image, collate, loader_batches
+    from citytools.views import crop_mode, model_pixels, view_tiles
 
     views = ImageViews(ds, processor, crop_mode(device, [processor], crop))
     for module in model.backbone_modules():
@@ -772,7 +763,7 @@ def full_mode_transform(processor, labels_of, seed):
 def embed_splits(model, processor, splits, training_args):
     """Head-only training: freezes the backbone and gives each split (None stays None) its cached
     embeddings, computed on the training device."""
-    from scoring import default_batch_size, default_workers
+    from citytools.devices import default_batch_size, default_workers
 
     for module in model.backbone_modules():
         module.requires_grad_(False)

@@ -35,7 +35,7 @@ import sys, time, json, resource
 sys.path.insert(0, {root!r})
 import torch
 from PIL import Image
-from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 model = CityClassifierForImageClassification.from_pretrained({model!r}, dtype=torch.float32).eval()
 processor = CityClassifierImageProcessor.from_pretrained({model!r})
 files = {files!r}
@@ -87,7 +87,7 @@ def crops_per_megapixel(model, files, mode):
     """Views per megapixel that `mode` tiling cuts from these files (their sizes only)."""
     from PIL import Image
 
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor.from_pretrained(model).with_options(tiling_mode=mode)
     views = pixels = 0
@@ -172,7 +172,11 @@ def vit_l_model(folder):
     """A random ViT-L/14-336-sized CityClassifier."""
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import (
+        CityClassifierConfig,
+        CityClassifierForImageClassification,
+        CityClassifierImageProcessor,
+    )
 
     config = CityClassifierConfig(vision_config=CLIPVisionConfig(**VIT_L))
     CityClassifierForImageClassification(config).save_pretrained(folder)
@@ -187,8 +191,8 @@ def profile(model, files, batch=8):
     fringe measurements, the CLIP tower on the stem's output, the head), in float32."""
     import torch
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
-    from scoring import load_image
+    from citytools.images import load_image
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import scoring  # noqa: E402
+from citytools import images as decoding  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -100,7 +100,11 @@ def random_model(folder, dry_run):
     from bench_head_steps import TINY
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import (
+        CityClassifierConfig,
+        CityClassifierForImageClassification,
+        CityClassifierImageProcessor,
+    )
 
     vision = CLIPVisionConfig(**(TINY if dry_run else VIT_L))
     if dry_run:
@@ -208,7 +212,10 @@ def repeated_folder(files, folder, copies):
 def data_path(data, model_dir, device, crop):
     """Crops/s of classify.py's data path alone: its decoding workers and batches, no model call
     (with crop "device" the workers only decode: the GPU's resizing is not in this figure)."""
-    from scoring import MAX_PIXELS, FileStream, Scorer, default_batch_size, default_workers, loader_batches
+    from citytools.devices import default_batch_size, default_workers
+    from citytools.loading import FileStream, loader_batches
+    from citytools.scorer import Scorer
+    from citytools.toolkit import MAX_PIXELS
 
     scorer = Scorer([str(model_dir)], device=device.type, crop=crop)
     workers = default_workers(device)
@@ -227,7 +234,7 @@ def data_path_with_pillow(data, model_dir, device):
 
 def data_path_by_pillow(data, model_dir, device):
     """data_path with views cut on the device, where pyspng was hidden (`data_path_with_pillow`)."""
-    assert scoring.pyspng is None
+    assert decoding.pyspng is None
     return data_path(data, model_dir, device, "device")
 
 
@@ -235,7 +242,7 @@ def original_loop(model_dir, files, device, dtype):
     """Img/s of the original's folder loop: one image at a time, opened, converted, processed, scored."""
     from PIL import Image
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     processor = CityClassifierImageProcessor.from_pretrained(model_dir)
@@ -255,8 +262,8 @@ def head_only_embedding(data, model_dir, device, dtype):
     import logging
 
     import train_hf
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
-    from scoring import default_batch_size, default_workers
+    from citytools.devices import default_batch_size, default_workers
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(model_dir).eval()
     processor = CityClassifierImageProcessor.from_pretrained(model_dir)
@@ -281,7 +288,7 @@ def first_calls(model_dir, device):
     """Seconds of a fresh process's first backbone calls in fp16, on blank views: 20 views (what
     classify.py's warm-up runs while its workers start) twice, then 160 views twice (does the small
     warm-up leave a big batch's first call slow?). The first minus the second: what warming up saves."""
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = CityClassifierForImageClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -359,7 +366,7 @@ def head_steps(model_dir, device, steps, recipe_steps_per_s=None):
     and the share of the floor that the batch-1 recipe through train_hf.py reached."""
     from bench_head_steps import measure
 
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     model = CityClassifierForImageClassification.from_pretrained(model_dir)
     for module in model.backbone_modules():
@@ -388,7 +395,9 @@ def host_waits(files, device):
     """Calls that make the host wait for the GPU while Scorer.submit queues one batch of the shipped
     model (torch's sync debug mode), with views cut by the workers and by the GPU: 0 means the host
     can cut and queue the next batch while the GPU still runs this one."""
-    from scoring import Scorer, collate, load_image
+    from citytools.images import load_image
+    from citytools.loading import collate
+    from citytools.scorer import Scorer
 
     if device.type != "cuda":
         return {"skipped": "no CUDA: nothing waits on a CPU"}
@@ -416,7 +425,10 @@ def agreement(files, device):
     (auto's choice among them), and on a GPU its views cut by the GPU against cut by the decoding
     workers (the same bytes: only batching differs). `agrees`: every precision within 1e-2 and no
     decision flipped at 0.5, what tests/test_precision.py asks on a CPU."""
-    from scoring import Scorer, collate, load_image, pick_dtype
+    from citytools.devices import pick_dtype
+    from citytools.images import load_image
+    from citytools.loading import collate
+    from citytools.scorer import Scorer
 
     def scores(where, dtype, crop="auto"):
         scorer = Scorer([str(ROOT)], device=where, dtype=dtype, crop=crop)
@@ -484,7 +496,7 @@ def main():
     half = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
               "cores": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run,
-              "png_decoder": "libspng" if scoring.pyspng is not None else "pillow"}  # what the workers decode with
+              "png_decoder": "libspng" if decoding.pyspng is not None else "pillow"}  # what the workers decode with
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed = []
 
@@ -509,7 +521,7 @@ def main():
         log("making data and a random ViT-L/14-336 folder")
         files = make_data(tmp / "data", args.images, args.dry_run)
         model_dir = random_model(tmp / "vit-l", args.dry_run)
-        from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+        from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
         processor = CityClassifierImageProcessor.from_pretrained(model_dir)
         crops = count_crops(files, processor)
@@ -520,7 +532,7 @@ def main():
                                                    1 if args.dry_run else args.raw_seconds)
             for dtype in half}, model)
         ceiling = raw.get(str(half[0]).split(".")[1])
-        # the smallest batch classify.py hands an idle GPU (scoring.first_batch of 64 images, ~3 views each)
+        # the smallest batch classify.py hands an idle GPU (citytools.loading.first_batch of 64 images, ~3 views each)
         measure("raw_backbone_small_batch", lambda backbone: {
             "crops": (small := args.raw_batch * 3 // 10),
             "crops_per_s": raw_backbone(backbone, device, half[0], small, 1 if args.dry_run else 2)}, model)
@@ -538,7 +550,7 @@ def main():
             measure(f"data_path_crop_{crop}", lambda crop=crop: {
                 **(path := data_path(tmp / "data" / "train", model_dir, device, crop)),
                 "ratio_to_raw": ratio(path["crops_per_s"])})
-        if scoring.pyspng is not None:
+        if decoding.pyspng is not None:
             measure("data_path_crop_device_pillow", lambda: {
                 **(path := data_path_with_pillow(tmp / "data" / "train", model_dir, device)),
                 "ratio_to_raw": ratio(path["crops_per_s"])})

@@ -36,7 +36,7 @@ def random_model(backbone, head_hidden_size=1024, projection_dim=768):
     """A random CityClassifier with a ViT-L-sized ("vit-l") or tiny ("tiny") frozen backbone."""
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierForImageClassification
+    from citytools.remote import CityClassifierConfig, CityClassifierForImageClassification
 
     vision = CLIPVisionConfig(**{**(VIT_L if backbone == "vit-l" else TINY), "projection_dim": projection_dim})
     torch.manual_seed(0)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """classify.py's batching against a GPU, simulated on any machine: the real decoding workers and
-loader (`scoring.loader_batches` over a `FileStream`) feed a device modelled as a clock, which runs
+loader (`citytools.loading.loader_batches` over a `FileStream`) feed a device modelled as a clock, which runs
 `--rate` crops/s asynchronously, as a GPU does, with classify.py's host loop around it (batch n is
 queued, then the host waits for batch n - 1). Two ways of batching:
 - whole: every batch `--batch-size` images (fewer at the end), as before `idle`, joined from the
-  workers' small batches (`scoring.micro_batch`) as on a GPU;
+  workers' small batches (`citytools.loading.micro_batch`) as on a GPU;
 - idle: while the device has nothing queued, the images decoded so far go as soon as they are a
   quarter of a batch (`loader_batches`' `idle`, what classify.py does on a GPU).
 It prints and writes JSON: seconds end to end, the device's busy share, the batches, when the first
@@ -35,7 +35,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 from bench_gpu import count_crops, make_data  # noqa: E402
 
-from scoring import MAX_PIXELS, FileStream, Scorer, loader_batches  # noqa: E402
+from citytools.loading import FileStream, loader_batches  # noqa: E402
+from citytools.scorer import Scorer  # noqa: E402
+from citytools.toolkit import MAX_PIXELS  # noqa: E402
 
 
 def cpu_name():
@@ -52,7 +54,11 @@ def model_folder(folder):
     from bench_head_steps import TINY
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import (
+        CityClassifierConfig,
+        CityClassifierForImageClassification,
+        CityClassifierImageProcessor,
+    )
 
     torch.manual_seed(0)
     CityClassifierForImageClassification(CityClassifierConfig(vision_config=CLIPVisionConfig(**TINY))).save_pretrained(

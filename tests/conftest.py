@@ -156,7 +156,7 @@ def children_of(pid):
 
 
 def start_held(command, env, rows, marker, deadline_s=300):
-    """Starts a classify.py command that stops after writing `rows` rows (scoring.hold_for_kill) and
+    """Starts a classify.py command that stops after writing `rows` rows (citytools.loading.hold_for_kill) and
     returns its process once it is held there, so a test kills it at a point the test chose, not at
     whatever point a timer hits. Fails if the command ends first (a refusal, or it finished)."""
     marker = Path(marker)

@@ -11,7 +11,7 @@ from conftest import write_benchmark_split
 
 def test_baseline_scores_a_shifted_image_above_its_clean_original():
     import make_synthetic_data as m
-    from fringe_baseline import FringeBaseline
+    from citytools.baseline import FringeBaseline
 
     rng = np.random.default_rng(1)
     clean = m.draw_illustration(rng, 900, 700)
@@ -57,8 +57,8 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
 
 def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_path):
     import benchmark
-    from model_cards import update_card
-    from toolkit import UsageError
+    from citytools.cards import update_card
+    from citytools.toolkit import UsageError
 
     card_dir = tmp_path / "card"
     card_dir.mkdir()
@@ -95,7 +95,7 @@ def test_numbers_out_of_range_are_usage_errors():
 
 def test_a_dataset_that_cannot_be_loaded_is_one_line(tmp_path):
     from benchmark import load_records
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     for dataset, words in ((tmp_path / "no-such-folder", "Couldn't find any data file"),
                            ("someone/not-on-this-machine", "cannot load the dataset")):
@@ -107,7 +107,7 @@ def test_a_dataset_that_cannot_be_loaded_is_one_line(tmp_path):
 def test_a_local_dataset_appears_in_cards_by_name_only(tmp_path):
     from huggingface_hub import ModelCard
 
-    from model_cards import card_text, update_card
+    from citytools.cards import card_text, update_card
 
     folder = tmp_path / "data" / "real"
     folder.mkdir(parents=True)

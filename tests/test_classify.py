@@ -88,7 +88,7 @@ def messy(tmp_path):
 def test_scores_equal_the_pipeline(converted, folder, tmp_path, capsys):
     from transformers import pipeline
 
-    from scoring import Stopwatch
+    from citytools.loading import Stopwatch
 
     out = tmp_path / "r.jsonl"
     assert run(folder, "--model", converted["ca"], "--out", out, "--dtype", "float32", "--workers", 0,
@@ -132,7 +132,7 @@ def test_every_bad_input_gets_an_error_row_and_the_run_goes_on(converted, messy,
 
 
 def test_missing_list_entries_and_bad_arguments(converted, folder, tmp_path):
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     listing = tmp_path / "list.txt"
     listing.write_text(f"{folder / 'a' / 'img1.png'}\n{tmp_path / 'gone.png'}\n{folder}\n")
@@ -261,14 +261,14 @@ def test_two_models_share_one_backbone_pass_and_score_as_separately(converted, f
 
 
 def test_backbone_runs_once_per_tile_for_shared_models(converted):
-    from scoring import Scorer
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
     model = scorer.groups[0][0].model
     calls = []
     original = model.get_image_features
     model.get_image_features = lambda x: calls.append(len(x)) or original(x)
-    from scoring import collate
+    from citytools.loading import collate
 
     items = [(None, scorer.preprocess(make_image(200, 150))), (None, scorer.preprocess(make_image(40, 40)))]
     rows = scorer.score(collate(items)[1])
@@ -280,8 +280,8 @@ def test_a_run_held_up_by_decoding_says_so_and_what_may_help():
     run longer than 10 s; --crop-on device suggested on a GPU only."""
     import torch
 
+    from citytools.loading import Stopwatch
     from classify import decoding_hint
-    from scoring import Stopwatch
 
     watch = Stopwatch()
     watch.seconds = {"waiting_for_images": 12.0, "model": 6.0}
@@ -299,7 +299,8 @@ def test_warming_up_scores_a_blank_tiled_batch_and_changes_no_later_score(conver
     """A GPU's fresh process warms the model up on blank images while the decoding workers start:
     every model's views of a tiled image, through the same path as the real batches, and nothing of
     it in the scores that follow."""
-    from scoring import Scorer, blank_image, collate
+    from citytools.loading import blank_image, collate
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
     assert all(processor.is_tiled(*blank_image(scorer.processors).size) for processor in scorer.processors)
@@ -357,7 +358,8 @@ def test_datasets_route_adds_score_columns(converted, folder, tmp_path):
 
 
 def test_fast_decode_only_where_the_image_is_downsized_anyway(converted, tmp_path):
-    from scoring import Scorer, load_image
+    from citytools.images import load_image
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"])], dtype="float32")  # tiles of 60 px, resize limit 1536
     assert scorer.draft_short(1000, 800) is None  # tiles cut at full resolution
@@ -379,7 +381,8 @@ def test_uint8_crops_normalised_on_the_device_score_as_the_float_tiles(converted
     """The GPU path: workers send uint8 crops and the model's device normalises them."""
     import torch
 
-    from scoring import Scorer, collate
+    from citytools.loading import collate
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
     processor = scorer.groups[0][0].processor

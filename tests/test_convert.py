@@ -47,7 +47,7 @@ def test_card_and_config_hold_no_local_path_and_a_working_snippet(tmp_path, tiny
     from huggingface_hub import ModelCard
 
     import convert_original
-    from model_cards import CLIP_BASE, base_model, hub_id
+    from citytools.cards import CLIP_BASE, base_model, hub_id
 
     out = tmp_path / "ca-v1.16"
     assert convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(out),
@@ -68,7 +68,7 @@ def run_convert(capsys, *args):
     """(exit status, stderr) of the command line, run in this process: the script's `__main__` is
     `run_cli(main)`, and a fresh Python would spend seconds importing torch for each call."""
     import convert_original
-    from toolkit import run_cli
+    from citytools.toolkit import run_cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -90,7 +90,7 @@ def bad_inputs(tmp_path):
 
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys):
     import convert_original
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     for name, (head, message) in bad_inputs(tmp_path).items():
         out = tmp_path / f"out-{name}"
@@ -112,8 +112,8 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
     from safetensors.torch import load_file
 
     import average_models
-    from remote_code import CityClassifierForImageClassification
-    from toolkit import UsageError
+    from citytools.remote import CityClassifierForImageClassification
+    from citytools.toolkit import UsageError
 
     moved = CityClassifierForImageClassification.from_pretrained(converted["ca"])
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_overwrite_replaces_a_model_folder_only(converted, tmp_path):
     """--overwrite (average_models, convert_original, release) replaces an earlier output; a folder of
     other files named by mistake is refused with one line, every file kept."""
     import average_models
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     args = [str(converted["ca"]), str(converted["ca"]), "--out"]
     pictures = tmp_path / "Pictures"

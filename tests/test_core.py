@@ -75,7 +75,7 @@ def pipeline_scores(pipe, image, labels, **kwargs):
 
 
 def test_config_rejects_bad_values_naming_the_field():
-    from remote_code import CityClassifierConfig
+    from citytools.remote import CityClassifierConfig
 
     for kwargs, field in [({"arch": "regress"}, "arch"), ({"tile_combine": "avg"}, "tile_combine"),
                           ({"label_loss_weights": [1.0]}, "label_loss_weights"),
@@ -88,7 +88,7 @@ def test_config_rejects_bad_values_naming_the_field():
 def test_config_defaults_fit_the_processor_and_leave_a_passed_vision_config_alone():
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierConfig, CityClassifierImageProcessor
 
     default = CityClassifierConfig()
     vision = default.vision_config  # ViT-L/14-336, as the original; the processor's default is 336 px
@@ -104,7 +104,7 @@ def test_config_defaults_fit_the_processor_and_leave_a_passed_vision_config_alon
 
 
 def test_save_and_load_round_trip(converted, tmp_path):
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
@@ -130,7 +130,7 @@ def test_class_pipeline_matches_original_formulas(converted, tiny_clip, releases
     config), and transformers' stock pipeline built from loaded objects (a sigmoid of the logits)."""
     from transformers import ImageClassificationPipeline, pipeline
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     image = make_image(*size, seed=size[0])
     for key, labels in (("ca", ["Pass", "Chromatic Aberration"]), ("compression", ["Pass", "JPEG", "WEBP"])):
@@ -146,7 +146,7 @@ def test_class_pipeline_matches_original_formulas(converted, tiny_clip, releases
 
 
 def _pipeline_class():
-    from remote_code import CityClassifierImageClassificationPipeline
+    from citytools.remote import CityClassifierImageClassificationPipeline
 
     return CityClassifierImageClassificationPipeline
 
@@ -154,7 +154,7 @@ def _pipeline_class():
 def test_score_model_never_tiles_and_matches(converted, tiny_clip, releases):
     from transformers import pipeline
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     ours = pipeline("image-classification", model=str(converted["score"]), trust_remote_code=True)
     stock = pipeline("image-classification", model=CityClassifierForImageClassification.from_pretrained(
@@ -238,7 +238,7 @@ def test_batched_equals_one_at_a_time(converted):
 def test_scatter_tiles_puts_real_tiles_in_their_slots(mask_dtype):
     """Restated: the k-th real slot (row-major) of the mask gets the k-th value row, padding slots
     zeros; the mask may be bool or 0/1 ids (the pipeline's and the loader's)."""
-    from remote_code import scatter_tiles
+    from citytools.remote import scatter_tiles
 
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 1, 0]]).to(mask_dtype)
     values = torch.arange(9 * 3, dtype=torch.float32).view(9, 3) + 1
@@ -255,7 +255,7 @@ def test_scatter_tiles_puts_real_tiles_in_their_slots(mask_dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_on_cpu(converted, dtype):
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"], dtype=dtype).eval()
     inputs = CityClassifierImageProcessor.from_pretrained(converted["ca"])([make_image(200, 150)], return_tensors="pt")
@@ -267,7 +267,7 @@ def test_half_precision_runs_on_cpu(converted, dtype):
 
 
 def test_labels_give_a_weighted_loss_and_embeds_path_matches(converted):
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     assert model.config.label_loss_weights == [1.0, 0.5]
@@ -335,7 +335,7 @@ def test_decompression_bomb_is_a_clear_error(converted, tmp_path):
 def stem_model(aux_weight=0.5):
     from transformers import CLIPVisionConfig
 
-    from remote_code import CityClassifierConfig, CityClassifierForImageClassification
+    from citytools.remote import CityClassifierConfig, CityClassifierForImageClassification
 
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
@@ -347,7 +347,7 @@ def stem_model(aux_weight=0.5):
 
 
 def test_stem_config_sets_clip_channels_and_pixel_size():
-    from remote_code import CityClassifierConfig
+    from citytools.remote import CityClassifierConfig
 
     model = stem_model()
     assert model.config.vision_config.num_channels == 4 and model.config.pixel_size == CLIP_SIZE
@@ -360,7 +360,7 @@ def test_stem_config_sets_clip_channels_and_pixel_size():
 
 def test_stem_model_is_convolutions_then_clip_and_saves(tmp_path):
     """The stem written out as plain conv2d + GELU, fed to the model's own CLIP tower and head."""
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = stem_model().eval()
     processor = CityClassifierImageProcessor(size={"shortest_edge": CLIP_SIZE},
@@ -407,7 +407,7 @@ def test_tools_reach_the_model_code_only_through_remote_code():
     it is the first import (benchmark.py on a Hub dataset did)."""
     import re
 
-    tools = [p for p in REPO.glob("*.py") if p.name not in ("remote_code.py", "configuration_cityclassifier.py",
+    tools = [p for p in REPO.glob("*.py") if p.name not in ("citytools/remote.py", "configuration_cityclassifier.py",
                                                              "modeling_cityclassifier.py", "image_processing.py")]
     tools += list((REPO / "bench").glob("*.py"))
     offenders = [f"{p.name}:{n}" for p in tools for n, line in enumerate(p.read_text().splitlines(), 1)
@@ -418,7 +418,7 @@ def test_tools_reach_the_model_code_only_through_remote_code():
 def test_transformers_model_conventions(converted):
     """return_dict, hidden states and attentions, attn_implementation, gradient checkpointing and
     base_model behave as in CLIP's own classes."""
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     inputs = CityClassifierImageProcessor.from_pretrained(converted["ca"])(
         [make_image(200, 130), make_image(50, 40, seed=1)], return_tensors="pt")  # 5 + 1 real views

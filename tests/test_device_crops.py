@@ -17,7 +17,7 @@ def pil_resize(pixels, size, resample):
 
 @pytest.mark.parametrize("resample", [PIL.Image.BILINEAR, PIL.Image.BICUBIC])
 def test_resize_like_pil_gives_pillows_bytes(resample):
-    from remote_code import resize_like_pil
+    from citytools.remote import resize_like_pil
 
     rng = np.random.default_rng(int(resample))
     for trial in range(40):
@@ -43,7 +43,7 @@ def test_resize_like_pil_gives_pillows_bytes(resample):
                                   (336, 336), (673, 673)])
 def test_device_views_are_the_cpu_crops(size):
     """The original's tiling rule (upscaling quirk included), five crops, CLIP's resize and crop."""
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor()
     image = make_image(*size, seed=sum(size))
@@ -54,8 +54,8 @@ def test_device_views_are_the_cpu_crops(size):
 
 
 def test_where_views_are_cut():
-    from remote_code import CityClassifierImageProcessor
-    from scoring import crop_mode
+    from citytools.remote import CityClassifierImageProcessor
+    from citytools.views import crop_mode
 
     default, lanczos = CityClassifierImageProcessor(), CityClassifierImageProcessor(resample=PIL.Image.LANCZOS)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")  # crop_mode reads the type only
@@ -97,7 +97,7 @@ def test_head_only_embeddings_with_views_cut_on_the_device(converted, tmp_path):
     import datasets
 
     import train_hf
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
@@ -116,9 +116,9 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
     image gets its own embeddings (batches handed over last-first here), and a lost image is an error."""
     import datasets
 
-    import scoring
     import train_hf
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools import loading
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
@@ -133,14 +133,14 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
             inputs = processor(make_image(*size, seed=i), return_tensors="pt")
             alone.append(model(**inputs).image_embeds[0][inputs["tile_mask"][0].bool()].numpy())
     assert sorted({len(tiles) for tiles in alone}) == [1, 5]  # tiled and untiled images both
-    real = scoring.loader_batches
-    monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: reversed(list(real(*args, **kwargs))))
+    real = loading.loader_batches
+    monkeypatch.setattr(loading, "loader_batches", lambda *args, **kwargs: reversed(list(real(*args, **kwargs))))
     for warm_up in (False, True):  # a GPU's blank batch first (while the workers start): not among the images
         embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, warm_up=warm_up)
         assert len(embeds) == len(mask) == len(sizes)
         for i, expected in enumerate(alone):
             assert mask[i].sum() == len(expected) and np.abs(embeds[i][mask[i].astype(bool)] - expected).max() < 1e-5
-    monkeypatch.setattr(scoring, "loader_batches", lambda *args, **kwargs: list(real(*args, **kwargs))[1:])
+    monkeypatch.setattr(loading, "loader_batches", lambda *args, **kwargs: list(real(*args, **kwargs))[1:])
     with pytest.raises(RuntimeError, match="got 3 images for 5"):
         train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
 
@@ -148,7 +148,7 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
 def test_workers_hand_out_small_batches_that_the_main_process_joins():
     """On a GPU each decoding worker fills small batches (batch / workers) and the main process
     joins them: the first full batch no longer waits for one worker to decode a whole batch."""
-    from scoring import collate, join_batches, micro_batch
+    from citytools.loading import collate, join_batches, micro_batch
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert micro_batch(64, 15, gpu) == 5 and micro_batch(8, 15, gpu) == 2 and micro_batch(64, 1, gpu) == 64
@@ -170,7 +170,7 @@ def test_workers_hand_out_small_batches_that_the_main_process_joins():
     assert mask.sum(1).tolist() == [5, 1]  # the decodable images only, in order
     assert join_batches([collate([item("e", 0)]), collate([item("f", 0)])], cpu)[1] is None
 
-    from scoring import DeviceImage  # whole images for the device: lists, chained
+    from citytools.views import DeviceImage  # whole images for the device: lists, chained
 
     whole = [collate([(meta, [(DeviceImage(np.zeros((3, 4, 3), np.uint8), 1), 5)])]) for meta in ({"p": 1}, {"p": 2})]
     metas, [(images, mask)] = join_batches(whole, cpu)
@@ -181,8 +181,8 @@ def test_workers_hand_out_small_batches_that_the_main_process_joins():
 def test_device_views_of_non_rgb_images_keep_the_originals_order(mode):
     """A decoding worker hands the device `prepare`'s image: non-RGB modes already resized in their
     own mode (as the original did), so the device's crops equal the CPU's."""
-    from remote_code import CityClassifierImageProcessor
-    from scoring import view_tiles
+    from citytools.remote import CityClassifierImageProcessor
+    from citytools.views import view_tiles
 
     processor = CityClassifierImageProcessor()
     image = make_image(1700, 900, seed=3).convert(mode)
@@ -197,7 +197,7 @@ def test_cpu_cores_are_split_between_decoding_and_the_model_without_oversubscrib
     """On a CPU, decoding workers and a small model's threads share the cores: together no more
     processes than cores (3 on 2 cores cost 10-30%), and neither side starved; a big model's threads
     take every core; feeding a GPU, every core but one decodes."""
-    from scoring import default_workers, model_threads
+    from citytools.devices import default_workers, model_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

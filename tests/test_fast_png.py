@@ -1,4 +1,4 @@
-"""PNGs decoded by libspng (scoring.decode_png) are the images Pillow decodes: the same mode, size
+"""PNGs decoded by libspng (decoding.decode_png) are the images Pillow decodes: the same mode, size
 and pixels, the same EXIF rotation, and every file Pillow refuses is still refused with Pillow's
 words (those files go to Pillow)."""
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-import scoring
-from scoring import BadImage, load_image
+from citytools import images as decoding
+from citytools.images import BadImage, load_image
 
 
 def chunk(kind, body):
@@ -83,26 +83,26 @@ def variants():
 
 def decode_both(path, monkeypatch):
     """(libspng's outcome, Pillow's outcome) of load_image: (mode, size, file size, pixels) or the error."""
-    outcomes, library = [], scoring.pyspng
+    outcomes, library = [], decoding.pyspng
     for decoder in (library, None):
-        monkeypatch.setattr(scoring, "pyspng", decoder)
+        monkeypatch.setattr(decoding, "pyspng", decoder)
         try:
             image = load_image(str(path))
             outcomes.append((image.mode, image.size, image.info["file_size"], np.asarray(image).tobytes()))
         except BadImage as error:
             outcomes.append(("error", str(error)))
-    monkeypatch.setattr(scoring, "pyspng", library)
+    monkeypatch.setattr(decoding, "pyspng", library)
     return outcomes
 
 
-needs_pyspng = pytest.mark.skipif(scoring.pyspng is None and not (sys.platform == "linux" and platform.machine()
+needs_pyspng = pytest.mark.skipif(decoding.pyspng is None and not (sys.platform == "linux" and platform.machine()
                                                                    == "x86_64"),
                                   reason="pyspng has no wheel for this platform; Pillow decodes every PNG")
 
 
 @needs_pyspng
 def test_pyspng_is_installed_where_requirements_put_it():
-    assert scoring.pyspng is not None  # requirements.txt installs it on x86-64 Linux
+    assert decoding.pyspng is not None  # requirements.txt installs it on x86-64 Linux
 
 
 @needs_pyspng
@@ -112,7 +112,7 @@ def test_libspng_decodes_as_pillow_does_or_leaves_the_file_to_pillow(name, tmp_p
     path.write_bytes(variants()[name])
     fast, pillow = decode_both(path, monkeypatch)
     assert fast == pillow, name
-    used = scoring.decode_png(str(path)) is not None
+    used = decoding.decode_png(str(path)) is not None
     plain = name in ("RGB", "RGBA", "L", "RGB, a text chunk after the pixels") or name.startswith("RGB, EXIF")
     assert used == plain, f"{name}: libspng {'used' if used else 'not used'}"
     if "rotated" in name:
@@ -121,7 +121,8 @@ def test_libspng_decodes_as_pillow_does_or_leaves_the_file_to_pillow(name, tmp_p
 
 @needs_pyspng
 def test_a_collection_decoded_by_libspng_scores_exactly_as_by_pillow(converted, tmp_path, monkeypatch):
-    from scoring import Scorer, collate
+    from citytools.loading import collate
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
     paths = []
@@ -129,8 +130,8 @@ def test_a_collection_decoded_by_libspng_scores_exactly_as_by_pillow(converted, 
         paths.append(tmp_path / f"{i}.png")
         make_image(*size, seed=i).save(paths[-1])
     scores = []
-    for decoder in (scoring.pyspng, None):
-        monkeypatch.setattr(scoring, "pyspng", decoder)
+    for decoder in (decoding.pyspng, None):
+        monkeypatch.setattr(decoding, "pyspng", decoder)
         items = [(None, scorer.preprocess(load_image(str(p)))) for p in paths]
         scores.append([row[f"{scorer.models[0].key}:Chromatic Aberration"] for row in scorer.score(collate(items)[1])])
     assert scores[0] == scores[1]

@@ -30,20 +30,20 @@ def textured(size=336, seed=0):
 
 
 def normalised(pixels):
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor()
     return torch.from_numpy(processor.normalize_pixels(pixels))[None]
 
 
 def fringe_module(**spec):
-    from remote_code import CityClassifierConfig, CityClassifierFringe
+    from citytools.remote import CityClassifierConfig, CityClassifierFringe
 
     return CityClassifierFringe(CityClassifierConfig.fringe_spec(spec or True))
 
 
 def features_of(pixels):
-    from remote_code import FRINGE_FEATURES
+    from citytools.remote import FRINGE_FEATURES
 
     return dict(zip(FRINGE_FEATURES, fringe_module()(normalised(pixels))[0].tolist()))
 
@@ -76,7 +76,7 @@ def test_fringe_features_on_views_smaller_than_a_block():
 
 
 def test_fringe_config_is_validated_and_stored():
-    from remote_code import CityClassifierConfig
+    from citytools.remote import CityClassifierConfig
 
     assert CityClassifierConfig().fringe_features is None
     assert CityClassifierConfig(fringe_features=True).fringe_features == {
@@ -88,7 +88,7 @@ def test_fringe_config_is_validated_and_stored():
 
 
 def test_fringe_model_feeds_the_head_and_add_fringe_features_keeps_the_scores(converted, tmp_path):
-    from remote_code import FRINGE_FEATURES, CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import FRINGE_FEATURES, CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
@@ -117,7 +117,7 @@ def test_fringe_model_feeds_the_head_and_add_fringe_features_keeps_the_scores(co
 
 @pytest.mark.parametrize("size", [(673, 673), (1344, 700), (2000, 1500), (4000, 3000), (9000, 700), (20000, 700)])
 def test_grid_layout_covers_every_pixel_with_full_tiles(size):
-    from remote_code import grid_layout
+    from citytools.remote import grid_layout
 
     tile, max_tiles = 672, 48
     (width, height), boxes = grid_layout(*size, tile, max_tiles)
@@ -133,7 +133,7 @@ def test_grid_layout_covers_every_pixel_with_full_tiles(size):
 
 
 def test_grid_views_are_native_crops_and_small_images_match_the_original():
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
     grid = processor.with_options(tiling_mode="grid")
@@ -154,7 +154,7 @@ def test_grid_views_are_native_crops_and_small_images_match_the_original():
 
 
 def test_grid_tiling_is_refused_for_device_crops_and_checked():
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     with pytest.raises(ValueError, match="tiling_mode"):
         CityClassifierImageProcessor(tiling_mode="nine")

@@ -12,8 +12,8 @@ from PIL import Image
 
 
 def test_a_fringe_model_does_not_share_embeddings_with_the_same_backbone_without_them(converted, tmp_path):
-    from remote_code import CityClassifierForImageClassification
-    from scoring import Scorer
+    from citytools.remote import CityClassifierForImageClassification
+    from citytools.scorer import Scorer
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"])
     model.add_fringe_features()
@@ -37,7 +37,7 @@ def test_classify_grid_tiling_end_to_end_and_resume_refuses_another_mode(convert
     rows = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line) for line in out.read_text().splitlines()}
     assert set(rows) == {"big.png", "small.png"} and all(row["error"] is None for row in rows.values())
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"]).with_options(tiling_mode="grid")
@@ -45,7 +45,7 @@ def test_classify_grid_tiling_end_to_end_and_resume_refuses_another_mode(convert
         expected = model(**processor(Image.open(folder / "big.png"), return_tensors="pt")).scores[0]
     key = [k for k in rows["big.png"] if k.endswith(":Chromatic Aberration")][0]
     assert rows["big.png"][key] == pytest.approx(float(expected[1]), abs=1e-5)
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     with pytest.raises(UsageError, match="another setup"):  # another tiling mode: not mixed into one output
         classify.main([*common, "--workers", "0"])

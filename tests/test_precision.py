@@ -43,8 +43,10 @@ def pictures(tmp_path_factory):
 
 
 def engine_scores(paths, dtype):
-    """classify.py's engine (scoring.Scorer) on the CPU in `dtype`: {path: score}."""
-    from scoring import Scorer, collate, load_image
+    """classify.py's engine (citytools.scorer.Scorer) on the CPU in `dtype`: {path: score}."""
+    from citytools.images import load_image
+    from citytools.loading import collate
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(REPO)], device="cpu", dtype=dtype)
     scores = {}
@@ -106,7 +108,7 @@ def test_classify_with_default_settings_scores_as_the_pipeline_on_either_kind_of
 def test_half_precision_puts_only_the_clip_tower_in_it(dtype):
     """Loaded in half precision, or cast to it afterwards, the model keeps its full-resolution stem and
     its head in float32: bf16 cannot hold the one-grey-level pixel differences fringes are made of."""
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     for model in (CityClassifierForImageClassification.from_pretrained(str(REPO), dtype=dtype),
                   CityClassifierForImageClassification.from_pretrained(str(REPO)).to(dtype)):
@@ -122,7 +124,7 @@ def test_fringe_measurements_see_the_exact_pixels_in_every_precision(dtype):
     are taken on float32 pixels, never on pixels rounded to the model's dtype."""
     from PIL import Image
 
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor.from_pretrained(str(REPO))
     inputs = processor(images=Image.open(REPO / "examples" / "aberration_photo.png"), return_tensors="pt")
@@ -137,17 +139,17 @@ def test_fringe_measurements_see_the_exact_pixels_in_every_precision(dtype):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_dtype_is_float32_on_every_cpu_and_float16_on_cuda(monkeypatch, native_bf16):
-    import scoring
+    from citytools import devices
 
     monkeypatch.setenv("CITYCLASSIFIER_CPU_BF16", "1" if native_bf16 else "0")
-    assert scoring.cpu_has_bf16() is native_bf16
-    assert scoring.pick_dtype("auto", torch.device("cpu")) == torch.float32
-    assert scoring.pick_dtype("auto", torch.device("cuda")) == torch.float16
-    assert scoring.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert devices.cpu_has_bf16() is native_bf16
+    assert devices.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert devices.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    assert devices.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_cpu_has_bf16_reads_the_cpu_flags_unless_forced(tmp_path, monkeypatch):
-    import scoring
+    from citytools import devices
 
     monkeypatch.delenv("CITYCLASSIFIER_CPU_BF16", raising=False)
     cases = {"fpu sse avx2 avx512f": False, "fpu avx2 avx512f avx512_bf16 avx512_vnni": True,
@@ -155,9 +157,9 @@ def test_cpu_has_bf16_reads_the_cpu_flags_unless_forced(tmp_path, monkeypatch):
     for flags, expected in cases.items():
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n")
-        assert scoring.cpu_has_bf16(str(cpuinfo)) is expected, flags
+        assert devices.cpu_has_bf16(str(cpuinfo)) is expected, flags
         for forced in ("0", "1"):
             monkeypatch.setenv("CITYCLASSIFIER_CPU_BF16", forced)
-            assert scoring.cpu_has_bf16(str(cpuinfo)) is (forced == "1")
+            assert devices.cpu_has_bf16(str(cpuinfo)) is (forced == "1")
         monkeypatch.delenv("CITYCLASSIFIER_CPU_BF16")
-    assert scoring.cpu_has_bf16(str(tmp_path / "missing")) is False
+    assert devices.cpu_has_bf16(str(tmp_path / "missing")) is False

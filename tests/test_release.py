@@ -12,7 +12,7 @@ import pytest
 
 def metrics_summary(path, model):
     """A benchmark.py metrics.json of `model` (a folder: its weights digest is recorded, as benchmark.py does)."""
-    from toolkit import weights_fingerprint
+    from citytools.toolkit import weights_fingerprint
 
     summary = {"dataset": "data/synthetic", "split": "test", "images": 10, "threshold": 0.5,
                "target_precision": 0.95,
@@ -72,7 +72,7 @@ def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
 
 def test_upload_calls_and_existing_tag_is_refused(converted, tmp_path):
     import release
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     api = FakeApi()
     release.main(["--model", str(converted["ca"]), "--repo-id", "me/ca", "--tag", "v2", "--out",

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, make_image, sigkill, start_held
 from safetensors.torch import load_file, save_file
 
-from toolkit import UsageError
+from citytools.toolkit import UsageError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 EVERY = ["--label", "Chromatic Aberration", "--min", "0"]  # every scored file matches
@@ -156,7 +156,7 @@ def test_a_file_at_the_output_path_that_classify_did_not_write_is_never_replaced
 def test_a_file_system_without_locks_is_a_one_line_refusal(converted, tmp_path, monkeypatch):
     import fcntl
 
-    import transfers
+    from citytools import transfers
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -173,7 +173,7 @@ def test_a_file_system_without_locks_is_a_one_line_refusal(converted, tmp_path, 
 
 
 def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
-    from results_store import ResultsStore
+    from citytools.results import ResultsStore
 
     src = images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "r.csv"
@@ -185,7 +185,7 @@ def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
     holder.close()
     assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0) == 0
 
-    from transfers import Transfers
+    from citytools.transfers import Transfers
 
     mover = Transfers(tmp_path / "dest", move=True)  # another run moving into the same folder
     with pytest.raises(UsageError, match="another process is copying or moving"):
@@ -200,7 +200,7 @@ def test_a_second_writer_of_one_output_is_refused(converted, tmp_path):
 def test_a_checkpoint_missing_weights_refuses_to_score(converted, tmp_path):
     from transformers import AutoModelForImageClassification, pipeline
 
-    from scoring import Scorer
+    from citytools.scorer import Scorer
 
     state = load_file(str(converted["ca"] / "model.safetensors"))
     cases = {
@@ -251,7 +251,7 @@ def test_resume_refuses_another_setup_and_names_no_resume(converted, tmp_path):
 def test_processor_and_pipeline_take_arrays_and_tensors_as_the_pil_image(converted):
     from transformers import pipeline
 
-    from remote_code import CityClassifierImageProcessor
+    from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
     image = make_image(150, 100, seed=3)  # tiled: five 60 px tiles
@@ -308,7 +308,7 @@ def test_a_file_name_that_is_not_utf8_gets_its_row(converted, tmp_path, capsysbi
     assert run(src, "--model", converted["ca"], "--out", out, "--workers", 0, *EVERY, "--list") == 0
     listed = capsysbinary.readouterr().out.splitlines()
     assert sorted(listed) == sorted([os.fsencode(str(src / "plain.png")), os.fsencode(os.path.join(src, odd))])
-    import results_store
+    from citytools import results as results_store
 
     rows = list(results_store.read_rows(out))
     assert sorted(r["path"] for r in rows) == sorted([str(src / "plain.png"), os.path.join(src, odd)])
@@ -324,7 +324,7 @@ def test_a_file_name_that_is_not_utf8_gets_its_row(converted, tmp_path, capsysbi
 
 def test_a_strip_that_would_be_upscaled_is_refused_and_the_max_pixels_option(converted, tmp_path, capsys):
     import classify
-    from scoring import MAX_PIXELS
+    from citytools.toolkit import MAX_PIXELS
 
     src = tmp_path / "in"
     src.mkdir()
@@ -359,7 +359,9 @@ def test_a_decoding_process_killed_by_the_kernel_costs_one_error_row(converted, 
 
 def feed_paths(converted, paths, workers, done=()):
     """Every meta path that loader_batches hands over, scoring FileStream's files with `workers`."""
-    from scoring import FileStream, Scorer, loader_batches, path_key
+    from citytools.discovery import path_key
+    from citytools.loading import FileStream, loader_batches
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
     stream = FileStream([str(p) for p in paths], scorer, np.array(sorted(path_key(str(p)) for p in done)), 0, 1,
@@ -381,7 +383,8 @@ def batches_handed_over(converted, src, idle):
     over `src` with 2 workers, batch 8, and `idle` as the device's state."""
     import multiprocessing
 
-    from scoring import FileStream, Scorer, loader_batches
+    from citytools.loading import FileStream, loader_batches
+    from citytools.scorer import Scorer
 
     scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
     stream = FileStream([str(src)], scorer, np.array([], dtype=np.int64), 0, 1, None)
@@ -399,7 +402,7 @@ def test_an_idle_device_gets_the_images_decoded_so_far_a_busy_one_a_whole_batch(
     the device has nothing to do, so it starts on the first images and ends on a small batch; while
     it is busy, whole batches. Either way each file once, and on_start runs once, with the workers
     started (the model warms up while they decode)."""
-    from scoring import first_batch
+    from citytools.loading import first_batch
 
     src = images(tmp_path / "in", [f"{i:02d}.png" for i in range(16)])
     every = sorted(str(p) for p in src.iterdir())
@@ -415,7 +418,7 @@ def test_the_stopwatch_tells_the_wait_for_the_first_item_from_the_others():
     """classify.py's "time:" line: each phase's seconds; an iterator's first wait apart from the rest
     (the decoding workers' start), the loop body's own phases not counted as waits; phases under
     0.005 s left out."""
-    from scoring import Stopwatch
+    from citytools.loading import Stopwatch
 
     # the clock's readings, in the order the stopwatch reads them
     ticks = iter([0.0, 3.0,  # waiting for "a"
@@ -443,7 +446,7 @@ def test_the_stopwatch_tells_the_wait_for_the_first_item_from_the_others():
 def test_a_walk_that_fails_midway_raises_after_the_files_it_found(converted, tmp_path, monkeypatch):
     """The walk runs in a thread of the main process: an error there must end the run with that error
     once the files found before it are handed over, never end it early as if all were done."""
-    from scoring import FileStream
+    from citytools.loading import FileStream
 
     src = images(tmp_path / "in", ["a.png", "b.png", "c.png"])
 
@@ -454,7 +457,8 @@ def test_a_walk_that_fails_midway_raises_after_the_files_it_found(converted, tmp
     monkeypatch.setattr(FileStream, "pending", failing)
     seen = []
     with pytest.raises(OSError, match="the disk went away"):
-        from scoring import Scorer, loader_batches
+        from citytools.loading import loader_batches
+        from citytools.scorer import Scorer
 
         scorer = Scorer([str(converted["ca"])], device="cpu", dtype="float32")
         stream = FileStream([str(src)], scorer, np.array([], dtype=np.int64), 0, 1, None)
@@ -471,7 +475,8 @@ def test_decoding_workers_end_when_the_main_process_is_killed(converted, tmp_pat
     script.write_text(f"""
 import sys, time, numpy as np, torch
 sys.path.insert(0, {str(REPO)!r})
-from scoring import FileStream, Scorer, loader_batches
+from citytools.loading import FileStream, loader_batches
+from citytools.scorer import Scorer
 scorer = Scorer([{str(converted["ca"])!r}], device="cpu", dtype="float32")
 stream = FileStream([{str(src)!r}], scorer, np.array([], dtype=np.int64), 0, 1, None)
 def slow_walk(self):  # the feeder finds nothing more for a long while: the workers wait on the queue
@@ -511,7 +516,7 @@ def test_paths_left_in_the_queue_of_dead_workers_do_not_keep_the_process_alive(t
     script.write_text(f"""
 import sys, time, numpy as np
 sys.path.insert(0, {str(REPO)!r})
-from scoring import FileStream
+from citytools.loading import FileStream
 stream = FileStream([], None, np.array([], dtype=np.int64), 0, 1, None)
 FileStream.pending = lambda self: ("/" + "x" * 2000 + str(i) for i in range(10 ** 6))
 start, stop, error = stream.feed(2)  # no worker ever reads: the queue fills, then its pipe
@@ -666,7 +671,7 @@ def test_a_lock_is_freed_by_its_holders_death_while_its_forked_child_lives(tmp_p
     forks (a decoding worker) does not keep them after the parent is SIGKILLed."""
     out, dest = tmp_path / "r.jsonl", tmp_path / "dest"
     script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from results_store import ResultsStore\nfrom transfers import Transfers\n"
+              "from citytools.results import ResultsStore\nfrom citytools.transfers import Transfers\n"
               f"ResultsStore({str(out)!r}).lock(); Transfers({str(dest)!r}, move=False)\n"
               "child = os.fork()\n"
               "if child == 0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(0)\n"
@@ -674,8 +679,8 @@ def test_a_lock_is_freed_by_its_holders_death_while_its_forked_child_lives(tmp_p
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
-        from results_store import ResultsStore
-        from transfers import Transfers
+        from citytools.results import ResultsStore
+        from citytools.transfers import Transfers
 
         with pytest.raises(UsageError, match="another process"):
             ResultsStore(out).lock()  # held while the parent lives: the lock works
@@ -719,7 +724,7 @@ class Killed(BaseException):
 
 def without_hard_links(monkeypatch):
     """Makes every hard link fail as on exFAT or FAT (link(2): EPERM), in this process."""
-    import transfers
+    from citytools import transfers
 
     def link(*args, **kwargs):
         raise PermissionError(errno.EPERM, "Operation not permitted")
@@ -732,7 +737,7 @@ def without_hard_links(monkeypatch):
 def test_a_transfer_killed_after_any_step_is_finished_by_a_rerun(converted, trial, monkeypatch, mode, placing):
     """With hard links (5 steps a file) and on a destination without them (renames that refuse to
     overwrite, after a ledger line: 6 steps)."""
-    import transfers
+    from citytools import transfers
 
     src, dest, out, before, pristine = trial.src, trial.dest, trial.out, trial.before, trial.pristine
     original_step = transfers.Transfers.step
@@ -783,7 +788,7 @@ def test_a_rename_cut_short_twice_never_takes_an_identical_file_for_its_copy(tmp
     """Without hard links, a rerun that finds neither the staged copy nor a finished ledger line
     looks for the copy by its bytes. Killed once before the rename and once while staging again,
     the third run must not take the destination's identical x.png for it and unlink the source."""
-    import transfers
+    from citytools import transfers
 
     without_hard_links(monkeypatch)
     src = images(tmp_path / "in", ["x.png"])
@@ -819,7 +824,7 @@ def test_a_rename_cut_short_twice_never_takes_an_identical_file_for_its_copy(tmp
 
 
 def test_a_rename_that_fails_leaves_nothing_for_a_rerun_to_take_for_its_copy(tmp_path, monkeypatch):
-    import transfers
+    from citytools import transfers
 
     without_hard_links(monkeypatch)
     src = images(tmp_path / "in", ["x.png"])
@@ -848,7 +853,7 @@ def test_a_move_from_another_file_system_flushes_the_copys_folder_before_removin
                                                                                             monkeypatch):
     """Two file systems write their changes out independently: a power cut must not find a source's
     removal on disk without its copy's name. Another file system is faked (the source's st_dev)."""
-    import transfers
+    from citytools import transfers
 
     src = images(tmp_path / "in", ["a.png", "b.png"])
     dest = tmp_path / "dest"
@@ -899,7 +904,7 @@ def test_names_at_the_file_systems_limit_still_move_and_take_free_names(converte
 
 def test_a_destination_without_hard_links_or_safe_renames_is_refused_before_scoring(converted, tmp_path,
                                                                                    monkeypatch):
-    import transfers
+    from citytools import transfers
 
     without_hard_links(monkeypatch)
 
@@ -941,7 +946,7 @@ def test_a_source_that_cannot_be_removed_stays_beside_its_copy_with_one_line(con
     """A move whose source cannot be unlinked (a read-only folder or mount, an immutable file: faked,
     since the tests run as root) keeps both, says so in one line per file, rerun after rerun, and
     finishes once the source can go."""
-    import transfers
+    from citytools import transfers
 
     src, dest, out, before = trial.src, trial.dest, trial.out, trial.before
     stuck = src / "a" / "x.png"

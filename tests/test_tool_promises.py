@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_image
 
-from toolkit import UsageError
+from citytools.toolkit import UsageError
 
 TINY_VISION = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "image_size": 30, "patch_size": 6, "projection_dim": 16})
@@ -133,7 +133,7 @@ def test_resume_skips_checkpoints_a_kill_cut_short_and_refuses_a_named_broken_on
 def test_update_card_and_release_refuse_what_does_not_match(converted, tmp_path):
     import benchmark
     import release
-    from model_cards import load_card
+    from citytools.cards import load_card
 
     notes = tmp_path / "notes"
     notes.mkdir()

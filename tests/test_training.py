@@ -140,7 +140,7 @@ def test_full_mode_trains_backbone_and_saves_a_pipeline_folder(synthetic, tmp_pa
 
 
 def test_head_mode_caches_embeddings_between_runs(synthetic, tiny_clip, tmp_path, monkeypatch):
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     calls = []
     original = CityClassifierForImageClassification.get_image_features
@@ -172,7 +172,7 @@ def test_head_mode_trains_with_the_backbone_set_aside_and_saves_whole_checkpoint
     run and the final folder hold it whole: our loader refuses a checkpoint with a missing weight."""
     from transformers import CLIPVisionModelWithProjection, Trainer
 
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     aside = []
     original = CityClassifierForImageClassification.forward
@@ -234,7 +234,7 @@ def test_resume_from_checkpoint(synthetic, tmp_path, monkeypatch):
 def test_train_backbone_changes_the_backbone_and_head_only_does_not(synthetic, tiny_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from remote_code import CityClassifierForImageClassification
+    from citytools.remote import CityClassifierForImageClassification
 
     clip = CLIPVisionModelWithProjection.from_pretrained(tiny_clip).state_dict()
     for flag, trains in (("true", True), ("false", False)):
@@ -316,7 +316,7 @@ def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(
 ], ids=["one-class-left", "one-class", "missing-label"])
 def test_bad_datasets_fail_before_training(tmp_path, layout, message):
     import train_hf
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     data = image_folder(tmp_path / "data", layout)
     with pytest.raises(UsageError, match=message):
@@ -338,7 +338,7 @@ def test_full_mode_with_a_convolutional_stem(synthetic, tmp_path):
 def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, converted, tmp_path):
     """The shipped model's stage 4: a CityClassifier fine-tuned with --fringe_features gets them,
     its head learns weights for them, and the folder scores through the pipeline."""
-    from remote_code import FRINGE_FEATURES, CityClassifierForImageClassification
+    from citytools.remote import FRINGE_FEATURES, CityClassifierForImageClassification
 
     head = json.loads((converted["ca"] / "config.json").read_text())["head_hidden_size"]  # the model's, kept
     out = train(tmp_path, synthetic, "--model_name_or_path", str(converted["ca"]), "--train_backbone", "true",
@@ -363,7 +363,7 @@ def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, con
 ])
 def test_fine_tuning_refuses_head_settings_it_would_ignore(converted, tmp_path, option, value, message):
     import train_hf
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     _, model_args, _ = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path),
                                             "--model_name_or_path", str(converted["ca"]), option, value])
@@ -376,7 +376,7 @@ def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(synthetic, tmp_path, monke
     """--bf16 on a machine without a GPU trains on the CPU under bf16 autocast (whether the CPU computes
     bf16 natively or not), and the model it trains scores the same in float32 and in bf16."""
     import train_hf
-    from remote_code import CityClassifierForImageClassification, CityClassifierImageProcessor
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     _, _, training = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "true"])
     assert training.bf16 and training.use_cpu
@@ -412,13 +412,13 @@ def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(synthetic, tmp_path, monke
 
 
 def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
-    import scoring
     import train_hf
+    from citytools import devices
 
     config = tmp_path / "args.json"
     config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": "auto"}))
     for native in (False, True):
-        monkeypatch.setattr(scoring, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda native=native: native)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         for argv in ([str(config)], ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "auto"],
                      ["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16=auto"]):
@@ -432,7 +432,7 @@ def test_training_arguments_that_do_not_fit_are_one_line_or_give_way_with_a_note
     """load_best_model_at_end is this tool's default, not the user's: it gives way to save and
     evaluation strategies that do not match it. TrainingArguments' refusals are one-line errors."""
     import train_hf
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     base = ["--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]
     _, _, training = train_hf.parse_args([*base, "--eval_strategy", "steps", "--save_strategy", "no"])
@@ -457,7 +457,7 @@ def test_training_arguments_that_do_not_fit_are_one_line_or_give_way_with_a_note
 
 def test_push_to_hub_is_checked_before_any_data_is_read(tmp_path):
     import train_hf
-    from toolkit import UsageError
+    from citytools.toolkit import UsageError
 
     with pytest.raises(UsageError, match="--push_to_hub: the Hub is switched off"):  # tests run offline
         train_hf.main(["--dataset_name", str(tmp_path / "no-such-data"), "--output_dir", str(tmp_path / "o"),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parent.parent  # the repo root: the remote-code files, the shipped model, the tools
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; the tools say so per file
 LABEL_FOLDER = re.compile(r"^(\d+)(?:_.*)?$")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import UsageError, first_line, lock_exclusive, release_lock
+from citytools.toolkit import UsageError, first_line, lock_exclusive, release_lock
 
 STRING_COLUMNS = ("path", "error")
 
@@ -258,7 +258,7 @@ class ResultsStore:
 
     def done(self):
         """(sorted 64-bit keys of every path in the journal and its parts, how many of those rows are errors)."""
-        from scoring import path_key
+        from citytools.discovery import path_key
 
         keys, errors = [], 0
         for source in [self.journal, *self.parts()]:
@@ -277,7 +277,7 @@ class ResultsStore:
 
     def merge_parts(self):
         """Appends each rank's part to the journal (a path once), then removes the parts."""
-        from scoring import path_key
+        from citytools.discovery import path_key
 
         journal = Journal(self.journal)
         seen = set(path_key(row["path"]) for row in read_rows(self.journal))

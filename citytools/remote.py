@@ -9,9 +9,8 @@ the very same files, and `save_pretrained` still copies them and writes `auto_ma
 
 import sys
 import types
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from citytools.toolkit import ROOT
 
 if "cityclassifier" not in sys.modules:
     _package = types.ModuleType("cityclassifier")

@@ -3,7 +3,7 @@ and the model-index that benchmark.py keeps in them: one home for card code."""
 
 from pathlib import Path
 
-from toolkit import UsageError, first_line
+from citytools.toolkit import UsageError, first_line
 
 CLIP_BASE = "openai/clip-vit-large-patch14-336"
 BASELINE = "fringe-baseline"  # benchmark.py's entry for the classical detector: not a model of the card

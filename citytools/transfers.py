@@ -30,9 +30,9 @@ import shutil
 import signal
 from pathlib import Path
 
-from results_store import repair_tail
-from scoring import path_key
-from toolkit import UsageError, lock_exclusive, release_lock
+from citytools.discovery import path_key
+from citytools.results import repair_tail
+from citytools.toolkit import UsageError, lock_exclusive, release_lock
 
 LEDGER = ".classify-transfers.jsonl"
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # what link(2) says where a file system has none

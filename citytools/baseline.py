@@ -8,7 +8,7 @@ processing on an artefact this simple is not worth shipping.
 import numpy as np
 from PIL import Image
 
-from remote_code import CityClassifierImageProcessor
+from citytools.remote import CityClassifierImageProcessor
 
 MAX_SHIFT = 3  # px searched around each block, after downscaling the view to `work_size`
 
