@@ -261,7 +261,7 @@ def head_only_embedding(data, model_dir, device, dtype):
     head-only training over the train split."""
     import logging
 
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.devices import default_batch_size, default_workers
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 

@@ -65,7 +65,7 @@ def trainer_steps_per_s(trainer_class, model, device, steps, warmup, output_dir)
     """Steps/s of `trainer_class` training `model`'s head at batch 1, timed from step `warmup` to the last."""
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-    import train_hf
+    from citytools.cli import train_hf
 
     marks = {}
 
@@ -117,7 +117,7 @@ def measure(model, device, steps, rounds, output_dir):
 
     from transformers import Trainer
 
-    from train_hf import HeadOnlyTrainer
+    from citytools.cli.train_hf import HeadOnlyTrainer
 
     warmup = min(50, steps // 5)
     head = copy.deepcopy(model.head)

@@ -100,7 +100,7 @@ def releases(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory, tiny_clip, releases):
     """The three releases converted with convert_original.py (in-process), keyed like `releases`."""
-    import convert_original
+    from citytools.cli import convert_original
 
     out = {}
     for key, head in releases.items():

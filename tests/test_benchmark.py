@@ -24,7 +24,7 @@ def test_baseline_scores_a_shifted_image_above_its_clean_original():
 def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
     from huggingface_hub import ModelCard
 
-    import benchmark
+    from citytools.cli import benchmark
 
     data = tmp_path / "data" / "test"
     write_benchmark_split(data)
@@ -56,8 +56,8 @@ def test_benchmark_writes_metrics_report_plots_and_a_card(converted, tmp_path):
 
 
 def test_a_card_reporting_another_dataset_is_not_overwritten_unless_forced(tmp_path):
-    import benchmark
     from citytools.cards import update_card
+    from citytools.cli import benchmark
     from citytools.toolkit import UsageError
 
     card_dir = tmp_path / "card"
@@ -85,7 +85,7 @@ def test_help_is_answered_before_torch_is_imported():
 
 
 def test_numbers_out_of_range_are_usage_errors():
-    import benchmark
+    from citytools.cli import benchmark
 
     for bad in (["--batch-size", "0"], ["--workers", "-1"], ["--threshold", "1.5"], ["--max-images", "0"]):
         with pytest.raises(SystemExit) as info:
@@ -94,7 +94,7 @@ def test_numbers_out_of_range_are_usage_errors():
 
 
 def test_a_dataset_that_cannot_be_loaded_is_one_line(tmp_path):
-    from benchmark import load_records
+    from citytools.cli.benchmark import load_records
     from citytools.toolkit import UsageError
 
     for dataset, words in ((tmp_path / "no-such-folder", "Couldn't find any data file"),

@@ -18,7 +18,7 @@ from test_core import bomb_png
 
 
 def run(*args):
-    import classify
+    from citytools.cli import classify
 
     return classify.main([str(a) for a in args])
 
@@ -280,8 +280,8 @@ def test_a_run_held_up_by_decoding_says_so_and_what_may_help():
     run longer than 10 s; --crop-on device suggested on a GPU only."""
     import torch
 
+    from citytools.cli.classify import decoding_hint
     from citytools.loading import Stopwatch
-    from classify import decoding_hint
 
     watch = Stopwatch()
     watch.seconds = {"waiting_for_images": 12.0, "model": 6.0}

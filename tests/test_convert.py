@@ -21,7 +21,7 @@ def test_released_configs_become_labels_and_arch(converted):
 
 
 def test_missing_config_names_classes_by_index(tmp_path, tiny_clip):
-    import convert_original
+    from citytools.cli import convert_original
 
     head = write_release(tmp_path, "nameless", original_head_state(16, 32, 3, 5))
     assert convert_original.main(["--head", str(head), "--clip", str(tiny_clip), "--out", str(tmp_path / "o")]) == 0
@@ -32,7 +32,7 @@ def test_missing_config_names_classes_by_index(tmp_path, tiny_clip):
 def test_float16_output(tmp_path, tiny_clip, releases):
     from safetensors import safe_open
 
-    import convert_original
+    from citytools.cli import convert_original
 
     convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(tmp_path / "h"),
                            "--dtype", "float16"])
@@ -46,8 +46,8 @@ def test_float16_output(tmp_path, tiny_clip, releases):
 def test_card_and_config_hold_no_local_path_and_a_working_snippet(tmp_path, tiny_clip, releases):
     from huggingface_hub import ModelCard
 
-    import convert_original
     from citytools.cards import CLIP_BASE, base_model, hub_id
+    from citytools.cli import convert_original
 
     out = tmp_path / "ca-v1.16"
     assert convert_original.main(["--head", str(releases["ca"]), "--clip", str(tiny_clip), "--out", str(out),
@@ -67,7 +67,7 @@ def test_card_and_config_hold_no_local_path_and_a_working_snippet(tmp_path, tiny
 def run_convert(capsys, *args):
     """(exit status, stderr) of the command line, run in this process: the script's `__main__` is
     `run_cli(main)`, and a fresh Python would spend seconds importing torch for each call."""
-    import convert_original
+    from citytools.cli import convert_original
     from citytools.toolkit import run_cli
 
     capsys.readouterr()
@@ -89,7 +89,7 @@ def bad_inputs(tmp_path):
 
 
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys):
-    import convert_original
+    from citytools.cli import convert_original
     from citytools.toolkit import UsageError
 
     for name, (head, message) in bad_inputs(tmp_path).items():
@@ -111,7 +111,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys)
 def test_average_models_interpolates_every_weight_and_refuses_another_architecture(converted, tmp_path):
     from safetensors.torch import load_file
 
-    import average_models
+    from citytools.cli import average_models
     from citytools.remote import CityClassifierForImageClassification
     from citytools.toolkit import UsageError
 
@@ -148,7 +148,7 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
 def test_overwrite_replaces_a_model_folder_only(converted, tmp_path):
     """--overwrite (average_models, convert_original, release) replaces an earlier output; a folder of
     other files named by mistake is refused with one line, every file kept."""
-    import average_models
+    from citytools.cli import average_models
     from citytools.toolkit import UsageError
 
     args = [str(converted["ca"]), str(converted["ca"]), "--out"]

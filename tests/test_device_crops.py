@@ -69,7 +69,7 @@ def test_where_views_are_cut():
 
 
 def test_classify_crop_on_device_scores_as_the_workers_crops(converted, tmp_path):
-    import classify
+    from citytools.cli import classify
 
     root = tmp_path / "images"
     root.mkdir()
@@ -96,7 +96,7 @@ def test_classify_crop_on_device_scores_as_the_workers_crops(converted, tmp_path
 def test_head_only_embeddings_with_views_cut_on_the_device(converted, tmp_path):
     import datasets
 
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
@@ -116,8 +116,8 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
     image gets its own embeddings (batches handed over last-first here), and a lost image is an error."""
     import datasets
 
-    import train_hf
     from citytools import loading
+    from citytools.cli import train_hf
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()

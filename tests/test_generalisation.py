@@ -25,7 +25,7 @@ def test_a_fringe_model_does_not_share_embeddings_with_the_same_backbone_without
 
 
 def test_classify_grid_tiling_end_to_end_and_resume_refuses_another_mode(converted, tmp_path):
-    import classify
+    from citytools.cli import classify
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -108,7 +108,7 @@ def test_transparent_pictures_are_composited_before_the_effect(tmp_path):
 
 
 def test_benchmark_derives_size_and_clean_family_columns():
-    import benchmark
+    from citytools.cli import benchmark
 
     rows = [benchmark.derive_columns({"width": "2560", "height": "1600", "effect": "clean", "family": "photo",
                                       "strength": "0.0"}),
@@ -125,7 +125,7 @@ def test_benchmark_derives_size_and_clean_family_columns():
 
 
 def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
-    import benchmark
+    from citytools.cli import benchmark
 
     write_benchmark_split(tmp_path / "data" / "test", size=(130, 125),
                           family=lambda i: "photo" if i < 4 else "pixel art")

@@ -46,7 +46,7 @@ class FakeApi:
 def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    import release
+    from citytools.cli import release
 
     out = tmp_path / "dist"
     metrics = metrics_summary(tmp_path / "m.json", converted["ca"])
@@ -71,7 +71,7 @@ def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
 
 
 def test_upload_calls_and_existing_tag_is_refused(converted, tmp_path):
-    import release
+    from citytools.cli import release
     from citytools.toolkit import UsageError
 
     api = FakeApi()
@@ -88,7 +88,7 @@ def test_upload_calls_and_existing_tag_is_refused(converted, tmp_path):
 
 
 def test_token_never_on_the_command_line():
-    import release
+    from citytools.cli import release
 
     with pytest.raises(SystemExit):
         release.parse_args(["--model", ".", "--repo-id", "me/x", "--out", "o", "--token", "hf_secret"])

@@ -27,7 +27,7 @@ EVERY = ["--label", "Chromatic Aberration", "--min", "0"]  # every scored file m
 
 
 def run(*args):
-    import classify
+    from citytools.cli import classify
 
     return classify.main([str(a) for a in args])
 
@@ -323,7 +323,7 @@ def test_a_file_name_that_is_not_utf8_gets_its_row(converted, tmp_path, capsysbi
 
 
 def test_a_strip_that_would_be_upscaled_is_refused_and_the_max_pixels_option(converted, tmp_path, capsys):
-    import classify
+    from citytools.cli import classify
     from citytools.toolkit import MAX_PIXELS
 
     src = tmp_path / "in"
@@ -531,7 +531,7 @@ print("done", flush=True)
 
 
 def test_exit_status_2_with_one_line_for_what_cannot_work(converted, tmp_path, monkeypatch):
-    import classify
+    from citytools.cli import classify
 
     src = images(tmp_path / "in", ["a.png"])
     model = ["--model", converted["ca"]]
@@ -620,7 +620,7 @@ def test_one_row_per_file_however_it_is_named(converted, tmp_path, monkeypatch):
 
 
 def test_symlinked_folders_are_followed_once_and_loops_end(converted, tmp_path, capsys):
-    from benchmark import load_records
+    from citytools.cli.benchmark import load_records
 
     store = images(tmp_path / "store", ["clean/a.png", "clean/b.png", "fringes/c.png"])
     data = images(tmp_path / "data", ["own.png"])

@@ -44,7 +44,7 @@ def test_documented_training_configs_rebuild_the_shipped_architecture():
     average_models.py)."""
     import safetensors.torch
 
-    import train_hf
+    from citytools.cli import train_hf
 
     data, model_args, training = train_hf.parse_args([str(REPO / "configs" / "default_model.json")])
     names = data.class_names.split(",")

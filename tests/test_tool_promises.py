@@ -34,7 +34,7 @@ def labelled(root, splits=("train", "validation"), per_label=3):
 
 
 def train(*args):
-    import train_hf
+    from citytools.cli import train_hf
 
     return train_hf.main([str(a) for a in args])
 
@@ -66,8 +66,7 @@ def test_train_refuses_label_folders_without_numbers_before_any_work(tmp_path):
 
 
 def test_overwrite_never_replaces_a_training_run_or_an_input(converted, tmp_path):
-    import average_models
-    import release
+    from citytools.cli import average_models, release
 
     run = shutil.copytree(converted["ca"], tmp_path / "run")  # a train_hf output: a model and its history
     (run / "checkpoint-2").mkdir()
@@ -131,9 +130,8 @@ def test_resume_skips_checkpoints_a_kill_cut_short_and_refuses_a_named_broken_on
 
 
 def test_update_card_and_release_refuse_what_does_not_match(converted, tmp_path):
-    import benchmark
-    import release
     from citytools.cards import load_card
+    from citytools.cli import benchmark, release
 
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -206,7 +204,7 @@ def test_train_answers_bad_arguments_in_one_line(case, converted, tmp_path):
 
 
 def test_benchmark_refuses_bad_models_and_outputs_before_scoring(converted, tmp_path, monkeypatch):
-    import benchmark
+    from citytools.cli import benchmark
 
     data = labelled(tmp_path / "data", splits=("test",))
     model = shutil.copytree(converted["ca"], tmp_path / "model")
@@ -230,7 +228,7 @@ def test_convert_refuses_heads_and_configs_that_do_not_fit_before_loading_clip(c
     import torch
     from safetensors.torch import load_file, save_file
 
-    import convert_original
+    from citytools.cli import convert_original
 
     head = shutil.copy(releases["ca"], tmp_path / "CCAnime-ChromaticAberration-v1.16.safetensors")
     head = Path(head)
@@ -265,7 +263,7 @@ def test_convert_refuses_heads_and_configs_that_do_not_fit_before_loading_clip(c
 
 
 def test_release_upload_checks_the_hub_before_writing_the_folder(converted, tmp_path):
-    import release
+    from citytools.cli import release
 
     with pytest.raises(UsageError, match="the Hub is switched off") as info:  # tests run with HF_HUB_OFFLINE=1
         release.main(["--model", str(converted["ca"]), "--repo-id", "me/ca", "--out", str(tmp_path / "dist")])
@@ -285,7 +283,7 @@ def test_make_synthetic_data_refuses_a_file_as_out(tmp_path):
 
 
 def test_benchmark_names_the_images_it_could_not_score_and_exits_1(converted, tmp_path):
-    import benchmark
+    from citytools.cli import benchmark
 
     data = labelled(tmp_path / "data", splits=("test",), per_label=5)
     (data / "test" / "0_pass" / "0.png").write_bytes(b"broken")
@@ -309,7 +307,7 @@ def test_benchmark_names_the_images_it_could_not_score_and_exits_1(converted, tm
 def test_classify_refuses_an_empty_range_skips_comments_and_keeps_dataset_labels(converted, tmp_path):
     import datasets
 
-    import classify
+    from citytools.cli import classify
 
     with pytest.raises(SystemExit) as info:
         classify.parse_args(["x", "--out", "r.jsonl", "--label", "Pass", "--min", "0.9", "--max", "0.1"])

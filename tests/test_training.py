@@ -105,7 +105,7 @@ def test_generated_shift_moves_red_and_blue_but_not_green():
 
 
 def train(tmp_path, synthetic, *extra):
-    import train_hf
+    from citytools.cli import train_hf
 
     out = tmp_path / "model"
     args = ["--dataset_name", str(synthetic), "--output_dir", str(out), "--head_hidden_size", "32",
@@ -288,7 +288,7 @@ def image_folder(root, layout):
 
 
 def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(tmp_path, capsys):
-    import train_hf
+    from citytools.cli import train_hf
 
     layout = {"0_pass/a.png": "ok", "0_pass/b.png": "ok", "1_ca/c.png": "ok", "1_ca/d.png": "ok",
               "1_ca/e.png": "bad", "0_pass/f.jpg": "truncated"}
@@ -315,7 +315,7 @@ def test_unreadable_images_are_left_out_with_one_line_each_and_training_goes_on(
     ({"0_pass/a.png": "ok", "1_ca/b.png": "ok", "misc/c.png": "ok"}, "without a label id"),
 ], ids=["one-class-left", "one-class", "missing-label"])
 def test_bad_datasets_fail_before_training(tmp_path, layout, message):
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.toolkit import UsageError
 
     data = image_folder(tmp_path / "data", layout)
@@ -362,7 +362,7 @@ def test_fine_tuning_adds_fringe_features_to_a_model_without_them(synthetic, con
     ("--label_loss_weights", "1,1,1", "2 positive numbers needed"),
 ])
 def test_fine_tuning_refuses_head_settings_it_would_ignore(converted, tmp_path, option, value, message):
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.toolkit import UsageError
 
     _, model_args, _ = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path),
@@ -375,7 +375,7 @@ def test_fine_tuning_refuses_head_settings_it_would_ignore(converted, tmp_path, 
 def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(synthetic, tmp_path, monkeypatch):
     """--bf16 on a machine without a GPU trains on the CPU under bf16 autocast (whether the CPU computes
     bf16 natively or not), and the model it trains scores the same in float32 and in bf16."""
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     _, _, training = train_hf.parse_args(["--dataset_name", "d", "--output_dir", str(tmp_path), "--bf16", "true"])
@@ -412,8 +412,8 @@ def test_bf16_on_a_cpu_only_machine_trains_on_the_cpu(synthetic, tmp_path, monke
 
 
 def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
-    import train_hf
     from citytools import devices
+    from citytools.cli import train_hf
 
     config = tmp_path / "args.json"
     config.write_text(json.dumps({"dataset_name": "d", "output_dir": str(tmp_path), "bf16": "auto"}))
@@ -431,7 +431,7 @@ def test_bf16_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch)
 def test_training_arguments_that_do_not_fit_are_one_line_or_give_way_with_a_note(tmp_path, capsys):
     """load_best_model_at_end is this tool's default, not the user's: it gives way to save and
     evaluation strategies that do not match it. TrainingArguments' refusals are one-line errors."""
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.toolkit import UsageError
 
     base = ["--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]
@@ -456,7 +456,7 @@ def test_training_arguments_that_do_not_fit_are_one_line_or_give_way_with_a_note
 
 
 def test_push_to_hub_is_checked_before_any_data_is_read(tmp_path):
-    import train_hf
+    from citytools.cli import train_hf
     from citytools.toolkit import UsageError
 
     with pytest.raises(UsageError, match="--push_to_hub: the Hub is switched off"):  # tests run offline
