@@ -18,7 +18,7 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
   `--baseline DIR`, another checkout's classify.py first, on the same data and model (a
   before/after in one run);
 - the original's one-image loop (open, convert, processor, model), img/s in fp16;
-- head-only training's embedding pass (train_hf.embed_all), crops/s, ratio to the raw figure and
+- head-only training's embedding pass (citytools.embedding.embed_all), crops/s, ratio to the raw figure and
   where its seconds went;
 - the original's head-only recipe end to end (train_hf.py), `--recipes`: by default at batch 1 with
   the head in fp16 autocast (as the original) and in fp32, and at batch 32: head steps/s, and the
@@ -261,13 +261,14 @@ def head_only_embedding(data, model_dir, device, dtype):
     head-only training over the train split."""
     import logging
 
+    from citytools import embedding, training_data
     from citytools.cli import train_hf
     from citytools.devices import default_batch_size, default_workers
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(model_dir).eval()
     processor = CityClassifierImageProcessor.from_pretrained(model_dir)
-    split = train_hf.load_splits(train_hf.DataArguments(dataset_name=str(data), eval_split=None))["train"]
+    split = training_data.load_splits(train_hf.DataArguments(dataset_name=str(data), eval_split=None))["train"]
     batch = default_batch_size(device, model)
     lines = []
     handler = logging.Handler()
@@ -276,7 +277,7 @@ def head_only_embedding(data, model_dir, device, dtype):
     train_hf.logger.setLevel(logging.INFO)
     try:
         start = time.perf_counter()
-        embeds, mask = train_hf.embed_all(split, model, processor, batch, device, dtype, default_workers(device))
+        embeds, mask = embedding.embed_all(split, model, processor, batch, device, dtype, default_workers(device))
         seconds = time.perf_counter() - start
     finally:
         train_hf.logger.removeHandler(handler)

@@ -48,7 +48,7 @@ def random_model(backbone, head_hidden_size=1024, projection_dim=768):
 
 
 class Embeddings(torch.utils.data.Dataset):
-    """Cached-embedding rows, as train_hf.EmbeddedViews gives them: one (dim,) embedding and a label."""
+    """Cached-embedding rows, as citytools.embedding.EmbeddedViews gives them: one (dim,) embedding and a label."""
 
     def __init__(self, rows, dim):
         generator = torch.Generator().manual_seed(0)
@@ -65,7 +65,7 @@ def trainer_steps_per_s(trainer_class, model, device, steps, warmup, output_dir)
     """Steps/s of `trainer_class` training `model`'s head at batch 1, timed from step `warmup` to the last."""
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-    from citytools.cli import train_hf
+    from citytools import training_data
 
     marks = {}
 
@@ -81,7 +81,7 @@ def trainer_steps_per_s(trainer_class, model, device, steps, warmup, output_dir)
         remove_unused_columns=False, disable_tqdm=True, seed=0, use_cpu=device.type != "cuda",
         fp16=device.type == "cuda", dataloader_pin_memory=device.type == "cuda")
     rows = Embeddings(max(steps, 64), model.head.up[0].in_features)
-    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=train_hf.collate,
+    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=training_data.collate,
                             callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log line instead
     trainer.train()
@@ -117,7 +117,7 @@ def measure(model, device, steps, rounds, output_dir):
 
     from transformers import Trainer
 
-    from citytools.cli.train_hf import HeadOnlyTrainer
+    from citytools.training import HeadOnlyTrainer
 
     warmup = min(50, steps // 5)
     head = copy.deepcopy(model.head)

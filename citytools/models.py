@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
-from citytools.toolkit import ROOT, first_line
+from citytools.cards import hub_id
+from citytools.remote import CityClassifierConfig, CityClassifierForImageClassification, CityClassifierImageProcessor
+from citytools.toolkit import ROOT, UsageError, first_line
 
 
 @dataclass
@@ -68,3 +69,27 @@ def backbone_fingerprint(model):
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_from_clip(clip_name, tiling, dtype=torch.float32, **config):
+    """(model, processor): a CityClassifier whose CLIP tower holds `clip_name`'s weights (a folder or a
+    Hub id) under a new head built from `config`, and CLIP's preprocessing (its image processor's
+    sizes, mean and std; without one, CLIP's standard at the model's resolution). The config names
+    the CLIP only by Hub id, never by a path on this machine. train_hf.py builds its models here too."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    try:
+        clip = CLIPVisionModelWithProjection.from_pretrained(clip_name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{clip_name}: cannot load a CLIP vision model ({first_line(error)})") from None
+    vision = {**clip.config.to_dict(), "_name_or_path": hub_id(clip_name) or ""}
+    model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **config))
+    model.clip.load_state_dict(clip.state_dict())
+    try:
+        clip_processor = CLIPImageProcessor.from_pretrained(clip_name)
+        sizes = {"size": dict(clip_processor.size), "crop_size": dict(clip_processor.crop_size),
+                 "image_mean": clip_processor.image_mean, "image_std": clip_processor.image_std}
+    except OSError:  # a bare vision checkpoint
+        side = clip.config.image_size
+        sizes = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    return model, CityClassifierImageProcessor(tiling=tiling, **sizes)

@@ -96,7 +96,7 @@ def test_classify_crop_on_device_scores_as_the_workers_crops(converted, tmp_path
 def test_head_only_embeddings_with_views_cut_on_the_device(converted, tmp_path):
     import datasets
 
-    from citytools.cli import train_hf
+    from citytools import embedding
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
@@ -105,8 +105,8 @@ def test_head_only_embeddings_with_views_cut_on_the_device(converted, tmp_path):
     ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     ds = ds.cast_column("image", datasets.Image(decode=False))  # as train_hf loads its splits
     cpu = torch.device("cpu")
-    embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
-    cut, cut_mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, crop="device")
+    embeds, mask = embedding.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
+    cut, cut_mask = embedding.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, crop="device")
     assert np.array_equal(mask, cut_mask) and mask.sum(1).tolist() == [5, 1, 1]
     assert np.abs(embeds - cut).max() < 1e-5
 
@@ -116,8 +116,7 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
     image gets its own embeddings (batches handed over last-first here), and a lost image is an error."""
     import datasets
 
-    from citytools import loading
-    from citytools.cli import train_hf
+    from citytools import embedding, loading
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
 
     model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
@@ -136,13 +135,13 @@ def test_head_only_embeddings_taken_out_of_order_go_back_to_their_images(convert
     real = loading.loader_batches
     monkeypatch.setattr(loading, "loader_batches", lambda *args, **kwargs: reversed(list(real(*args, **kwargs))))
     for warm_up in (False, True):  # a GPU's blank batch first (while the workers start): not among the images
-        embeds, mask = train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, warm_up=warm_up)
+        embeds, mask = embedding.embed_all(ds, model, processor, 2, cpu, torch.float32, 0, warm_up=warm_up)
         assert len(embeds) == len(mask) == len(sizes)
         for i, expected in enumerate(alone):
             assert mask[i].sum() == len(expected) and np.abs(embeds[i][mask[i].astype(bool)] - expected).max() < 1e-5
     monkeypatch.setattr(loading, "loader_batches", lambda *args, **kwargs: list(real(*args, **kwargs))[1:])
     with pytest.raises(RuntimeError, match="got 3 images for 5"):
-        train_hf.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
+        embedding.embed_all(ds, model, processor, 2, cpu, torch.float32, 0)
 
 
 def test_workers_hand_out_small_batches_that_the_main_process_joins():

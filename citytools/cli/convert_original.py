@@ -10,11 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from citytools.cards import card_text, hub_id
-from citytools.remote import (
-    CityClassifierConfig,
-    CityClassifierForImageClassification,
-    CityClassifierImageProcessor,
-)
+from citytools.models import model_from_clip
 from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir, first_line
 
 # Loss weights of the released models (ORIGINAL.md); the release configs do not carry them.
@@ -110,30 +106,6 @@ def read_release_config(path, head_path, outputs):
             raise UsageError(f"{path}: labels name ids {', '.join(sorted(labels)) or 'none'}; the head has "
                              f"{outputs} outputs, ids 0..{outputs - 1}")
     return release
-
-
-def model_from_clip(clip_name, tiling, dtype=torch.float32, **config):
-    """(model, processor): a CityClassifier whose CLIP tower holds `clip_name`'s weights (a folder or a
-    Hub id) under a new head built from `config`, and CLIP's preprocessing (its image processor's
-    sizes, mean and std; without one, CLIP's standard at the model's resolution). The config names
-    the CLIP only by Hub id, never by a path on this machine. train_hf.py builds its models here too."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    try:
-        clip = CLIPVisionModelWithProjection.from_pretrained(clip_name, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{clip_name}: cannot load a CLIP vision model ({first_line(error)})") from None
-    vision = {**clip.config.to_dict(), "_name_or_path": hub_id(clip_name) or ""}
-    model = CityClassifierForImageClassification(CityClassifierConfig(vision_config=vision, **config))
-    model.clip.load_state_dict(clip.state_dict())
-    try:
-        clip_processor = CLIPImageProcessor.from_pretrained(clip_name)
-        sizes = {"size": dict(clip_processor.size), "crop_size": dict(clip_processor.crop_size),
-                 "image_mean": clip_processor.image_mean, "image_std": clip_processor.image_std}
-    except OSError:  # a bare vision checkpoint
-        side = clip.config.image_size
-        sizes = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
-    return model, CityClassifierImageProcessor(tiling=tiling, **sizes)
 
 
 def convert(args):
