@@ -220,37 +220,21 @@ def native_bf16():
 
 def build_model(model_args, label_ids, label_names):
     """(model, processor, train_backbone) from a CityClassifier, a CLIP, or a fresh --vision_config."""
-    from transformers import CLIPVisionConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     num_labels = (max(label_ids) + 1) if model_args.arch == "class" else 1
+    labels = {}
     if model_args.arch == "class":
         names = label_names or [str(i) for i in range(num_labels)]
         if len(names) != num_labels:
             raise UsageError(f"--class_names: {len(names)} names for {num_labels} labels (ids 0..{num_labels - 1})")
-        labels = {"id2label": dict(enumerate(names))}
+        labels["id2label"] = dict(enumerate(names))
         if model_args.label_loss_weights:
             labels["label_loss_weights"] = loss_weights(model_args.label_loss_weights, num_labels)
-    else:
-        labels = {}
     head = {"arch": model_args.arch, "head_hidden_size": model_args.head_hidden_size,
             "tile_combine": model_args.tile_combine, "fringe_features": model_args.fringe_features or None, **labels}
-
     if model_args.vision_config:
-        try:
-            vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
-        except (ValueError, TypeError) as error:  # not JSON, not an object, or a field CLIPVisionConfig refuses
-            raise UsageError(f"--vision_config: not a CLIP vision config ({first_line(error)})") from None
-        try:
-            stem = json.loads(model_args.stem) if model_args.stem else None
-            config = CityClassifierConfig(vision_config=vision, stem=stem,
-                                          stem_aux_loss_weight=model_args.stem_aux_loss_weight if stem else 0.0, **head)
-        except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"--stem/--vision_config: {error}") from None
-        model = CityClassifierForImageClassification(config)
-        size = config.pixel_size
-        processor = CityClassifierImageProcessor(
-            tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return model, processor, model_args.train_backbone is not False
+        return new_backbone(model_args, head)
     if model_args.stem:
         raise UsageError("--stem builds a new backbone: give it with --vision_config")
     if not model_args.model_name_or_path:
@@ -261,28 +245,54 @@ def build_model(model_args, label_ids, label_names):
         raise UsageError(f"{model_args.model_name_or_path}: cannot load a config "
                          f"({first_line(error)})") from None
     if config.get("model_type") == "cityclassifier":
-        try:
-            model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
-        except (OSError, ValueError) as error:  # no weights, or not all of them
-            raise UsageError(f"{model_args.model_name_or_path}: cannot load the model ({first_line(error)})") from None
-        for name in ("arch", "head_hidden_size", "tile_combine"):  # the model's own; never silently another
-            given = getattr(model_args, name)
-            if given != ModelArguments.__dataclass_fields__[name].default and given != getattr(model.config, name):
-                raise UsageError(f"--{name} {given}: {model_args.model_name_or_path} is a CityClassifier with "
-                                 f"{name} {getattr(model.config, name)}, which fine-tuning keeps")
-        if model.config.num_labels != num_labels:
-            raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, "
-                             f"the data {num_labels}")
-        processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
-        if model_args.fringe_features:
-            model.add_fringe_features()
-        if "label_loss_weights" in labels:  # a training setting: it applies to a model being fine-tuned too
-            model.config.label_loss_weights = labels["label_loss_weights"]
-        return model, processor, bool(model_args.train_backbone)
+        return fine_tuned(model_args, num_labels, labels)
     try:
         model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
     except ValueError as error:  # a head setting CityClassifierConfig refuses
         raise UsageError(f"{model_args.model_name_or_path}: {first_line(error)}") from None
+    return model, processor, bool(model_args.train_backbone)
+
+
+def new_backbone(model_args, head):
+    """(model, processor, train_backbone) for --vision_config (and --stem): a backbone from scratch."""
+    from transformers import CLIPVisionConfig
+
+    try:
+        vision = CLIPVisionConfig(**json.loads(model_args.vision_config))
+    except (ValueError, TypeError) as error:  # not JSON, not an object, or a field CLIPVisionConfig refuses
+        raise UsageError(f"--vision_config: not a CLIP vision config ({first_line(error)})") from None
+    try:
+        stem = json.loads(model_args.stem) if model_args.stem else None
+        config = CityClassifierConfig(vision_config=vision, stem=stem,
+                                      stem_aux_loss_weight=model_args.stem_aux_loss_weight if stem else 0.0, **head)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--stem/--vision_config: {error}") from None
+    model = CityClassifierForImageClassification(config)
+    size = config.pixel_size
+    processor = CityClassifierImageProcessor(
+        tiling=model_args.arch == "class", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, processor, model_args.train_backbone is not False
+
+
+def fine_tuned(model_args, num_labels, labels):
+    """(model, processor, train_backbone) for a CityClassifier to fine-tune: its own head settings kept."""
+    try:
+        model = CityClassifierForImageClassification.from_pretrained(model_args.model_name_or_path)
+    except (OSError, ValueError) as error:  # no weights, or not all of them
+        raise UsageError(f"{model_args.model_name_or_path}: cannot load the model ({first_line(error)})") from None
+    for name in ("arch", "head_hidden_size", "tile_combine"):  # the model's own; never silently another
+        given = getattr(model_args, name)
+        if given != ModelArguments.__dataclass_fields__[name].default and given != getattr(model.config, name):
+            raise UsageError(f"--{name} {given}: {model_args.model_name_or_path} is a CityClassifier with "
+                             f"{name} {getattr(model.config, name)}, which fine-tuning keeps")
+    if model.config.num_labels != num_labels:
+        raise UsageError(f"{model_args.model_name_or_path}: has {model.config.num_labels} labels, "
+                         f"the data {num_labels}")
+    processor = CityClassifierImageProcessor.from_pretrained(model_args.model_name_or_path)
+    if model_args.fringe_features:
+        model.add_fringe_features()
+    if "label_loss_weights" in labels:  # a training setting: it applies to a model being fine-tuned too
+        model.config.label_loss_weights = labels["label_loss_weights"]
     return model, processor, bool(model_args.train_backbone)
 
 
