@@ -178,9 +178,8 @@ def checkpoint_problem(folder):
         return "no model weights (*.safetensors)"
     for file in weights:
         try:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():  # a truncated file fails here, tensor by tensor
-                    f.get_slice(key)
+            with safe_open(str(file), "pt"):  # checks that the header's tensors cover the file: a cut file fails
+                pass
         except Exception as error:  # noqa: BLE001 - any unreadable weights file: that checkpoint is broken
             return f"{file.name} is unreadable ({first_line(error)})"
     return None
