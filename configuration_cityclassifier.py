@@ -4,10 +4,11 @@ import math
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
+from .tiling import TILE_COMBINES
+
 ARCHES = ("class", "score")
 VIT_L_14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                 "image_size": 336, "patch_size": 14, "projection_dim": 768}  # openai/clip-vit-large-patch14-336
-TILE_COMBINES = ("mean", "median", "max", "min")
 FRINGE_DEFAULTS = {"block": 48, "max_shift": 3, "min_edge": 0.02, "blocks": 12}
 
 # Loaded by path with trust_remote_code, the image-classification task goes to our subclass: it

@@ -1,18 +1,16 @@
 """CityClassifier's image processor: the original's five-crop tiling (or a grid of crops covering the
 whole picture at native resolution), then CLIP preprocessing per tile."""
 
-import functools
-import math
 from typing import TypedDict
 
 import numpy as np
 import PIL.Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .tiling import NUM_TILES, TILING_MODES, grid_layout, is_tiled, tile_boxes, tiling_size, view_layout
+
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-NUM_TILES = 5
-TILING_MODES = ("five", "grid")
 NATIVE_RESIZE_MODES = {"1", "P", "L", "LA", "RGB", "RGBA", "CMYK"}  # resized for tiling before conversion
 
 
@@ -96,31 +94,10 @@ def as_pil_list(images, input_data_format=None):
     return [as_pil(images, input_data_format)]
 
 
-def tiling_size(width, height, resize_limit):
-    """The size tiling works at: above `resize_limit` on the long edge, the SHORT edge becomes
-    `resize_limit`, which upscales very wide images (2000x1000 -> 3072x1536), as the released scores do."""
-    if max(width, height) <= resize_limit:
-        return width, height
-    new_long = int(resize_limit * max(width, height) / min(width, height))
-    return (resize_limit, new_long) if width <= height else (new_long, resize_limit)
-
-
 def resize_for_tiling(image, resize_limit):
     """Resizes to `tiling_size` as torchvision's resize does on PIL images (bilinear, antialiased)."""
     size = tiling_size(*image.size, resize_limit)
     return image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
-
-
-def tile_boxes(width, height, tile):
-    """torchvision five_crop's boxes (left, top, right, bottom): four corners, then the centre."""
-    top, left = int(round((height - tile) / 2.0)), int(round((width - tile) / 2.0))
-    corners = [(0, 0), (width - tile, 0), (0, height - tile), (width - tile, height - tile), (left, top)]
-    return [(x, y, x + tile, y + tile) for x, y in corners]
-
-
-def is_tiled(width, height, crop, tiling=True):
-    """The original's rule: with tiling on, an image is cut into five tiles when min(w, h) > 2*crop."""
-    return tiling and min(width, height) > 2 * crop
 
 
 def tile_views(image, crop, resize_limit, tiling=True):
@@ -130,26 +107,6 @@ def tile_views(image, crop, resize_limit, tiling=True):
         return [image]
     image = resize_for_tiling(image, resize_limit)
     return [image.crop(box) for box in tile_boxes(*image.size, tile)]
-
-
-def grid_layout(width, height, tile, max_tiles):
-    """Grid tiling of a width x height image: (the size it is cut at, the tiles' boxes). Native size
-    when ceil(w / tile) * ceil(h / tile) tiles are at most `max_tiles`, else scaled down until they
-    are; the tiles of a row (a column) are spread evenly from edge to edge, overlapping a little, so
-    every pixel is in one."""
-    def count(w, h):
-        return math.ceil(w / tile) * math.ceil(h / tile)
-
-    scale = 1.0
-    while count(round(width * scale), round(height * scale)) > max_tiles and min(width, height) * scale > tile:
-        scale *= 0.97
-    size = (max(tile, round(width * scale)), max(tile, round(height * scale))) if scale < 1 else (width, height)
-
-    def starts(length):
-        n = math.ceil(length / tile)
-        return [0] if n == 1 else [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-    return size, [(x, y, x + tile, y + tile) for y in starts(size[1]) for x in starts(size[0])]
 
 
 def grid_views(image, crop, max_tiles):
@@ -162,80 +119,12 @@ def grid_views(image, crop, max_tiles):
     return [image.crop(box) for box in boxes]
 
 
-# ------------------------------------------------------------------ Pillow's resize, on any torch device
-# Pillow resizes 8-bit images in two passes (horizontal, then vertical), each a weighted sum with
-# integer weights (22 fractional bits) rounded back to 8 bits. Restated here in torch so a GPU can
-# cut and resize the views itself, with the same bytes as PIL (tests compare them exactly).
-
-PIL_PRECISION_BITS = 22  # libImaging/Resample.c: 32 - 8 - 2
-
-
-def _bilinear(x):
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
-
-
-def _bicubic(x):  # a = -0.5, evaluated in Pillow's order
-    x = np.abs(x)
-    near = ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * -0.5
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-PIL_FILTERS = {int(PIL.Image.BILINEAR): (_bilinear, 1.0), int(PIL.Image.BICUBIC): (_bicubic, 2.0)}
-
-
-@functools.lru_cache(maxsize=512)
-def pil_resample_weights(in_size, out_size, resample):
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for resizing a whole axis of `in_size`
-    pixels to `out_size`: (first source pixel (out,), integer weights (out, taps)), both int64
-    (cached: read-only)."""
-    kernel, support = PIL_FILTERS[int(resample)]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = support * filterscale
-    taps = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
-    first = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
-    x = np.arange(taps)
-    used = x[None, :] < count[:, None]
-    weights = np.where(used, kernel(((x[None, :] + first[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
-    total = np.zeros(out_size)
-    for tap in range(taps):  # summed in Pillow's order: the rounding of the total decides some weights
-        total = total + weights[:, tap]
-    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
-    scaled = weights * (1 << PIL_PRECISION_BITS)
-    weights = np.trunc(np.where(weights < 0, -0.5 + scaled, 0.5 + scaled)).astype(np.int64)
-    first.flags.writeable = weights.flags.writeable = False
-    return first, weights
-
-
-_DEVICE_WEIGHTS = {}
-
-
 def to_device(tensor, device):
     """`tensor` on `device`; from the CPU to a GPU through pinned memory, without waiting: a copy from
     pageable memory would first wait until everything queued on the GPU is done."""
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
-
-
-def _device_weights(device, in_size, out_size, resample):
-    """`pil_resample_weights` as tensors on `device` (int64 first pixels, int32 weights), kept per
-    size: a fresh copy from pageable memory would stall the GPU's queue, so it goes through pinned
-    memory, without waiting, once per size."""
-    import torch
-
-    key = (str(device), in_size, out_size, int(resample))
-    if key not in _DEVICE_WEIGHTS:
-        if len(_DEVICE_WEIGHTS) >= 1024:
-            _DEVICE_WEIGHTS.pop(next(iter(_DEVICE_WEIGHTS)))
-        first, weights = pil_resample_weights(in_size, out_size, resample)
-        _DEVICE_WEIGHTS[key] = (to_device(torch.from_numpy(first.astype(np.int64)), device),
-                                to_device(torch.from_numpy(weights.astype(np.int32)), device))
-    return _DEVICE_WEIGHTS[key]
 
 
 _DEVICE_CONSTANTS = {}
@@ -252,51 +141,6 @@ def _device_constants(device, *values):
             _DEVICE_CONSTANTS.pop(next(iter(_DEVICE_CONSTANTS)))
         _DEVICE_CONSTANTS[key] = tuple(to_device(torch.tensor(v, dtype=torch.float32), device) for v in values)
     return _DEVICE_CONSTANTS[key]
-
-
-def _resample_axis(pixels, dim, first, weights, shift):
-    """One Pillow pass along `dim` of an int32 tensor: output i sums source pixels first[i] - shift
-    onwards times its integer weights, rounds, shifts and clips to 0..255."""
-    import torch
-
-    taps = weights.shape[1]
-    index = (first[:, None] - shift + torch.arange(taps, device=pixels.device)).clamp_(max=pixels.shape[dim] - 1)
-    shape = [1] * pixels.dim()
-    shape[dim] = -1
-    total = torch.full((), 1 << (PIL_PRECISION_BITS - 1), dtype=torch.int32, device=pixels.device)
-    for tap in range(taps):  # a tap past the edge reads the last pixel with weight 0
-        total = total + pixels.index_select(dim, index[:, tap]) * weights[:, tap].view(shape)
-    return (total >> PIL_PRECISION_BITS).clamp_(0, 255)
-
-
-def resize_like_pil(pixels, size, resample, window=None):
-    """(..., H, W, 3) uint8 tensor -> the same bytes as PIL's `Image.resize((width, height), resample)`
-    for BILINEAR and BICUBIC, or only its `window` (left, top, right, bottom) of the output: each
-    output pixel depends on its own row's and column's weights, so a crop costs only its pixels."""
-    import torch
-
-    height, width = pixels.shape[-3], pixels.shape[-2]
-    out_width, out_height = size
-    left, top, right, bottom = window or (0, 0, out_width, out_height)
-    if (out_width, out_height) == (width, height):
-        return pixels[..., top:bottom, left:right, :]
-    x, start = pixels, 0
-    if out_height == height:  # no vertical pass: the window's rows as they are
-        x = x[..., top:bottom, :, :]
-    else:  # only the source rows the vertical pass reads
-        first_y, weights_y = pil_resample_weights(height, out_height, resample)
-        start = int(first_y[top:bottom].min())
-        x = x[..., start : min(int(first_y[top:bottom].max()) + weights_y.shape[1], height), :, :]
-    x = x.to(torch.int32)
-    if out_width == width:
-        x = x[..., left:right, :]
-    else:
-        first, weights = _device_weights(pixels.device, width, out_width, resample)
-        x = _resample_axis(x, -2, first[left:right], weights[left:right], 0)
-    if out_height != height:
-        first, weights = _device_weights(pixels.device, height, out_height, resample)
-        x = _resample_axis(x, -3, first[top:bottom], weights[top:bottom], start)
-    return x.to(torch.uint8)
 
 
 class CityClassifierImageProcessor(BaseImageProcessor):
@@ -375,6 +219,12 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         resized = short_edge * int(short_edge * max(width, height) / min(width, height))
         return max(largest, resized)
 
+    def view_layout(self, width, height, tiling=None):
+        """Where a width x height picture's views come from: (the size it is resized to before
+        cutting, the views' boxes in that size), by this processor's settings (`tiling.view_layout`)."""
+        return view_layout(width, height, self.size["shortest_edge"], self.tiling if tiling is None else tiling,
+                           self.tiling_mode, self.tile_resize_limit, self.grid_max_tiles)
+
     def clip_resize(self, width, height):
         """CLIP's preprocessing of a width x height view: (the short-edge resize's size, the centre
         crop's box (left, top, right, bottom) in the resized image)."""
@@ -388,31 +238,6 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         """One RGB PIL view -> (crop, crop, 3) uint8: CLIP's bicubic short-edge resize and centre crop."""
         size, (left, top, right, bottom) = self.clip_resize(*view.size)
         return np.asarray(view.resize(size, self.resample))[top:bottom, left:right]
-
-    def device_views_supported(self):
-        """Whether `device_views` can stand in for `views` + `resize_and_crop` (BILINEAR/BICUBIC only,
-        the original's five-crop tiling only)."""
-        return (int(self.resample) in PIL_FILTERS and self.crop_size["height"] <= self.size["shortest_edge"]
-                and self.tiling_mode == "five")
-
-    def device_views(self, pixels, tiling=None):
-        """(H, W, 3) uint8 torch tensor of an RGB image, on any device -> its views' crops
-        (k, crop, crop, 3) uint8 on that device: the same bytes as `resize_and_crop` of each of
-        `views(image)`, made where the tensor is (a GPU cuts and resizes, the CPU only decodes)."""
-        import torch
-
-        tile = 2 * self.size["shortest_edge"]
-        height, width = pixels.shape[0], pixels.shape[1]
-        if self.is_tiled(width, height, tiling):
-            size = tiling_size(width, height, self.tile_resize_limit)
-            resized = resize_like_pil(pixels, size, PIL.Image.BILINEAR)
-            views = torch.stack([resized[top:bottom, left:right] for left, top, right, bottom in
-                                 tile_boxes(*size, tile)])
-            width = height = tile
-        else:
-            views = pixels[None]
-        size, box = self.clip_resize(width, height)
-        return resize_like_pil(views, size, self.resample, box)
 
     def normalize_pixels(self, pixels, out=None):
         """(H, W, 3) uint8 -> (3, H, W) float32, rescaled and normalised in CLIPImageProcessor's order

@@ -15,7 +15,7 @@ try:  # libspng decodes 8-bit PNGs faster than Pillow; without it Pillow decodes
 except ImportError:
     pyspng = None
 
-from citytools.toolkit import MAX_PIXELS, first_line
+from citytools.toolkit import MAX_PIXELS, PixelLimit, first_line
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
 
@@ -85,6 +85,11 @@ def decode_png(path):
     return image
 
 
+def limit_hint(max_pixels):
+    """" (see --flag)" when the limit came from a command line (`toolkit.PixelLimit`), else ""."""
+    return max_pixels.hint() if isinstance(max_pixels, PixelLimit) else ""
+
+
 def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
     """Opens one file as the pipeline does (EXIF rotation applied, first frame of animations),
     keeping its mode for the processor. Raises BadImage with a one-line reason.
@@ -99,12 +104,12 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow still raises above 2x
             with Image.open(path) as image:
                 if image.width * image.height > max_pixels:
-                    raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {max_pixels} "
-                                   "(see --max-pixels)")
+                    raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds {int(max_pixels)}"
+                                   f"{limit_hint(max_pixels)}")
                 work = work_pixels(*image.size) if work_pixels else 0
                 if work > max_pixels:
                     raise BadImage(f"too large to process: scoring {image.width}x{image.height} would make an image "
-                                   f"of {work} pixels, over the {max_pixels} limit (see --max-pixels)")
+                                   f"of {work} pixels, over the {int(max_pixels)} limit{limit_hint(max_pixels)}")
                 image.seek(0)
                 size = image.size
                 need = draft_short(*image.size) if draft_short and image.format == "JPEG" else None

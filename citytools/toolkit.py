@@ -19,7 +19,24 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo root: the remote-code files, the shipped model, the tools
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype's choices; auto: see devices.pick_dtype
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2  # Pillow raises DecompressionBombError above this; the tools say so per file
+
+
+class PixelLimit(int):
+    """A pixel limit that remembers the command-line flag that set it: the engine's error names the
+    limit, and the flag only where a command line has one (`PixelLimit(n, "--max-pixels")`)."""
+
+    def __new__(cls, value, flag=None):
+        limit = super().__new__(cls, value)
+        limit.flag = flag
+        return limit
+
+    def __reduce__(self):  # decoding workers get it pickled
+        return (PixelLimit, (int(self), self.flag))
+
+    def hint(self):
+        return f" (see {self.flag})" if self.flag else ""
 LABEL_FOLDER = re.compile(r"^(\d+)(?:_.*)?$")
 
 
@@ -147,9 +164,13 @@ def label_from_folder(name):
 
 # What the model tools (average_models, convert_original, release) write into a model folder: --overwrite
 # replaces a folder that holds nothing else.
+# The remote code: what a model folder needs beside its weights for trust_remote_code (save_pretrained
+# copies the model's file and every file it imports relatively).
+REMOTE_CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py",
+                     "fringes.py", "tiling.py")
 MODEL_FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
-                      "model-*-of-*.safetensors", "configuration_cityclassifier.py", "modeling_cityclassifier.py",
-                      "image_processing.py", "README.md", "generation_config.json", ".gitattributes")
+                      "model-*-of-*.safetensors", *REMOTE_CODE_FILES, "README.md", "generation_config.json",
+                      ".gitattributes")
 
 
 def check_output_dir(out, overwrite=False, inputs=(), writes=MODEL_FOLDER_FILES, flag="--out", marker="config.json"):

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from citytools.pil_resize import device_views, device_views_supported
 from citytools.remote import to_device
 
 
 @dataclass
 class DeviceImage:
     """A decoded RGB image (H, W, 3) uint8 whose `views` crops the model's device cuts itself
-    (`CityClassifierImageProcessor.device_views`, the same bytes as the CPU's crops)."""
+    (`citytools.pil_resize.device_views`, the same bytes as the CPU's crops)."""
 
     pixels: np.ndarray
     views: int
@@ -46,7 +47,7 @@ def crop_mode(device, processors, requested="auto"):
     if requested not in ("auto", "workers", "device"):
         raise ValueError(f"crop mode must be auto, workers or device, got {requested!r}")
     if requested == "device":
-        if not all(processor.device_views_supported() for processor in processors):
+        if not all(device_views_supported(processor) for processor in processors):
             raise ValueError("cropping on the device needs BILINEAR or BICUBIC resampling, crop <= size and the "
                              "five-crop tiling (not --tiling-mode grid)")
         return "device"
@@ -58,7 +59,7 @@ def device_crops(processor, images, tile_mask, device):
     `device`; `tile_mask` (on the CPU: reading it must not wait for the GPU) says how many views each
     has (5: tiled), as the decoding worker decided."""
     counts = tile_mask.sum(1).tolist()
-    return torch.cat([processor.device_views(to_device(image, device), tiling=count > 1)
+    return torch.cat([device_views(processor, to_device(image, device), tiling=count > 1)
                       for image, count in zip(images, counts)])
 
 

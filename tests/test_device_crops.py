@@ -17,7 +17,7 @@ def pil_resize(pixels, size, resample):
 
 @pytest.mark.parametrize("resample", [PIL.Image.BILINEAR, PIL.Image.BICUBIC])
 def test_resize_like_pil_gives_pillows_bytes(resample):
-    from citytools.remote import resize_like_pil
+    from citytools.pil_resize import resize_like_pil
 
     rng = np.random.default_rng(int(resample))
     for trial in range(40):
@@ -43,13 +43,14 @@ def test_resize_like_pil_gives_pillows_bytes(resample):
                                   (336, 336), (673, 673)])
 def test_device_views_are_the_cpu_crops(size):
     """The original's tiling rule (upscaling quirk included), five crops, CLIP's resize and crop."""
+    from citytools.pil_resize import device_views
     from citytools.remote import CityClassifierImageProcessor
 
     processor = CityClassifierImageProcessor()
     image = make_image(*size, seed=sum(size))
     for tiling in (True, False):
         expected = np.stack([processor.resize_and_crop(view) for view in processor.views(image, tiling)])
-        got = processor.device_views(torch.from_numpy(np.asarray(image)), tiling).numpy()
+        got = device_views(processor, torch.from_numpy(np.asarray(image)), tiling).numpy()
         assert got.shape == expected.shape and np.array_equal(got, expected), (size, tiling)
 
 
@@ -180,6 +181,7 @@ def test_workers_hand_out_small_batches_that_the_main_process_joins():
 def test_device_views_of_non_rgb_images_keep_the_originals_order(mode):
     """A decoding worker hands the device `prepare`'s image: non-RGB modes already resized in their
     own mode (as the original did), so the device's crops equal the CPU's."""
+    from citytools.pil_resize import device_views
     from citytools.remote import CityClassifierImageProcessor
     from citytools.views import view_tiles
 
@@ -188,7 +190,7 @@ def test_device_views_of_non_rgb_images_keep_the_originals_order(mode):
     whole = view_tiles(processor, image, True, "device")
     assert whole.views == 5 and whole.pixels.shape == (1536, 2901, 3)  # resized to the tiling size already
     expected = view_tiles(processor, image, True, "uint8")
-    assert np.array_equal(processor.device_views(torch.from_numpy(whole.pixels), True).numpy(), expected)
+    assert np.array_equal(device_views(processor, torch.from_numpy(whole.pixels), True).numpy(), expected)
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 16])

@@ -117,7 +117,7 @@ def test_fringe_model_feeds_the_head_and_add_fringe_features_keeps_the_scores(co
 
 @pytest.mark.parametrize("size", [(673, 673), (1344, 700), (2000, 1500), (4000, 3000), (9000, 700), (20000, 700)])
 def test_grid_layout_covers_every_pixel_with_full_tiles(size):
-    from citytools.remote import grid_layout
+    from citytools.tiling import grid_layout
 
     tile, max_tiles = 672, 48
     (width, height), boxes = grid_layout(*size, tile, max_tiles)
@@ -154,8 +154,9 @@ def test_grid_views_are_native_crops_and_small_images_match_the_original():
 
 
 def test_grid_tiling_is_refused_for_device_crops_and_checked():
+    from citytools.pil_resize import device_views_supported
     from citytools.remote import CityClassifierImageProcessor
 
     with pytest.raises(ValueError, match="tiling_mode"):
         CityClassifierImageProcessor(tiling_mode="nine")
-    assert not CityClassifierImageProcessor(tiling_mode="grid").device_views_supported()
+    assert not device_views_supported(CityClassifierImageProcessor(tiling_mode="grid"))

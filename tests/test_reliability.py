@@ -335,6 +335,12 @@ def test_a_strip_that_would_be_upscaled_is_refused_and_the_max_pixels_option(con
     errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
     assert errors["fine.png"] is None and "too large to process" in errors["strip.png"]
     assert f"{100000 * 30} pixels" in errors["strip.png"]
+    assert errors["strip.png"].endswith("over the 1000000 limit (see --max-pixels)")  # the command line adds its flag
+    from citytools.images import BadImage, load_image
+
+    with pytest.raises(BadImage) as refused:  # the engine, as train_hf and benchmark call it, names no flag
+        load_image(str(src / "strip.png"), 1_000_000, work_pixels=lambda w, h: 100 * w * h)
+    assert "--" not in str(refused.value)
     with pytest.raises(SystemExit) as exit_info:
         classify.parse_args([str(src), "--max-pixels", "0"])
     assert exit_info.value.code == 2

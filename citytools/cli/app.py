@@ -12,8 +12,8 @@ import numpy as np
 from PIL import ImageDraw, ImageFont
 
 from citytools.loading import collate
-from citytools.remote import TILE_COMBINES
 from citytools.scorer import Scorer
+from citytools.tiling import TILE_COMBINES
 from citytools.toolkit import ROOT, first_line
 
 DEFAULT_MODEL = str(ROOT)
@@ -48,17 +48,12 @@ def annotate(image, boxes, scores):
 
 
 def original_boxes(image, processor, tiling=None):
-    """The views' boxes in the uploaded image's coordinates."""
-    from citytools.remote import tile_boxes, tiling_size
-
-    tile = 2 * processor.size["shortest_edge"]
+    """The views' boxes in the uploaded image's coordinates (inclusive corners, for drawing)."""
     w, h = image.size
-    if not processor.is_tiled(w, h, tiling):
-        return [(0, 0, w - 1, h - 1)]
-    tw, th = tiling_size(w, h, processor.tile_resize_limit)
+    (tw, th), boxes = processor.view_layout(w, h, tiling)
     sx, sy = w / tw, h / th
     return [(round(left * sx), round(top * sy), round(right * sx) - 1, round(bottom * sy) - 1)
-            for left, top, right, bottom in tile_boxes(tw, th, tile)]
+            for left, top, right, bottom in boxes]
 
 
 class Demo:

@@ -29,7 +29,9 @@ import numpy as np
 
 from citytools.cards import BASELINE, dataset_id, load_card, update_card
 from citytools.plots import plots, sort_key
+from citytools.tiling import TILE_COMBINES
 from citytools.toolkit import (
+    DTYPES,
     EXIT_OK,
     EXIT_SOME_FAILED,
     ROOT,
@@ -41,8 +43,6 @@ from citytools.toolkit import (
     non_negative_int,
     positive_int,
 )
-
-STRATEGIES = ("mean", "median", "max", "min")
 
 
 def parse_args(argv=None):
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         help="decoding processes (default: as classify.py: half the cores on a CPU, the model's "
                              "threads get the rest; cores - 1 feeding a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="model dtype (default: float32, the reference numbers)")
     parser.add_argument("--update-card", type=Path, metavar="MODEL_DIR",
                         help="write the headline metrics into MODEL_DIR/README.md as a model-index block (refused "
@@ -214,7 +214,7 @@ def model_scores(scorer, name, records, args):
                 continue
             for _, output, mask in scorer.outputs(grouped):
                 tiles, mask = output.tile_scores.float().cpu(), mask.cpu()
-                for strategy in (STRATEGIES if tiling else ("mean",)):
+                for strategy in (TILE_COMBINES if tiling else ("mean",)):
                     variant = f"{name_of_pass}-{strategy}" if tiling else "no-tiling"
                     combined = combine_tiles(tiles, mask, strategy).numpy()
                     results.setdefault(variant, {}).update(zip(indices, combined))

@@ -32,9 +32,14 @@ output that cannot be written.
 import argparse
 from pathlib import Path
 
-from citytools.toolkit import MAX_PIXELS, ROOT, finite_float, non_negative_int, positive_int
+from citytools.tiling import TILE_COMBINES, TILING_MODES
+from citytools.toolkit import DTYPES, MAX_PIXELS, ROOT, PixelLimit, finite_float, non_negative_int, positive_int
 
 DEFAULT_MODEL = str(ROOT)
+
+
+def max_pixels(text):
+    return PixelLimit(positive_int(text), "--max-pixels")
 
 
 def parse_args(argv=None):
@@ -57,22 +62,22 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for the model (default: all cores for models over 50M parameters, which "
                              "are compute-bound; otherwise the cores the decoding workers leave free, at least 1)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto: float16 on CUDA, float32 on a CPU (the stem and head stay float32 in every dtype)")
     parser.add_argument("--crop-on", choices=["auto", "workers", "device"], default="auto",
                         help="where images are resized and cut into views: workers (auto), or device: the GPU "
                              "does it and the decoding workers only decode (the same bytes as Pillow's resize; "
                              "try it where the CPUs cannot keep a GPU busy)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="five-crop tiling of large images (default: as each model's processor says)")
-    parser.add_argument("--tiling-mode", choices=["five", "grid"],
+    parser.add_argument("--tiling-mode", choices=TILING_MODES,
                         help="five: the original's five crops after shrinking to a 1536 px short side; grid: crops "
                              "covering the whole picture at native resolution (up to the processor's "
                              "grid_max_tiles, 48 by default), for multi-megapixel pictures with small fringes; "
                              "slower on them (default: as each model's processor says)")
-    parser.add_argument("--combine", choices=["mean", "median", "max", "min"],
+    parser.add_argument("--combine", choices=TILE_COMBINES,
                         help="how tile scores combine (default: as each model's config says)")
-    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=max_pixels, default=PixelLimit(MAX_PIXELS, "--max-pixels"),
                         help="give an error row to images with more pixels, or whose scoring would make a larger "
                              f"image (a 10000x3 strip is resized to 1120000x336) (default: {MAX_PIXELS}, twice "
                              "Pillow's warning limit)")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from citytools.cards import card_text, hub_id
 from citytools.models import model_from_clip
-from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir, first_line
+from citytools.toolkit import DTYPES, UsageError, atomic_output_dir, check_output_dir, first_line
 
 # Loss weights of the released models (ORIGINAL.md); the release configs do not carry them.
 RELEASED_LOSS_WEIGHTS = {
@@ -38,7 +38,7 @@ def parse_args(argv=None):
         "--clip", required=True, help="CLIP model folder or Hub id (the original: openai/clip-vit-large-patch14-336)"
     )
     parser.add_argument("--out", required=True, type=Path, help="model folder to write")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weight dtype")
+    parser.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32", help="weight dtype")
     parser.add_argument("--repo-id", help="the Hub id the model card's usage snippet names (default: --out's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a model folder this tool "
                         "wrote (nothing else in it, and not one of the inputs)")

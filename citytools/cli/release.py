@@ -19,6 +19,7 @@ from pathlib import Path
 
 from citytools.cards import card_text, check_summary_is_of, read_summary
 from citytools.toolkit import (
+    REMOTE_CODE_FILES,
     ROOT,
     UsageError,
     atomic_output_dir,
@@ -27,7 +28,6 @@ from citytools.toolkit import (
     weights_fingerprint,
 )
 
-CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py")
 MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 
@@ -65,7 +65,7 @@ def build(args):
     with atomic_output_dir(args.out, args.overwrite, inputs=(args.model,)) as tmp:
         for name in MODEL_FILES:
             shutil.copy2(args.model / name, tmp / name)
-        for name in CODE_FILES:  # the repo's code: the version these tools were tested with
+        for name in REMOTE_CODE_FILES:  # the repo's code: the version these tools were tested with
             shutil.copy2(ROOT / name, tmp / name)
         (tmp / "README.md").write_text(card_text(config, args.repo_id, args.license, summary))
     if pickles:
