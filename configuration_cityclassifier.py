@@ -90,13 +90,7 @@ class CityClassifierConfig(PretrainedConfig):
         if not getattr(self, "label2id", None):
             self.label2id = {name: int(i) for i, name in self.id2label.items()}
 
-        if vision_config is None:
-            vision_config = CLIPVisionConfig(**VIT_L_14_336)  # the original's backbone; the processor's 336 px
-        elif isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**vision_config)
-        else:
-            vision_config = CLIPVisionConfig(**vision_config.to_dict())  # a copy: the stem changes num_channels
-        self.vision_config = vision_config
+        self.vision_config = self.vision_spec(vision_config)
         self.arch = arch
         self.head_hidden_size = head_hidden_size
         self.head_dropout = head_dropout
@@ -108,26 +102,45 @@ class CityClassifierConfig(PretrainedConfig):
             raise ValueError(f"id2label must have at least two labels for arch='class', got {self.num_labels}")
         self.label_loss_weights = self.loss_weights(label_loss_weights, self.num_labels)
 
+        stem = self.stem_spec(stem)
         if stem is not None:
-            pool = stem.get("pool", 1)
-            stem = {"channels": [int(c) for c in stem["channels"]],
-                    "kernel_sizes": [int(k) for k in stem.get("kernel_sizes", [3] * len(stem["channels"]))],
-                    "strides": [int(s) for s in stem.get("strides", [1] * len(stem["channels"]))]}
-            lengths = {len(v) for v in stem.values()}
-            if len(lengths) != 1 or 0 in lengths or min(min(v) for v in stem.values()) < 1:
-                raise ValueError(f"stem needs equally long, non-empty lists of positive channels, kernel_sizes "
-                                 f"and strides, got {stem}")
-            stem["pool"] = int(pool)
-            if stem["pool"] < 1:
-                raise ValueError(f"stem pool must be a positive integer, got {pool}")
-            if any(k % 2 == 0 for k in stem["kernel_sizes"]):
-                raise ValueError(f"stem kernel_sizes must be odd (same padding), got {stem['kernel_sizes']}")
             self.vision_config.num_channels = stem["channels"][-1]
         if stem_aux_loss_weight < 0:
             raise ValueError(f"stem_aux_loss_weight must be >= 0, got {stem_aux_loss_weight}")
         self.stem = stem
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
+
+    @staticmethod
+    def vision_spec(vision_config):
+        """A CLIPVisionConfig of our own (the stem changes num_channels): ViT-L/14-336 when None (the
+        original's backbone; the processor's 336 px), else a copy of the given config or dict."""
+        if vision_config is None:
+            return CLIPVisionConfig(**VIT_L_14_336)
+        if isinstance(vision_config, dict):
+            return CLIPVisionConfig(**vision_config)
+        return CLIPVisionConfig(**vision_config.to_dict())
+
+    @staticmethod
+    def stem_spec(stem):
+        """`stem` as stored: None, or {"channels", "kernel_sizes", "strides": equally long lists of
+        positive ints (odd kernels, "same" padding), "pool": positive int}; ValueError otherwise."""
+        if stem is None:
+            return None
+        pool = stem.get("pool", 1)
+        stem = {"channels": [int(c) for c in stem["channels"]],
+                "kernel_sizes": [int(k) for k in stem.get("kernel_sizes", [3] * len(stem["channels"]))],
+                "strides": [int(s) for s in stem.get("strides", [1] * len(stem["channels"]))]}
+        lengths = {len(v) for v in stem.values()}
+        if len(lengths) != 1 or 0 in lengths or min(min(v) for v in stem.values()) < 1:
+            raise ValueError(f"stem needs equally long, non-empty lists of positive channels, kernel_sizes "
+                             f"and strides, got {stem}")
+        stem["pool"] = int(pool)
+        if stem["pool"] < 1:
+            raise ValueError(f"stem pool must be a positive integer, got {pool}")
+        if any(k % 2 == 0 for k in stem["kernel_sizes"]):
+            raise ValueError(f"stem kernel_sizes must be odd (same padding), got {stem['kernel_sizes']}")
+        return stem
 
     @staticmethod
     def loss_weights(value, num_labels):

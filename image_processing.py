@@ -340,17 +340,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             (grid tiling: the most any image has, at least 5) and 1 without, and `tile_mask`
             (batch, tiles) int64.
         """
-        kwargs = {name: value for name, value in kwargs.items() if value is not None}
-        if kwargs:
-            raise TypeError(f"CityClassifierImageProcessor got unknown argument(s): {', '.join(sorted(kwargs))}")
-        steps = {"do_resize": do_resize, "do_center_crop": do_center_crop, "do_rescale": do_rescale,
-                 "do_normalize": do_normalize, "do_convert_rgb": do_convert_rgb}
-        skipped = [name for name, value in steps.items() if value is not None and not value]
-        if skipped:
-            raise ValueError(f"{', '.join(skipped)}=False is not supported: the model's scores need every step")
-        if data_format is not None and str(data_format) not in ("channels_first", "ChannelDimension.FIRST"):
-            raise ValueError(f"data_format must be channels_first (pixel_values are (batch, tiles, 3, H, W)), "
-                             f"got {data_format}")
+        self._refuse_unsupported(kwargs, data_format, do_resize=do_resize, do_center_crop=do_center_crop,
+                                 do_rescale=do_rescale, do_normalize=do_normalize, do_convert_rgb=do_convert_rgb)
         processor = self.with_options(tiling_mode=tiling_mode, grid_max_tiles=grid_max_tiles,
                                       tile_resize_limit=tile_resize_limit, size=size, crop_size=crop_size,
                                       resample=resample, rescale_factor=rescale_factor, image_mean=image_mean,
@@ -367,6 +358,19 @@ class CityClassifierImageProcessor(BaseImageProcessor):
                 processor.clip_preprocess(view, out=pixel_values[i, t])
                 tile_mask[i, t] = 1
         return BatchFeature({"pixel_values": pixel_values, "tile_mask": tile_mask}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _refuse_unsupported(unknown, data_format, **steps):
+        """TypeError for unknown arguments; ValueError for a step switched off or channels-last output."""
+        unknown = sorted(name for name, value in unknown.items() if value is not None)
+        if unknown:
+            raise TypeError(f"CityClassifierImageProcessor got unknown argument(s): {', '.join(unknown)}")
+        skipped = [name for name, value in steps.items() if value is not None and not value]
+        if skipped:
+            raise ValueError(f"{', '.join(skipped)}=False is not supported: the model's scores need every step")
+        if data_format is not None and str(data_format) not in ("channels_first", "ChannelDimension.FIRST"):
+            raise ValueError(f"data_format must be channels_first (pixel_values are (batch, tiles, 3, H, W)), "
+                             f"got {data_format}")
 
     def __call__(self, images, **kwargs):
         return self.preprocess(images, **kwargs)

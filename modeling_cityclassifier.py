@@ -298,20 +298,12 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         clip_options = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
-        clip = None
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("pass exactly one of pixel_values and image_embeds")
         if image_embeds is None:
-            if pixel_values.ndim == 4:
-                pixel_values = pixel_values[:, None]  # (batch, 3, H, W) -> (batch, 1, 3, H, W)
-            batch, tiles = pixel_values.shape[:2]
-            if tile_mask is None:
-                tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
-            flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
-            embeds, stem_features, clip = self._embed(flat[tile_mask.bool().flatten()], **clip_options)  # real only
-            image_embeds = scatter_tiles(embeds, tile_mask)
+            image_embeds, tile_mask, stem_features, clip = self._tile_embeds(pixel_values, tile_mask, clip_options)
         else:
-            stem_features = None
+            stem_features = clip = None
             if image_embeds.ndim == 2:
                 image_embeds = image_embeds[:, None]  # (batch, dim) -> (batch, 1, dim)
             if tile_mask is None:
@@ -336,6 +328,19 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             attentions=clip.attentions if clip is not None else None,
         )
         return output if return_dict else output.to_tuple()
+
+    def _tile_embeds(self, pixel_values, tile_mask, clip_options):
+        """pixel_values (batch, tiles, 3, H, W) or (batch, 3, H, W) -> (image_embeds (batch, tiles, dim),
+        the tile mask (all ones when None), the stem's features of the real views, CLIP's output).
+        Padding tiles never reach the backbone."""
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]  # (batch, 3, H, W) -> (batch, 1, 3, H, W)
+        batch, tiles = pixel_values.shape[:2]
+        if tile_mask is None:
+            tile_mask = torch.ones(batch, tiles, dtype=torch.bool, device=pixel_values.device)
+        flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
+        embeds, stem_features, clip = self._embed(flat[tile_mask.bool().flatten()], **clip_options)
+        return scatter_tiles(embeds, tile_mask), tile_mask, stem_features, clip
 
     def _combine(self, z, tile_mask, how):
         """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""

@@ -85,6 +85,11 @@ def decode_png(path):
     return image
 
 
+def error_text(error):
+    """The error column's one-line reason for any exception met while opening or preparing an image."""
+    return str(error) if isinstance(error, BadImage) else f"cannot process: {first_line(error)}"
+
+
 def limit_hint(max_pixels):
     """" (see --flag)" when the limit came from a command line (`toolkit.PixelLimit`), else ""."""
     return max_pixels.hint() if isinstance(max_pixels, PixelLimit) else ""
@@ -125,7 +130,7 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
                     result = decoded if orientation == 1 else ImageOps.exif_transpose(decoded)
                 if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
                     size = size[::-1]
-                result.info["file_size"] = size  # the file's own size, also when decoded at a reduced scale
+                result.info["picture_size"] = size  # (width, height) as stored, also when decoded at a reduced scale
                 return result
     except BadImage:
         raise

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from citytools.discovery import iter_files, path_key
-from citytools.images import MAX_PIXELS, BadImage, load_image
+from citytools.images import MAX_PIXELS, error_text, load_image
+from citytools.results import file_row
 from citytools.toolkit import first_line
 from citytools.views import DeviceImage
 
@@ -117,18 +118,16 @@ class FileStream(torch.utils.data.IterableDataset):
             yield meta, inputs
 
     def load(self, path):
-        meta = {"path": path, "width": None, "height": None, "error": None, **file_stamp(path)}
+        meta = file_row(path, **file_stamp(path))
         try:
             fault_injection(path)
             draft = self.scorer.draft_short if self.fast_decode else None
             image = load_image(path, self.max_pixels or MAX_PIXELS, draft,
                                lambda width, height: self.scorer.work_pixels(width, height, self.tiling))
-            meta["width"], meta["height"] = image.info["file_size"]
+            meta["width"], meta["height"] = image.info["picture_size"]
             return meta, self.scorer.preprocess(image, tiling=self.tiling)
-        except BadImage as error:
-            meta["error"] = str(error)
         except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
-            meta["error"] = f"cannot process: {first_line(error)}"
+            meta["error"] = error_text(error)
         return meta, None
 
 
@@ -234,6 +233,20 @@ def collate(items):
         else:
             grouped.append((torch.from_numpy(np.concatenate(tiles)), mask))
     return metas, grouped
+
+
+def preprocess_each(values, prepare):
+    """`prepare(value) -> inputs` (`Scorer.preprocess` of an image, a path, a dataset cell) for each of
+    `values`, in the main process -> (positions that worked, their inputs collated (see `collate`) or
+    None, {position: one-line error}): a bad value is an error, never a crash."""
+    items, good, errors = [], [], {}
+    for i, value in enumerate(values):
+        try:
+            items.append((None, prepare(value)))
+            good.append(i)
+        except Exception as error:  # noqa: BLE001 - an error row, never a crash
+            errors[i] = error_text(error)
+    return good, (collate(items)[1] if items else None), errors
 
 
 def micro_batch(batch_size, workers, device, split=False):

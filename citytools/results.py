@@ -25,7 +25,33 @@ import numpy as np
 
 from citytools.toolkit import UsageError, first_line, lock_exclusive, release_lock
 
-STRING_COLUMNS = ("path", "error")
+# The output row, one per input file: these columns (name -> arrow type), then each model's score
+# columns: `<model>:<label>` (float) per label, then `<model>:top_label` (string; see score_columns).
+FILE_COLUMNS = {"path": "string", "width": "int64", "height": "int64", "error": "string", "file_size": "int64",
+                "modified": "int64"}
+STRING_COLUMNS = ("path", "error")  # may hold text that is not UTF-8 (file names): see encode_row
+TOP_LABEL = "top_label"
+
+
+def file_row(path, error=None, width=None, height=None, file_size=None, modified=None):
+    """The file columns of one row: width/height as stored (pixels), file_size in bytes, modified in
+    st_mtime_ns, error a one-line reason or None."""
+    return {"path": path, "width": width, "height": height, "error": error, "file_size": file_size,
+            "modified": modified}
+
+
+def score_columns(model_key, labels):
+    """A model's score columns, in output order: one per label, then its top label."""
+    return [f"{model_key}:{label}" for label in labels] + [f"{model_key}:{TOP_LABEL}"]
+
+
+def is_top_label(column):
+    return column.endswith(f":{TOP_LABEL}")
+
+
+def column_label(column):
+    """`<model>:<label>` -> label (model keys hold no colon; labels may)."""
+    return column.split(":", 1)[1]
 
 
 class OutputError(UsageError):
@@ -303,9 +329,8 @@ class ResultsStore:
         import pyarrow.csv
         import pyarrow.parquet
 
-        fields = [pa.field("path", pa.string()), pa.field("width", pa.int64()), pa.field("height", pa.int64()),
-                  pa.field("error", pa.string()), pa.field("file_size", pa.int64()), pa.field("modified", pa.int64())]
-        fields += [pa.field(c, pa.string() if c.endswith(":top_label") else pa.float64()) for c in columns]
+        fields = [pa.field(name, getattr(pa, kind)()) for name, kind in FILE_COLUMNS.items()]
+        fields += [pa.field(c, pa.string() if is_top_label(c) else pa.float64()) for c in columns]
         schema = pa.schema(fields)
         tmp = self.out.with_name(f".{self.out.name}.tmp")
         try:

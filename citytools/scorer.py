@@ -11,6 +11,7 @@ from citytools.devices import pick_device, pick_dtype, ready_event, to_host
 from citytools.loading import blank_image, collate
 from citytools.models import ScoringModel, backbone_fingerprint, load_scoring_model, model_key
 from citytools.remote import CPU_CHUNK_BYTES, to_device
+from citytools.results import score_columns
 from citytools.toolkit import weights_fingerprint
 from citytools.views import crop_mode, device_crops, model_pixels, view_tiles
 
@@ -62,11 +63,8 @@ class Scorer:
         return {"models": models}
 
     def columns(self):
-        """Score columns in output order: `<model>:<label>` for each label, then `<model>:top_label`."""
-        names = []
-        for m in self.models:
-            names += [f"{m.key}:{label}" for label in m.model.config.id2label.values()] + [f"{m.key}:top_label"]
-        return names
+        """Score columns in output order (citytools.results.score_columns), model after model."""
+        return [c for m in self.models for c in score_columns(m.key, m.model.config.id2label.values())]
 
     def preprocess(self, image, tiling=None):
         """PIL image -> per group (real tiles from `view_tiles`, tile slots) for `collate`. `tiling`
@@ -158,10 +156,10 @@ class Scorer:
             if rows is None:
                 rows = [{} for _ in table]
             labels = list(m.model.config.id2label.values())
+            *label_columns, top_column = score_columns(m.key, labels)
             for row, values in zip(rows, table):
-                for label, value in zip(labels, values):
-                    row[f"{m.key}:{label}"] = float(value)
-                row[f"{m.key}:top_label"] = labels[int(np.argmax(values))] if len(labels) > 1 else None
+                row.update(zip(label_columns, values.tolist()))
+                row[top_column] = labels[int(np.argmax(values))] if len(labels) > 1 else None
         return rows or []
 
 

@@ -88,7 +88,7 @@ def decode_both(path, monkeypatch):
         monkeypatch.setattr(decoding, "pyspng", decoder)
         try:
             image = load_image(str(path))
-            outcomes.append((image.mode, image.size, image.info["file_size"], np.asarray(image).tobytes()))
+            outcomes.append((image.mode, image.size, image.info["picture_size"], np.asarray(image).tobytes()))
         except BadImage as error:
             outcomes.append(("error", str(error)))
     monkeypatch.setattr(decoding, "pyspng", library)

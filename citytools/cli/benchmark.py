@@ -36,7 +36,6 @@ from citytools.toolkit import (
     EXIT_SOME_FAILED,
     ROOT,
     UsageError,
-    first_line,
     fraction,
     label_from_folder,
     load_dataset,
@@ -148,7 +147,7 @@ def derive_columns(record):
 def batches(records, scorer, args, tiling):
     """Yields (record indices, grouped inputs, {index: error}) with decoding in worker processes for
     files; an image that cannot be scored is reported, not fatal."""
-    from citytools.loading import FileStream, collate, loader_batches
+    from citytools.loading import FileStream, loader_batches, preprocess_each
 
     if "path" in records[0]:
         index = {r["path"]: i for i, r in enumerate(records)}
@@ -159,14 +158,9 @@ def batches(records, scorer, args, tiling):
             yield [index[m["path"]] for m in metas if not m["error"]], grouped, errors
     else:
         for start in range(0, len(records), args.batch_size):
-            items, good, errors = [], [], {}
-            for i in range(start, min(start + args.batch_size, len(records))):
-                try:
-                    items.append((None, scorer.preprocess(records[i]["image"], tiling=tiling)))
-                    good.append(i)
-                except Exception as error:  # noqa: BLE001 - reported and left out, never fatal
-                    errors[i] = first_line(error)
-            yield good, collate(items)[1] if items else None, errors
+            good, grouped, errors = preprocess_each(records[start : start + args.batch_size],
+                                                    lambda record: scorer.preprocess(record["image"], tiling=tiling))
+            yield [start + i for i in good], grouped, {start + i: error for i, error in errors.items()}
 
 
 def load_scorer(name, args, **options):

@@ -18,13 +18,13 @@ from citytools.loading import (
     FileStream,
     Stopwatch,
     WorkerMarkers,
-    collate,
     file_stamp,
     hold_for_kill,
     is_done,
     loader_batches,
+    preprocess_each,
 )
-from citytools.results import ResultsStore, display_text
+from citytools.results import ResultsStore, column_label, display_text, file_row, is_top_label
 from citytools.toolkit import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -42,10 +42,10 @@ from citytools.transfers import SourceGone, TransferError, Transfers, inside
 def resolve_label(spec, columns):
     if spec in columns:
         return spec
-    matches = [c for c in columns if c.split(":", 1)[1] == spec and not c.endswith(":top_label")]
+    matches = [c for c in columns if column_label(c) == spec and not is_top_label(c)]
     if len(matches) == 1:
         return matches[0]
-    choices = ", ".join(repr(c) for c in columns if not c.endswith(":top_label"))
+    choices = ", ".join(repr(c) for c in columns if not is_top_label(c))
     if not matches:
         raise UsageError(f"--label {spec!r}: no such score column (have {choices})")
     raise UsageError(f"--label {spec!r} is ambiguous: name the model, one of {', '.join(matches)}")
@@ -259,8 +259,7 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
 
 def death_rows(markers, error):
     """Error rows (printed too) for the files that decoding workers were on when they died."""
-    rows = [{"path": path, "width": None, "height": None, "error": reason, "file_size": None, "modified": None}
-            for path, reason in markers.culprits(error).items()]
+    rows = [file_row(path, reason) for path, reason in markers.culprits(error).items()]
     for row in rows:
         tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)
     return rows
@@ -337,23 +336,13 @@ def score_dataset(args, scorer):
         return load_image(value, args.max_pixels, work_pixels=work_pixels) if isinstance(value, str) else value
 
     def add_scores(batch):
-        out = {name: [] for name in ["error", *columns]}
-        inputs, positions = [], []
-        for i, value in enumerate(batch[args.image_column]):
-            try:
-                inputs.append(scorer.preprocess(open_image(value)))
-                positions.append(i)
-                out["error"].append(None)
-            except Exception as error:  # noqa: BLE001 - an error row, never a crash
-                out["error"].append(str(error) if isinstance(error, BadImage) else first_line(error))
-        rows = [{} for _ in batch[args.image_column]]
-        if inputs:
-            _, grouped = collate([(None, x) for x in inputs])
-            for i, scores in zip(positions, scorer.score(grouped)):
-                rows[i] = scores
-        for name in columns:
-            out[name] = [row.get(name) for row in rows]
-        return out
+        values = batch[args.image_column]
+        good, grouped, errors = preprocess_each(values, lambda value: scorer.preprocess(open_image(value)))
+        rows = [{} for _ in values]
+        for i, scores in zip(good, scorer.score(grouped) if grouped else []):
+            rows[i] = scores
+        return {"error": [errors.get(i) for i in range(len(values))],
+                **{name: [row.get(name) for row in rows] for name in columns}}
 
     scored = ds.map(add_scores, batched=True, batch_size=args.batch_size, desc="scoring")
     if isinstance(feature, datasets.Image):
