@@ -1,0 +1,193 @@
+"""Colour fringes measured over the whole picture at its own resolution: numpy only, no torch, so the
+processor runs it where the pixels are decoded. Remote code (the processor imports it relatively);
+`citytools.baseline` scores pictures with it alone, the classical yardstick.
+
+Lateral chromatic aberration moves the red and blue edges away from the green ones (one channel, both
+apart, both together against green, radially growing from the centre). The picture (above
+`work_side` on its long side: box-downscaled to it) is cut into blocks; in each cell of a
+`grid` x `grid` layout the `per_cell` blocks with the most green edges are kept (so corners, where
+radial aberration is largest, are always seen); in each, the gradient magnitudes of red and blue
+are cross-correlated with green's (FFT, Hann window, normalised) over shifts up to `max_shift` px,
+and the peak, refined to sub-pixel by a parabola, is where red's and blue's edges sit against
+green's. The summaries in NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the
+yardstick's score.
+"""
+
+import numpy as np
+import PIL.Image
+
+NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
+                          "min_edge": 0.01, "min_peak": 0.2}
+NATIVE_FRINGE_FEATURES = (
+    "fringe_px",  # mean over measured blocks of the largest of |red|, |blue|, |red - blue| offsets, px
+    "fringe_median",  # its median over the blocks
+    "fringe_p90",  # its 90th percentile
+    "red_px",  # median |red offset| against green
+    "blue_px",  # median |blue offset| against green
+    "apart_px",  # median |red - blue|: red and blue moved apart
+    "together_px",  # median |red + blue| / 2: green moved against magenta
+    "radial_px",  # |median of (red - blue) along the direction from the picture's centre|: radial aberration
+    "coherent_px",  # |mean (red - blue) vector|: one shift of the whole picture
+    "red_gain",  # median rise of red's correlation with green when red is moved back
+    "blue_gain",  # the same for blue
+    "edge_share",  # the share of blocks measured
+    "scale",  # work size / picture size (1 when measured at native resolution)
+)
+
+
+def native_fringe_spec(value):
+    """The measurement's settings as stored: None/False -> None, True -> the defaults, a dict ->
+    completed and checked (ValueError)."""
+    if value is None or value is False:
+        return None
+    spec = dict(NATIVE_FRINGE_DEFAULTS)
+    if value is not True:
+        if not isinstance(value, dict) or set(value) - set(NATIVE_FRINGE_DEFAULTS):
+            raise ValueError(f"native_fringes must be true or a dict with keys {sorted(NATIVE_FRINGE_DEFAULTS)}, "
+                             f"got {value!r}")
+        spec.update(value)
+    for name in ("work_side", "block", "max_shift", "grid", "per_cell"):
+        spec[name] = int(spec[name])
+        if spec[name] < 1:
+            raise ValueError(f"native_fringes {name} must be a positive integer, got {spec[name]}")
+    if spec["block"] < 8 or spec["max_shift"] * 2 >= spec["block"]:
+        raise ValueError(f"native_fringes needs block >= 8 and max_shift < block / 2, got {spec}")
+    return spec
+
+
+def work_image(image, work_side):
+    """A PIL image (any mode) -> (H, W, 3) float32 RGB in [0, 1] at most `work_side` on its long side
+    (box filter: each output pixel the mean of its source pixels, which keeps a fringe's shape), and
+    the scale used."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    scale = min(1.0, work_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             PIL.Image.BOX)
+    return np.asarray(image, dtype=np.float32) * np.float32(1 / 255), scale
+
+
+def gradient_magnitude(pixels, smooth=0):
+    """(H, W, C) float -> (H, W, C) L1 gradient magnitude by central differences (0 on the border),
+    smoothed `smooth` times by [1, 2, 1] / 4 on each axis: a broader correlation peak, which the
+    parabola locates to a fraction of a pixel without pulling it to a whole one."""
+    grad = np.zeros_like(pixels)
+    grad[:, 1:-1] = np.abs(pixels[:, 2:] - pixels[:, :-2])
+    grad[1:-1, :] += np.abs(pixels[2:, :] - pixels[:-2, :])
+    for _ in range(smooth):
+        grad[:, 1:-1] = 0.5 * grad[:, 1:-1] + 0.25 * (grad[:, 2:] + grad[:, :-2])
+        grad[1:-1, :] = 0.5 * grad[1:-1, :] + 0.25 * (grad[2:, :] + grad[:-2, :])
+    return grad
+
+
+def pick_blocks(edge, grid, per_cell, min_edge):
+    """(rows, cols) green edge strength per block -> the (row, col) indices of the `per_cell` strongest
+    blocks above `min_edge` in each cell of a grid x grid layout."""
+    rows, cols = edge.shape
+    cell_row = np.arange(rows) * min(grid, rows) // rows
+    cell_col = np.arange(cols) * min(grid, cols) // cols
+    chosen_rows, chosen_cols = [], []
+    for r in range(min(grid, rows)):
+        for c in range(min(grid, cols)):
+            rr, cc = np.nonzero((cell_row[:, None] == r) & (cell_col[None, :] == c))
+            strength = edge[rr, cc]
+            order = np.argsort(-strength, kind="stable")[:per_cell]
+            order = order[strength[order] > min_edge]
+            chosen_rows += rr[order].tolist()
+            chosen_cols += cc[order].tolist()
+    return np.array(chosen_rows, dtype=np.int64), np.array(chosen_cols, dtype=np.int64)
+
+
+def peak_offsets(corr, m, overlap=1.0):
+    """(k, 2m+1, 2m+1) correlations (centre = no shift) -> ((k, 2) sub-pixel (dy, dx) of the peak, the
+    peak's value, the value at no shift). Sub-pixel: the top of a quadratic surface through the peak's
+    3 x 3 neighbourhood of `corr / overlap` (a peak on the border stays whole)."""
+    k, side = corr.shape[0], 2 * m + 1
+    flat = corr.reshape(k, -1)
+    index = flat.argmax(1)
+    peak = flat[np.arange(k), index]
+    iy, ix = np.divmod(index, side)
+    inner = (iy > 0) & (iy < side - 1) & (ix > 0) & (ix < side - 1)
+    y, x = np.where(inner, iy, 1), np.where(inner, ix, 1)
+    padded = (corr / overlap)[np.arange(k)[:, None, None], y[:, None, None] + np.arange(-1, 2)[None, :, None],
+                  x[:, None, None] + np.arange(-1, 2)[None, None, :]]  # (k, 3, 3) around the peak
+    gy = (padded[:, 2, 1] - padded[:, 0, 1]) / 2
+    gx = (padded[:, 1, 2] - padded[:, 1, 0]) / 2
+    hyy = padded[:, 2, 1] - 2 * padded[:, 1, 1] + padded[:, 0, 1]
+    hxx = padded[:, 1, 2] - 2 * padded[:, 1, 1] + padded[:, 1, 0]
+    hxy = (padded[:, 2, 2] - padded[:, 2, 0] - padded[:, 0, 2] + padded[:, 0, 0]) / 4
+    det = hyy * hxx - hxy * hxy
+    top = inner & (hyy < 0) & (det > 0)  # a maximum: the quadratic's top is where its gradient vanishes
+    safe = np.where(top, det, 1.0)
+    dy = np.where(top, -(hxx * gy - hxy * gx) / safe, 0.0).clip(-1, 1)
+    dx = np.where(top, -(hyy * gx - hxy * gy) / safe, 0.0).clip(-1, 1)
+    return np.stack([iy - m + dy, ix - m + dx], 1), peak, corr[:, m, m]
+
+
+def block_offsets(pixels, spec):
+    """(H, W, 3) float pixels -> per measured block: (red (k, 2) and blue (k, 2) offsets against
+    green in px (dy, dx), red's and blue's correlation gain (k,), the blocks' centres (k, 2) (y, x),
+    the number of blocks in the picture)."""
+    height, width = pixels.shape[:2]
+    b = min(spec["block"], max(8, min(height, width) // 2))
+    b -= b % 2
+    m = min(spec["max_shift"], b // 2 - 1)
+    rows, cols = height // b, width // b
+    empty = np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros((0, 2))
+    if rows == 0 or cols == 0:
+        return (*empty, 0)
+    top, left = (height - rows * b) // 2, (width - cols * b) // 2
+    grad = gradient_magnitude(pixels[top : top + rows * b, left : left + cols * b])
+    blocks = grad.reshape(rows, b, cols, b, 3).transpose(0, 2, 4, 1, 3)  # (rows, cols, 3, b, b)
+    edge = blocks[:, :, 1].mean((-1, -2))
+    picked_rows, picked_cols = pick_blocks(edge, spec["grid"], spec["per_cell"], spec["min_edge"])
+    if len(picked_rows) == 0:
+        return (*empty, rows * cols)
+    chosen = blocks[picked_rows, picked_cols].astype(np.float64)  # (k, 3, b, b)
+    window = np.hanning(b)
+    centred = (chosen - chosen.mean((-1, -2), keepdims=True)) * (window[:, None] * window[None, :])
+    spectra = np.fft.rfft2(centred)
+    energy = np.square(centred).sum((-1, -2))  # (k, 3)
+    shifts = np.arange(-m, m + 1) % b
+    # The window weighs a pair of edges by where both fall in the block: a shift d loses the weight of
+    # the window's own correlation at d, which pulls every peak towards 0. Divided out for the sub-pixel
+    # step only: far from 0 it would magnify noise into peaks.
+    window_spectrum = np.fft.rfft2(window[:, None] * window[None, :])
+    overlap = np.fft.irfft2(window_spectrum * np.conj(window_spectrum), s=(b, b))[shifts[:, None], shifts[None, :]]
+    overlap = overlap / overlap[m, m]
+    found = []
+    for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
+        corr = np.fft.irfft2(spectra[:, channel] * np.conj(spectra[:, 1]), s=(b, b))
+        corr = corr[:, shifts[:, None], shifts[None, :]]
+        corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
+        found.append(peak_offsets(corr, m, overlap))
+    (red, red_peak, red_zero), (blue, blue_peak, blue_zero) = found
+    good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"])
+    centres = np.stack([top + (picked_rows + 0.5) * b, left + (picked_cols + 0.5) * b], 1)
+    return (red[good], blue[good], (red_peak - red_zero)[good], (blue_peak - blue_zero)[good], centres[good],
+            rows * cols)
+
+
+def summarise(red, blue, red_gain, blue_gain, centres, blocks, size, scale):
+    """Per-block offsets -> the NATIVE_FRINGE_FEATURES of the picture (zeros when nothing was measured)."""
+    if len(red) == 0:
+        return np.array([0.0] * (len(NATIVE_FRINGE_FEATURES) - 1) + [scale], dtype=np.float32)
+    apart = red - blue
+    red_len, blue_len, apart_len = (np.linalg.norm(v, axis=1) for v in (red, blue, apart))
+    worst = np.maximum(np.maximum(red_len, blue_len), apart_len)
+    outward = centres - np.array([size[0] / 2, size[1] / 2])
+    outward = outward / np.linalg.norm(outward, axis=1, keepdims=True).clip(1e-9)
+    features = [worst.mean(), np.median(worst), np.percentile(worst, 90), np.median(red_len), np.median(blue_len),
+                np.median(apart_len), np.median(np.linalg.norm(red + blue, axis=1) / 2),
+                abs(np.median((apart * outward).sum(1))), np.linalg.norm(apart.mean(0)),
+                np.median(red_gain), np.median(blue_gain), len(red) / max(blocks, 1), scale]
+    return np.array(features, dtype=np.float32)
+
+
+def measure_fringes(image, spec=None):
+    """One picture (PIL, any mode) -> (len(NATIVE_FRINGE_FEATURES),) float32 measurements; offsets in
+    px at the work size (`scale` of the picture's). `spec`: see native_fringe_spec (None: defaults)."""
+    spec = native_fringe_spec(True if spec is None else spec)
+    pixels, scale = work_image(image, spec["work_side"])
+    *offsets, blocks = block_offsets(pixels, spec)
+    return summarise(*offsets, blocks, pixels.shape[:2], scale)
