@@ -123,7 +123,7 @@ def write_benchmark_split(split, count=8, size=(90, 80), step=10, family=None):
     """A labelled split folder for benchmark.py: `count` images of growing width, odd ones shifted by
     3 px (`1_shift/`), even ones clean (`0_clean/`), and a metadata.csv with effect and strength (and
     family, width and height when `family(i)` names each image's family)."""
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     rng = np.random.default_rng(0)
     header = "file_name,effect,strength" + (",family,width,height" if family else "")

@@ -10,8 +10,8 @@ from conftest import write_benchmark_split
 
 
 def test_baseline_scores_a_shifted_image_above_its_clean_original():
-    import make_synthetic_data as m
     from citytools.baseline import FringeBaseline
+    from citytools.cli import make_synthetic_data as m
 
     rng = np.random.default_rng(1)
     clean = m.draw_illustration(rng, 900, 700)

@@ -55,7 +55,7 @@ def test_classify_grid_tiling_end_to_end_and_resume_refuses_another_mode(convert
 
 
 def test_pictures_are_split_by_group_per_family_for_good():
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     pictures = [(f"/p/{family}/{g}/{i}.png", family, f"/p/{family}/{g}")
                 for family in ("photo", "pixel art") for g in range(30) for i in range(3)]
@@ -72,36 +72,37 @@ def test_pictures_are_split_by_group_per_family_for_good():
 def test_wallpaper_resolutions_share_a_group_and_rules_pick_families():
     import re
 
-    import make_synthetic_data as m
+    from citytools import pictures
 
     a = "/usr/share/wallpapers/Path/contents/images/1920x1080.jpg"
     b = "/usr/share/wallpapers/Path/contents/images/5120x2880.jpg"
-    assert m.picture_group(a) == m.picture_group(b) != m.picture_group(a.replace("Path", "Kite"))
+    assert pictures.picture_group(a) == pictures.picture_group(b) != pictures.picture_group(a.replace("Path", "Kite"))
 
     def family(package, path):
-        return next((f for p, pattern, f in m.DEBIAN_RULES if p == package and re.search(pattern, path)), None)
+        return next((f for p, pattern, f in pictures.DEBIAN_RULES if p == package and re.search(pattern, path)), None)
 
     assert family("plasma-workspace-wallpapers", a) == "photo"
     assert family("plasma-workspace-wallpapers", a.replace("Path", "Cascade")) == "3D render"
     assert family("naev-data", "/usr/share/games/naev/dat/gfx/portraits/neutral/a.png") == "painted"
     assert family("hedgewars-data", "/usr/share/games/hedgewars/Data/Graphics/Hats/x.png") is None  # sprites: out
-    assert {f for _, _, f in m.DEBIAN_RULES} <= set(m.FAMILIES)
+    assert {f for _, _, f in pictures.DEBIAN_RULES} <= set(pictures.FAMILIES)
 
 
 def test_transparent_pictures_are_composited_before_the_effect(tmp_path):
-    import make_synthetic_data as m
+    from citytools import pictures
+    from citytools.cli import make_synthetic_data as m
 
     rgba = np.zeros((200, 160, 4), np.uint8)
     rgba[40:160, 30:130] = (250, 20, 20, 255)  # an opaque red square on a transparent field
     path = tmp_path / "stamp.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    assert m.usable_picture(path)
+    assert pictures.usable_picture(path)
     image, strength, source = m.make_example(12, "shift", [], picture=path, backgrounds=())
     assert image.mode == "RGB" and strength > 0 and source == str(path)
     corner = np.asarray(image)[:5, :5].reshape(-1, 3)
     assert not (corner == 0).all()  # the transparent field became a background, not black
     Image.fromarray(rgba[:100, :100], "RGBA").save(tmp_path / "tiny.png")
-    assert not m.usable_picture(tmp_path / "tiny.png")  # icons are left out
+    assert not pictures.usable_picture(tmp_path / "tiny.png")  # icons are left out
 
 
 # -------------------------------------------------------------------------------------- benchmark

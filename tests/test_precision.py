@@ -24,7 +24,7 @@ def pictures(tmp_path_factory):
     with 2 px of radial aberration, and the generator's pictures (drawn, or crops of those photos)
     with its effects and hard negatives, from 138 to 2048 px (tiled and not). Before the model kept
     its stem and the fringe measurements in float32, bf16 moved one of these scores by 0.019."""
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     folder = tmp_path_factory.mktemp("precision")
     for example in sorted((REPO / "examples").glob("*.png")):

@@ -22,7 +22,7 @@ def test_shipped_model_loads_offline_and_scores_both_labels():
 
 
 def test_shipped_model_ranks_an_aberrated_image_above_its_clean_original():
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     pipe = shipped_pipeline()
     rng = np.random.default_rng(7)

@@ -19,7 +19,7 @@ TINY_VISION = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidde
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    import make_synthetic_data
+    from citytools.cli import make_synthetic_data
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     assert make_synthetic_data.main(["--out", str(out), "--train", "16", "--validation", "6", "--test", "4",
@@ -33,7 +33,7 @@ def digest(folder):
 
 
 def test_generator_is_deterministic_and_labels_match_folders(synthetic, tmp_path):
-    import make_synthetic_data
+    from citytools.cli import make_synthetic_data
 
     again = tmp_path / "again"
     make_synthetic_data.main(["--out", str(again), "--train", "16", "--validation", "6", "--test", "4",
@@ -51,7 +51,7 @@ def test_generator_is_deterministic_and_labels_match_folders(synthetic, tmp_path
 
 
 def test_generator_draws_only_the_chosen_hard_negatives():
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     default = [effect for _, effect in m.plan("train", 400, 5, 0.2)]
     assert set(default) == set(m.POSITIVES) | set(m.NEGATIVES)  # every kind shows up by default
@@ -65,7 +65,7 @@ def test_generator_draws_only_the_chosen_hard_negatives():
 
 
 def test_delivered_images_are_the_same_pictures_compressed_once_more(synthetic, tmp_path):
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     delivered = tmp_path / "delivered"
     assert m.main(["--out", str(delivered), "--train", "16", "--validation", "6", "--test", "4", "--seed", "3",
@@ -94,7 +94,7 @@ def test_delivered_images_are_the_same_pictures_compressed_once_more(synthetic, 
 
 
 def test_generated_shift_moves_red_and_blue_but_not_green():
-    import make_synthetic_data as m
+    from citytools.cli import make_synthetic_data as m
 
     rng = np.random.default_rng(0)
     clean = m.draw_illustration(rng, 200, 150)

@@ -1,0 +1,254 @@
+"""Writes a synthetic chromatic-aberration dataset as a `datasets` image folder.
+
+Clean sources are procedurally drawn anime-like illustrations (flat cel-shaded fills, dark
+outlines, gradients, hair-like strokes, text) and crops of the few real photos that installed
+packages ship; with --real-pictures, also the pictures of the Debian packages that
+../shared/TRAINING_SOURCES.md allows (photos, painted portraits, clip art, pixel art, 3D renders,
+cartoons: `--install` installs missing ones with apt-get), at their native resolution or scaled
+down, transparent ones composited on varied backgrounds. Each real picture belongs to one split
+for good, chosen by its source group (a wallpaper's folder, a stamp's or sprite's directory), so a
+test split never holds a crop, a resolution or a sibling of a training picture.
+
+Positives (label 1) add chromatic aberration: red/blue channel shifts, radial (lateral) aberration,
+aberration on part of the image, with and without blur. Negatives (label 0) are the clean images
+plus hard negatives taken from the original model's known weaknesses: HSV noise, rough sketches of
+overlapping semi-transparent lines, JPEG/WebP artefacts, grayscale, saturated complementary colour
+edges (red beside cyan) and screentone.
+
+With --delivered, a share of the finished images (positives included) is saved once more the way
+pictures travel, as a JPEG of quality 70-95 or a WebP of quality 75-95, and stored as the decoded
+result: so that compression is not a sign of a clean picture, and fringes are learnt as they look
+after chroma subsampling.
+
+Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
+    OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
+    OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
+                                                            family, width, height (, delivery)
+Folder names follow the original's convention: the number before the first underscore is the label.
+Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
+"""
+
+import argparse
+import csv
+import io
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from citytools.aberrations import channel_shift, radial_aberration
+from citytools.drawing import (
+    complementary_edges,
+    crop_photo,
+    draw_illustration,
+    halftone,
+    hsv_noise,
+    load_picture,
+    recompress,
+    rough_sketch,
+    soft_mask,
+)
+from citytools.pictures import photo_sources, real_pictures, split_pictures
+from citytools.toolkit import fraction, non_negative_int, positive_int
+
+POSITIVES = ("shift", "radial", "partial")
+NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
+HARD_NEGATIVES = NEGATIVES[1:]
+LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
+SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
+
+
+def make_example(seed, effect, photos, picture=None, backgrounds=()):
+    """One (image, strength, source) for an effect, fully determined by `seed`: a drawn
+    illustration, a packaged photo's crop, or `picture` (a real picture's path) when given."""
+    rng = np.random.default_rng(seed)
+    long = int(rng.choice(LONG_EDGES))
+    short = max(128, int(long * rng.uniform(0.5, 1.0)))
+    w, h = (long, short) if rng.random() < 0.6 else (short, long)
+    photo = photos[int(rng.integers(0, len(photos)))] if photos and rng.random() < 0.15 else None
+    source = f"photo:{photo.name}" if photo else "drawn"
+    strength = 0.0
+    if effect == "sketch":
+        return rough_sketch(rng, w, h), strength, "sketch"
+    if effect == "complementary":
+        return complementary_edges(rng, w, h), strength, "drawn"
+    if picture is not None:
+        image, source = load_picture(rng, picture, backgrounds), str(picture)
+        w, h = image.size
+    else:
+        image = crop_photo(rng, photo, w, h) if photo else draw_illustration(rng, w, h)
+    if effect in POSITIVES:
+        strength = float(rng.choice([1, 1.5, 2, 3, 4, 5, 6, 8]))
+        if effect == "radial":
+            shifted = radial_aberration(image, rng, strength)
+        else:
+            shifted = channel_shift(image, rng, strength)
+        if rng.random() < 0.3:  # soft, bleeding fringes
+            shifted = shifted.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+        if effect == "partial":
+            mask = Image.fromarray((soft_mask(rng, w, h) * 255).astype(np.uint8))
+            shifted = Image.composite(shifted, image, mask)
+        image = shifted
+    elif effect == "hsv_noise":
+        image = hsv_noise(image, rng)
+    elif effect in ("jpeg", "webp"):
+        image = recompress(image, rng, effect.upper())
+    elif effect == "grayscale":
+        image = image.convert("L").convert("RGB")
+    elif effect == "halftone":
+        image = halftone(image, rng)
+    return image, strength, source
+
+
+def deliver(image, seed, effect, fraction):
+    """(image, how it was delivered): with probability `fraction`, `image` saved as a JPEG (quality
+    70-95, 4:2:0 chroma subsampling in 70% of them, else 4:4:4) or, one time in four, a WebP (quality
+    75-95) and decoded again; "none" otherwise and for the JPEG/WebP hard negatives, which are
+    compressed already. Drawn from its own stream, so that a dataset made without it is unchanged."""
+    rng = np.random.default_rng([seed, 13])
+    if effect in ("jpeg", "webp") or rng.random() >= fraction:
+        return image, "none"
+    buffer = io.BytesIO()
+    if rng.random() < 0.25:
+        image.save(buffer, "WEBP", quality=int(rng.integers(75, 96)))
+        kind = "webp"
+    else:
+        subsampling = 2 if rng.random() < 0.7 else 0
+        image.save(buffer, "JPEG", quality=int(rng.integers(70, 96)), subsampling=subsampling)
+        kind = "jpeg 4:2:0" if subsampling == 2 else "jpeg 4:4:4"
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), kind
+
+
+def write_one(job):
+    seed, effect, path, photos, picture, family, backgrounds, delivered = job
+    image, strength, source = make_example(seed, effect, photos, picture, backgrounds)
+    delivery = None
+    if delivered > 0:
+        image, delivery = deliver(image, seed, effect, delivered)
+    if family is None:
+        family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, compress_level=1)
+    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery
+
+
+def pick_pictures(planned, split, seed, pictures, real_fraction):
+    """Per planned (seed, effect): (picture path, family) or (None, None) for a generated image. A
+    real picture is taken with probability `real_fraction` (never for sketches and red/cyan edges,
+    which are drawn): first a family, uniformly, then one of its pictures in this split."""
+    rng = np.random.default_rng([seed, SPLIT_INDEX[split], 7])
+    families = sorted(pictures)
+    chosen = []
+    for _, effect in planned:
+        if families and effect not in ("sketch", "complementary") and rng.random() < real_fraction:
+            family = families[int(rng.integers(0, len(families)))]
+            path, _ = pictures[family][int(rng.integers(0, len(pictures[family])))]
+            chosen.append((path, family))
+        else:
+            chosen.append((None, None))
+    return chosen
+
+
+def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
+    """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
+    rng = np.random.default_rng([seed, SPLIT_INDEX[split]])
+    jobs = []
+    for _ in range(count):
+        if rng.random() < positive_fraction:
+            effect = POSITIVES[int(rng.integers(0, len(POSITIVES)))]
+        elif rng.random() < 0.4:
+            effect = "clean"
+        else:
+            effect = hard_negatives[int(rng.integers(0, len(hard_negatives)))]
+        jobs.append((int(rng.integers(0, 2**63)), effect))
+    return jobs
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    parser.add_argument("--train", type=non_negative_int, default=6000, help="train images (default: 6000)")
+    parser.add_argument("--validation", type=non_negative_int, default=600, help="validation images (default: 600)")
+    parser.add_argument("--test", type=non_negative_int, default=2000, help="test images (default: 2000)")
+    parser.add_argument("--positive-fraction", type=fraction, default=0.4,
+                        help="share of label-1 images (default: 0.4)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="processes (default: all cores)")
+    parser.add_argument("--no-photos", action="store_true", help="only drawn images, no packaged photos")
+    parser.add_argument("--real-pictures", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of images made from the allowed Debian packages' pictures and the packaged "
+                             "photos, at native resolution or scaled down, each picture in one split for good "
+                             "(default: 0, only generated images and crops of the packaged photos)")
+    parser.add_argument("--install", action="store_true",
+                        help="with --real-pictures, apt-get install the Debian packages that are missing")
+    parser.add_argument(
+        "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
+        help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
+             f"positives (default: all of {', '.join(HARD_NEGATIVES)})")
+    parser.add_argument("--delivered", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
+                             "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
+                             "column says how (default: 0, every image stored losslessly as made)")
+    return parser.parse_args(argv)
+
+
+def hard_negative_kinds(text):
+    """--hard-negatives "jpeg, webp" -> ("jpeg", "webp"); unknown kinds are a usage error."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(HARD_NEGATIVES))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(HARD_NEGATIVES)}")
+    return kinds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out}: is a file, not a folder", file=sys.stderr)
+        return 2
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"error: {args.out}: output folder exists and is not empty", file=sys.stderr)
+        return 2
+    pictures = split_pictures(real_pictures(args.install)) if args.real_pictures > 0 else None
+    # With real pictures, the packaged photos are real pictures too, each in one split only.
+    photos = [] if args.no_photos or pictures is not None else photo_sources()
+    if pictures is not None and not pictures["train"]:
+        print("error: --real-pictures: no pictures found (install the packages, or pass --install)", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    with Pool(args.workers) as pool:
+        for split in ("train", "validation", "test"):
+            count = getattr(args, split)
+            if count <= 0:
+                continue
+            folder = args.out / split
+            jobs = []
+            planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)
+            chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
+                      else [(None, None)] * len(planned))
+            backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
+            pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
+            for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
+                label = 1 if effect in POSITIVES else 0
+                path = folder / f"{label}_{effect}" / f"{i:06d}.png"
+                others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
+                jobs.append((seed, effect, path, photos, picture, family, others, args.delivered))
+            rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
+            with open(folder / "metadata.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                delivery_column = ["delivery"] if args.delivered > 0 else []
+                writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
+                                 "height", *delivery_column])
+                for path, effect, strength, source, size, family, width, height, delivery in rows:
+                    label = int(effect in POSITIVES)
+                    writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size,
+                                     family, width, height, *([delivery] if delivery_column else [])])
+    real = sum(len(v) for split in (pictures or {}).values() for v in split.values())
+    print(f"wrote {args.out} ({len(photos)} packaged photos used as sources"
+          + (f", {real} real pictures" if pictures else "") + ")")
+    return 0
