@@ -4,6 +4,7 @@ import math
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
+from .native_fringes import option_settings
 from .tiling import TILE_COMBINES
 
 ARCHES = ("class", "score")
@@ -154,14 +155,9 @@ class CityClassifierConfig(PretrainedConfig):
     @staticmethod
     def fringe_spec(value):
         """`fringe_features` as stored: None/False -> None, True -> the defaults, a dict -> completed and checked."""
-        if value is None or value is False:
+        spec = option_settings(value, FRINGE_DEFAULTS, "fringe_features")
+        if spec is None:
             return None
-        spec = dict(FRINGE_DEFAULTS)
-        if value is not True:
-            if not isinstance(value, dict) or set(value) - set(FRINGE_DEFAULTS):
-                raise ValueError(f"fringe_features must be true or a dict with keys {sorted(FRINGE_DEFAULTS)}, "
-                                 f"got {value!r}")
-            spec.update(value)
         spec = {"block": int(spec["block"]), "max_shift": int(spec["max_shift"]), "min_edge": float(spec["min_edge"]),
                 "blocks": int(spec["blocks"])}
         if (spec["max_shift"] < 1 or spec["block"] < 2 * spec["max_shift"] + 2 or spec["min_edge"] < 0

@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
-                          "min_edge": 0.01, "min_peak": 0.2}
+                          "min_edge": 0.01, "min_peak": 0.5}
 NATIVE_FRINGE_FEATURES = (
     "fringe_px",  # mean over measured blocks of the largest of |red|, |blue|, |red - blue| offsets, px
     "fringe_median",  # its median over the blocks
@@ -35,17 +35,24 @@ NATIVE_FRINGE_FEATURES = (
 )
 
 
-def native_fringe_spec(value):
-    """The measurement's settings as stored: None/False -> None, True -> the defaults, a dict ->
-    completed and checked (ValueError)."""
+def option_settings(value, defaults, name):
+    """An optional feature's settings as a config stores them: None/False -> None (off), True -> the
+    `defaults`, a dict -> the defaults updated by it; other values or keys: ValueError naming `name`."""
     if value is None or value is False:
         return None
-    spec = dict(NATIVE_FRINGE_DEFAULTS)
+    spec = dict(defaults)
     if value is not True:
-        if not isinstance(value, dict) or set(value) - set(NATIVE_FRINGE_DEFAULTS):
-            raise ValueError(f"native_fringes must be true or a dict with keys {sorted(NATIVE_FRINGE_DEFAULTS)}, "
-                             f"got {value!r}")
+        if not isinstance(value, dict) or set(value) - set(defaults):
+            raise ValueError(f"{name} must be true or a dict with keys {sorted(defaults)}, got {value!r}")
         spec.update(value)
+    return spec
+
+
+def native_fringe_spec(value):
+    """The measurement's settings as stored (see option_settings), checked (ValueError)."""
+    spec = option_settings(value, NATIVE_FRINGE_DEFAULTS, "native_fringes")
+    if spec is None:
+        return None
     for name in ("work_side", "block", "max_shift", "grid", "per_cell"):
         spec[name] = int(spec[name])
         if spec[name] < 1:
@@ -162,7 +169,8 @@ def block_offsets(pixels, spec):
         corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
         found.append(peak_offsets(corr, m, overlap))
     (red, red_peak, red_zero), (blue, blue_peak, blue_zero) = found
-    good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"])
+    inside = np.all(np.abs(red) < m, axis=1) & np.all(np.abs(blue) < m, axis=1)  # a peak on the border: no peak
+    good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"]) & inside
     centres = np.stack([top + (picked_rows + 0.5) * b, left + (picked_cols + 0.5) * b], 1)
     return (red[good], blue[good], (red_peak - red_zero)[good], (blue_peak - blue_zero)[good], centres[good],
             rows * cols)

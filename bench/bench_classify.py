@@ -52,7 +52,7 @@ def make_images(folder, count, seed):
     """Synthetic illustrations at the sizes a dataset holds (768-2048 px), half of them aberrated."""
     import numpy as np
 
-    from make_synthetic_data import make_example
+    from citytools.cli.make_synthetic_data import make_example
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -69,7 +69,8 @@ def make_large_images(folder, count, seed, size=(4000, 3000)):
     """Drawn illustrations (12 megapixels by default), half with a 1.5 px shift: where grid tiling matters."""
     import numpy as np
 
-    from make_synthetic_data import channel_shift, draw_illustration
+    from citytools.aberrations import channel_shift
+    from citytools.drawing import draw_illustration
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -227,6 +228,31 @@ def profile(model, files, batch=8):
             "ms_per_image": stages, "total_ms_per_image": sum(stages.values())}
 
 
+def print_report(report, repeat):
+    """The runs as a markdown table, then the ratios and the profile."""
+    runs, extras = report["runs"], {k: v for k, v in report.items() if k not in ("machine", "runs", "date")}
+    print(f"{report['machine']['processor']}, {report['machine']['cpus']} cores, "
+          f"{' '.join(report['machine']['features']) or 'no AVX2'}; best of {repeat} runs each")
+    print("| model | images | baseline img/s | classify img/s | speed-up | baseline peak RSS | classify peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        print(f"| {r['model']} | {r['images']} | {r['baseline']['images_per_s']:.2f} | "
+              f"{r['classify']['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['baseline']['peak_rss_mb']:.0f} MB | "
+              f"{r['classify']['peak_rss_mb']:.0f} MB |")
+    for r in runs:
+        if "crops_per_megapixel" in r:
+            print(f"{r['model']}: {r['crops_per_megapixel']:.2f} crops per megapixel")
+    for name, value in extras.items():
+        if name != "profile":
+            print(f"{name}: {value:.2f}x")
+    if "profile" in extras:
+        p = extras["profile"]
+        print(f"\nWhere an image's time goes ({p['images']} images, {p['views_per_image']:.1f} views each, 1 thread):")
+        print("| stage | ms per image | share |\n| --- | --- | --- |")
+        for stage, ms in p["ms_per_image"].items():
+            print(f"| {stage} | {ms:.1f} | {ms / p['total_ms_per_image']:.0%} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT), help="model folder (default: the shipped model)")
@@ -281,26 +307,7 @@ def main():
     report = {"machine": machine(), "runs": runs, "date": time.strftime("%Y-%m-%d"), **extras}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{report['machine']['processor']}, {report['machine']['cpus']} cores, "
-          f"{' '.join(report['machine']['features']) or 'no AVX2'}; best of {args.repeat} runs each")
-    print("| model | images | baseline img/s | classify img/s | speed-up | baseline peak RSS | classify peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in runs:
-        print(f"| {r['model']} | {r['images']} | {r['baseline']['images_per_s']:.2f} | "
-              f"{r['classify']['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['baseline']['peak_rss_mb']:.0f} MB | "
-              f"{r['classify']['peak_rss_mb']:.0f} MB |")
-    for r in runs:
-        if "crops_per_megapixel" in r:
-            print(f"{r['model']}: {r['crops_per_megapixel']:.2f} crops per megapixel")
-    for name, value in extras.items():
-        if name != "profile":
-            print(f"{name}: {value:.2f}x")
-    if "profile" in extras:
-        p = extras["profile"]
-        print(f"\nWhere an image's time goes ({p['images']} images, {p['views_per_image']:.1f} views each, 1 thread):")
-        print("| stage | ms per image | share |\n| --- | --- | --- |")
-        for stage, ms in p["ms_per_image"].items():
-            print(f"| {stage} | {ms:.1f} | {ms / p['total_ms_per_image']:.0%} |")
+    print_report(report, args.repeat)
     print(f"wrote {args.out}")
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from bench_classify import VIT_L, machine  # noqa: E402
-from bench_gpu import sync  # noqa: E402
+from gpu_measures import sync  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
         "image_size": 30, "patch_size": 6, "projection_dim": 16}

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
-from bench_gpu import count_crops, make_data  # noqa: E402
+from gpu_measures import count_crops, make_data  # noqa: E402
 
 from citytools.loading import FileStream, loader_batches  # noqa: E402
 from citytools.scorer import Scorer  # noqa: E402

@@ -2,6 +2,7 @@
 split of CPU cores between decoding workers and the model, batch sizes, and host <-> GPU copies that
 do not wait. Every choice made from the machine can be forced, so tests run each branch anywhere."""
 
+import contextlib
 import os
 
 import torch
@@ -97,3 +98,57 @@ def ready_event(device):
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
+
+
+@contextlib.contextmanager
+def cpu_threads(count):
+    """torch's CPU threads set to `count` (None: left as they are) for a block, then restored."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class InFlight:
+    """At most one batch queued on the device ahead of the one the host finishes. `swap(started)`
+    keeps `started` (anything with `done()`, which does not wait, and a call, which waits for it) and
+    returns the batch before it, taken off first so that it is never finished twice, for the caller
+    to finish now; `take()` returns the last one. `idle()`: whether the device has run out of work
+    (the loader's cue to hand over a partial batch)."""
+
+    def __init__(self):
+        self.pending = None
+
+    def swap(self, started):
+        previous, self.pending = self.pending, started
+        return previous
+
+    def take(self):
+        return self.swap(None)
+
+    @staticmethod
+    def finish(batch):
+        """Waits for a batch `swap` or `take` returned (None: nothing to wait for)."""
+        if batch is not None:
+            batch()
+
+    def idle(self):
+        return self.pending is None or self.pending.done()
+
+
+class Queued:
+    """Everything queued on `device` so far, as `InFlight` holds it (a CPU has nothing to wait for)."""
+
+    def __init__(self, device):
+        self.event = ready_event(device)
+
+    def done(self):
+        return self.event is None or self.event.query()
+
+    def __call__(self):
+        if self.event is not None:
+            self.event.synchronize()
+

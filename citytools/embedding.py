@@ -92,7 +92,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
 
     from tqdm import tqdm
 
-    from citytools.devices import model_threads, ready_event, to_host
+    from citytools.devices import InFlight, Queued, cpu_threads, model_threads, to_host
     from citytools.loading import Stopwatch, blank_image, collate, loader_batches
     from citytools.views import crop_mode, model_pixels, view_tiles
 
@@ -101,11 +101,8 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
         module.to(device)
     on_gpu = device.type == "cuda"  # its work is queued: batches go as soon as it is idle
     warm_up = on_gpu if warm_up is None else warm_up
-    threads = torch.get_num_threads()
-    if not on_gpu:
-        torch.set_num_threads(model_threads(model.num_parameters(), workers))
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
-    embeds, masks, order, previous, stopwatch = [], [], [], None, Stopwatch()
+    embeds, masks, order, in_flight, stopwatch = [], [], [], InFlight(), Stopwatch()
 
     def embed(tiles, mask):
         """Queues one batch; the mask stays on the host and the embeddings come back without waiting."""
@@ -120,26 +117,22 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
                     torch.cuda.synchronize(device)
 
     bar = tqdm(total=len(views), unit="img", desc=f"Embedding views on {device.type}")
+    threads = None if on_gpu else model_threads(model.num_parameters(), workers)
     try:
-        with torch.inference_mode(), autocast:
+        with cpu_threads(threads), torch.inference_mode(), autocast:
             batches = loader_batches(views, batch_size, workers, device, in_order=False, on_start=blank_batch,
-                                     idle=(lambda: previous is None or previous.query()) if on_gpu else None)
+                                     idle=in_flight.idle if on_gpu else None)
             for indices, [(tiles, mask)] in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
                 bar.update(len(indices))
                 with stopwatch("model"):
                     embeds.append(embed(tiles, mask))  # the GPU embeds it while the next one is cut and queued
                     masks.append(mask)
                     order += indices
-                    queued = ready_event(device)
-                    if previous is not None:  # one batch ahead at most
-                        previous.synchronize()
-                    previous = queued
+                    in_flight.finish(in_flight.swap(Queued(device)))  # one batch ahead at most
         with stopwatch("model"):
-            if previous is not None:  # the last batch's embeddings are in host memory
-                previous.synchronize()
+            in_flight.finish(in_flight.take())  # then the last batch's embeddings are in host memory
     finally:
         bar.close()
-        torch.set_num_threads(threads)
     logger.info("embedding pass, %d images: %s", len(views), stopwatch.line())
     if sorted(order) != list(range(len(views))):  # each image once: never a silently shifted embedding
         raise RuntimeError(f"the embedding pass got {len(order)} images for {len(views)}")

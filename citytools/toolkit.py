@@ -167,7 +167,7 @@ def label_from_folder(name):
 # The remote code: what a model folder needs beside its weights for trust_remote_code (save_pretrained
 # copies the model's file and every file it imports relatively).
 REMOTE_CODE_FILES = ("configuration_cityclassifier.py", "modeling_cityclassifier.py", "image_processing.py",
-                     "fringes.py", "tiling.py")
+                     "fringes.py", "native_fringes.py", "tiling.py")
 MODEL_FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
                       "model-*-of-*.safetensors", *REMOTE_CODE_FILES, "README.md", "generation_config.json",
                       ".gitattributes")

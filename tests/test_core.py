@@ -119,7 +119,7 @@ def test_save_and_load_round_trip(converted, tmp_path):
     assert saved["auto_map"]["AutoModelForImageClassification"].startswith("modeling_cityclassifier.")
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["auto_map"]
     for name in ("modeling_cityclassifier.py", "configuration_cityclassifier.py", "image_processing.py", "fringes.py",
-                 "tiling.py"):
+                 "native_fringes.py", "tiling.py"):
         assert (tmp_path / name).is_file()
 
 

@@ -56,7 +56,8 @@ def test_dry_run_folder_loads_and_card_parses(converted, tmp_path, capsys):
     assert "would call HfApi().upload_folder(" in printed and "tag='v1.16'" in printed
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["README.md", "config.json", "preprocessor_config.json", "model.safetensors", "image_processing.py",
-         "configuration_cityclassifier.py", "modeling_cityclassifier.py", "fringes.py", "tiling.py"])
+         "configuration_cityclassifier.py", "modeling_cityclassifier.py", "fringes.py", "native_fringes.py",
+         "tiling.py"])
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.license == "mit"
     assert {r.metric_type: r.metric_value for r in card.data.eval_results}["roc_auc"] == 0.9123

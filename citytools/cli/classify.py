@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from citytools.cli.classify_args import parse_args
-from citytools.devices import default_batch_size, default_workers, model_threads
+from citytools.devices import InFlight, default_batch_size, default_workers, model_threads
 from citytools.discovery import iter_files, path_key
 from citytools.loading import (
     FileStream,
@@ -149,6 +149,14 @@ def distributed():
     return int(os.environ.get("RANK", "0")), world
 
 
+def rank_device(device, world):
+    """--device for this process: under torchrun with --device auto and GPUs, one GPU per local rank."""
+    if world > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device
+
+
 def score_files(args, scorer, store):
     """Scores every input file not yet in the output. Returns (rank, failed files in the whole output)."""
     rank, world = distributed()
@@ -206,20 +214,20 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
     without the files written so far. Returns (scored, failed); `stopwatch` (citytools.loading.Stopwatch)
     gets the time each phase took."""
     scored = failed = deaths = 0
-    pending = []  # the batch whose scores are on their way: written once the next one is queued
+    in_flight = InFlight()  # the batch whose scores are on their way: written once the next one is queued
     on_gpu = scorer.device.type == "cuda"  # its work is queued: batches go as soon as it is idle
 
-    def flush():
+    def finish(batch):
         nonlocal scored, failed
-        while pending:
-            batch = pending.pop()  # taken off first: never written twice
-            with stopwatch("model"):
-                rows, ok, bad = batch()
-            with stopwatch("writing"):
-                journal.write(rows)
-            scored, failed = scored + ok, failed + bad
-            bar.update(len(rows))
-            hold_for_kill(scored + failed)
+        if batch is None:
+            return
+        with stopwatch("model"):
+            rows, ok, bad = batch()
+        with stopwatch("writing"):
+            journal.write(rows)
+        scored, failed = scored + ok, failed + bad
+        bar.update(len(rows))
+        hold_for_kill(scored + failed)
 
     def warm_up():
         if on_gpu:
@@ -232,19 +240,18 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
             stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
                                 markers)
             batches = loader_batches(stream, args.batch_size, args.workers, scorer.device, on_start=warm_up,
-                                     idle=(lambda: all(batch.done() for batch in pending)) if on_gpu else None)
+                                     idle=in_flight.idle if on_gpu else None)
             try:
                 for metas, grouped in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
                     with stopwatch("model"):
                         started = submit_batch(scorer, metas, grouped)  # a GPU scores it while the last is written
-                    flush()
-                    pending.append(started)
-                flush()
+                    finish(in_flight.swap(started))
+                finish(in_flight.take())
                 return scored, failed
             except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
                 if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
                     raise
-                flush()  # scored before the death: written before the files done are read back
+                finish(in_flight.take())  # scored before the death: written before the files done are read back
                 rows = death_rows(markers, error)
                 deaths += not rows
                 if deaths > 2:
@@ -366,9 +373,10 @@ def main(argv=None):
         if not path.startswith("@") and not os.path.lexists(path):
             raise UsageError(f"{path}: no such file or folder")
     check_destination(args)
+    rank, world = distributed() if not args.dataset else (0, 1)
     try:
-        scorer = Scorer(args.model, device=args.device, dtype=args.dtype, tiling=args.tiling, combine=args.combine,
-                        crop=args.crop_on, tiling_mode=args.tiling_mode)
+        scorer = Scorer(args.model, device=rank_device(args.device, world), dtype=args.dtype, tiling=args.tiling,
+                        combine=args.combine, crop=args.crop_on, tiling_mode=args.tiling_mode)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.label:
@@ -380,13 +388,6 @@ def main(argv=None):
     if args.dataset:
         return EXIT_SOME_FAILED if score_dataset(args, scorer)[1] else EXIT_OK
     store = ResultsStore(args.out)
-    rank, world = distributed()
-    if world > 1 and args.device == "auto" and torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")  # one GPU per local rank
-        torch.cuda.set_device(device)
-        for m in scorer.models:
-            m.model.to(device)
-        scorer.device = device
     refused = transfers = None
     if rank == 0:
         try:
