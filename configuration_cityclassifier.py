@@ -4,7 +4,7 @@ import math
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
-from .native_fringes import option_settings
+from .native_fringes import native_fringe_spec, option_settings
 from .tiling import TILE_COMBINES
 
 ARCHES = ("class", "score")
@@ -50,6 +50,11 @@ class CityClassifierConfig(PretrainedConfig):
             "blocks": 12} (block side and largest shift in view pixels; the smallest mean green
             gradient, in normalised units, of a block that is measured; how many of the blocks with
             most edges are measured).
+        native_fringes: None, or the picture's fringes measured by its processor over the whole
+            picture at native resolution (`native_fringes.measure_fringes`, the processor's
+            `fringe_values`), appended to every view's head input: True for the defaults, or a dict
+            of `native_fringes.NATIVE_FRINGE_DEFAULTS`' keys. The processor must measure them with the
+            same settings (its own `native_fringes`).
     """
 
     model_type = "cityclassifier"
@@ -67,6 +72,7 @@ class CityClassifierConfig(PretrainedConfig):
         stem=None,
         stem_aux_loss_weight=0.0,
         fringe_features=None,
+        native_fringes=None,
         **kwargs,
     ):
         if arch not in ARCHES:
@@ -111,6 +117,7 @@ class CityClassifierConfig(PretrainedConfig):
         self.stem = stem
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
+        self.native_fringes = native_fringe_spec(native_fringes)
 
     @staticmethod
     def vision_spec(vision_config):

@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .native_fringes import measure_fringes, native_fringe_spec
 from .tiling import NUM_TILES, TILING_MODES, grid_layout, is_tiled, tile_boxes, tiling_size, view_layout
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -25,6 +26,7 @@ class CityClassifierImageProcessorKwargs(TypedDict, total=False):
     rescale_factor: float
     image_mean: list
     image_std: list
+    native_fringes: object
 
 
 def to_rgb(image):
@@ -172,9 +174,13 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         rescale_factor=1 / 255,
         image_mean=None,
         image_std=None,
+        native_fringes=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.native_fringes = native_fringe_spec(native_fringes)
+        if self.native_fringes:  # an instance's list: a processor without them hands the model what it did
+            self.model_input_names = [*type(self).model_input_names, "fringe_values"]
         self.tiling = bool(tiling)
         if tiling_mode not in TILING_MODES:
             raise ValueError(f"tiling_mode must be one of {', '.join(TILING_MODES)}, got {tiling_mode!r}")
@@ -202,8 +208,16 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         fields = {"tiling": self.tiling, "tiling_mode": self.tiling_mode, "grid_max_tiles": self.grid_max_tiles,
                   "tile_resize_limit": self.tile_resize_limit, "size": self.size,
                   "crop_size": self.crop_size, "resample": self.resample, "rescale_factor": self.rescale_factor,
-                  "image_mean": self.image_mean, "image_std": self.image_std}
+                  "image_mean": self.image_mean, "image_std": self.image_std, "native_fringes": self.native_fringes}
         return type(self)(**{**fields, **options})
+
+    def fringe_values(self, image):
+        """The picture's fringes measured over all of it at native resolution (up to the settings'
+        work size): (len(NATIVE_FRINGE_FEATURES),) float32, or None when this processor has
+        `native_fringes` off. `image` as `preprocess` takes one, before any tiling or resize."""
+        if not self.native_fringes:
+            return None
+        return measure_fringes(to_rgb(as_pil(image)), self.native_fringes)
 
     def work_pixels(self, width, height, tiling=None):
         """Pixels of the largest image that preprocessing a width x height image makes: the resize
@@ -337,8 +351,9 @@ class CityClassifierImageProcessor(BaseImageProcessor):
                 (the model's numbers need every step); data_format: "channels_first" only.
         Returns:
             `BatchFeature` with `pixel_values` (batch, tiles, 3, crop, crop), tiles = 5 with tiling
-            (grid tiling: the most any image has, at least 5) and 1 without, and `tile_mask`
-            (batch, tiles) int64.
+            (grid tiling: the most any image has, at least 5) and 1 without, `tile_mask`
+            (batch, tiles) int64, and with `native_fringes` on, `fringe_values` (batch,
+            len(NATIVE_FRINGE_FEATURES)) float32: each picture's fringes at native resolution.
         """
         self._refuse_unsupported(kwargs, data_format, do_resize=do_resize, do_center_crop=do_center_crop,
                                  do_rescale=do_rescale, do_normalize=do_normalize, do_convert_rgb=do_convert_rgb)
@@ -357,7 +372,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             for t, view in enumerate(image_views):
                 processor.clip_preprocess(view, out=pixel_values[i, t])
                 tile_mask[i, t] = 1
-        return BatchFeature({"pixel_values": pixel_values, "tile_mask": tile_mask}, tensor_type=return_tensors)
+        data = {"pixel_values": pixel_values, "tile_mask": tile_mask}
+        if self.native_fringes:
+            data["fringe_values"] = np.stack([self.fringe_values(image) for image in images])
+        return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod
     def _refuse_unsupported(unknown, data_format, **steps):

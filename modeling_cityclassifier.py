@@ -12,6 +12,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .configuration_cityclassifier import CityClassifierConfig
 from .fringes import CPU_CHUNK_BYTES, FRINGE_FEATURES, CityClassifierFringe
 from .image_processing import to_device
+from .native_fringes import NATIVE_FRINGE_FEATURES, native_fringe_spec
 from .tiling import TILE_COMBINES
 
 
@@ -193,17 +194,25 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
     @staticmethod
     def head_inputs(config):
-        """The head's input size: CLIP's projection, plus the fringe measurements when configured."""
-        return config.vision_config.projection_dim + (len(FRINGE_FEATURES) if config.fringe_features else 0)
+        """The head's input size: CLIP's projection, plus the per-view fringe measurements and the
+        picture's native-resolution ones when configured."""
+        return (config.vision_config.projection_dim + (len(FRINGE_FEATURES) if config.fringe_features else 0)
+                + (len(NATIVE_FRINGE_FEATURES) if getattr(config, "native_fringes", None) else 0))
 
-    def add_fringe_features(self, spec=None):
-        """Turns on the fringe measurements (`CityClassifierConfig.fringe_features`, default settings
-        when `spec` is None) in a model without them: the head's first layer gets zero weights for
-        the new inputs, so the model scores exactly as before until it is trained."""
-        if self.fringe is not None:
+    def add_native_fringes(self, spec=None):
+        """Turns on the picture's native-resolution fringe measurements (`config.native_fringes`,
+        default settings when `spec` is None): the head's first layer gets zero weights for the new
+        inputs, so the model scores exactly as before until it is trained. Its processor must
+        measure them too (`CityClassifierImageProcessor(native_fringes=...)`)."""
+        if getattr(self.config, "native_fringes", None):
             return self
-        self.config.fringe_features = type(self.config).fringe_spec(spec if spec is not None else True)
-        self.fringe = CityClassifierFringe(self.config.fringe_features)
+        self.config.native_fringes = native_fringe_spec(spec if spec is not None else True)
+        self._grow_head_inputs()
+        return self
+
+    def _grow_head_inputs(self):
+        """A new first head layer for `head_inputs(config)` inputs: the old weights, zeros for the new
+        inputs (appended last)."""
         old = self.head.up[0]
         new = nn.Linear(self.head_inputs(self.config), old.out_features).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
@@ -211,6 +220,18 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             new.weight[:, : old.in_features] = old.weight
             new.bias.copy_(old.bias)
         self.head.up[0] = new
+
+    def add_fringe_features(self, spec=None):
+        """Turns on the fringe measurements (`CityClassifierConfig.fringe_features`, default settings
+        when `spec` is None) in a model without them: the head's first layer gets zero weights for
+        the new inputs, so the model scores exactly as before until it is trained."""
+        if self.fringe is not None:
+            return self
+        if getattr(self.config, "native_fringes", None):  # their columns come before the native ones
+            raise ValueError("add the per-view fringe features before the native ones (add_native_fringes)")
+        self.config.fringe_features = type(self.config).fringe_spec(spec if spec is not None else True)
+        self.fringe = CityClassifierFringe(self.config.fringe_features)
+        self._grow_head_inputs()
         return self
 
     def get_image_features(self, pixel_values):
@@ -279,6 +300,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         tile_mask=None,
         image_embeds=None,
         labels=None,
+        fringe_values=None,
         tile_combine=None,
         output_hidden_states=None,
         output_attentions=None,
@@ -291,6 +313,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             tile_mask: (batch, tiles), 1 for real tiles and 0 for padding; all ones when omitted.
             image_embeds: (batch, tiles, dim) or (batch, dim) precomputed embeddings, instead of pixels.
             labels: (batch,) label ids for class models, or scores in [0, 1] for score models.
+            fringe_values: (batch, len(NATIVE_FRINGE_FEATURES)) from the processor, the picture's
+                fringes at native resolution: needed by a model with `config.native_fringes`, ignored
+                by one without (as a processor that measures them may serve either).
             tile_combine: overrides `config.tile_combine` for this call.
             output_hidden_states, output_attentions: the CLIP tower's, per real view (padding tiles
                 never reach it): tuples of (views, tokens, ...) tensors, views in batch order.
@@ -311,7 +336,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
         how = tile_combine or self.config.tile_combine
         with torch.autocast(image_embeds.device.type, enabled=False):  # as the stem: float32 under autocast too
-            z = self.head(image_embeds.to(self.head_dtype)).float()  # (batch, tiles, num_labels)
+            z = self.head(self._head_input(image_embeds, fringe_values)).float()  # (batch, tiles, num_labels)
         tile_scores, scores, logits = self._combine(z, tile_mask, how)
 
         loss = None
@@ -341,6 +366,21 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         flat = pixel_values.flatten(0, 1)  # (batch, tiles, 3, H, W) -> (batch*tiles, 3, H, W)
         embeds, stem_features, clip = self._embed(flat[tile_mask.bool().flatten()], **clip_options)
         return scatter_tiles(embeds, tile_mask), tile_mask, stem_features, clip
+
+    def _head_input(self, image_embeds, fringe_values):
+        """(batch, tiles, dim) embeddings, with the picture's native fringe measurements (batch, F),
+        log1p-compressed (px and gains, all >= 0), appended to every view when configured."""
+        x = image_embeds.to(self.head_dtype)
+        if not getattr(self.config, "native_fringes", None):
+            return x
+        if fringe_values is None:
+            raise ValueError("this model reads the picture's fringes at native resolution: pass fringe_values "
+                             "from its processor (CityClassifierImageProcessor with native_fringes)")
+        if fringe_values.shape != (x.shape[0], len(NATIVE_FRINGE_FEATURES)):
+            raise ValueError(f"fringe_values must be (batch, {len(NATIVE_FRINGE_FEATURES)}) = "
+                             f"({x.shape[0]}, {len(NATIVE_FRINGE_FEATURES)}), got {tuple(fringe_values.shape)}")
+        native = fringe_values.to(x.device, torch.float32).clamp_min(0).log1p().to(x.dtype)
+        return torch.cat([x, native[:, None].expand(-1, x.shape[1], -1)], dim=-1)
 
     def _combine(self, z, tile_mask, how):
         """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""

@@ -8,9 +8,9 @@ apart, both together against green, radially growing from the centre). The pictu
 `grid` x `grid` layout the `per_cell` blocks with the most green edges are kept (so corners, where
 radial aberration is largest, are always seen); in each, the gradient magnitudes of red and blue
 are cross-correlated with green's (FFT, Hann window, normalised) over shifts up to `max_shift` px,
-and the peak, refined to sub-pixel by a parabola, is where red's and blue's edges sit against
-green's. The summaries in NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the
-yardstick's score.
+and the peak, refined to a twentieth of a pixel by interpolating the correlation between whole
+pixels (from its spectrum), is where red's and blue's edges sit against green's. The summaries in
+NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
 """
 
 import numpy as np
@@ -105,30 +105,45 @@ def pick_blocks(edge, grid, per_cell, min_edge):
     return np.array(chosen_rows, dtype=np.int64), np.array(chosen_cols, dtype=np.int64)
 
 
-def peak_offsets(corr, m, overlap=1.0):
-    """(k, 2m+1, 2m+1) correlations (centre = no shift) -> ((k, 2) sub-pixel (dy, dx) of the peak, the
-    peak's value, the value at no shift). Sub-pixel: the top of a quadratic surface through the peak's
-    3 x 3 neighbourhood of `corr / overlap` (a peak on the border stays whole)."""
+def integer_peaks(corr, m):
+    """(k, 2m+1, 2m+1) correlations (centre = no shift) -> ((k, 2) whole-pixel (dy, dx) of the peak,
+    the peak's value, the value at no shift)."""
     k, side = corr.shape[0], 2 * m + 1
     flat = corr.reshape(k, -1)
     index = flat.argmax(1)
-    peak = flat[np.arange(k), index]
     iy, ix = np.divmod(index, side)
-    inner = (iy > 0) & (iy < side - 1) & (ix > 0) & (ix < side - 1)
-    y, x = np.where(inner, iy, 1), np.where(inner, ix, 1)
-    padded = (corr / overlap)[np.arange(k)[:, None, None], y[:, None, None] + np.arange(-1, 2)[None, :, None],
-                  x[:, None, None] + np.arange(-1, 2)[None, None, :]]  # (k, 3, 3) around the peak
-    gy = (padded[:, 2, 1] - padded[:, 0, 1]) / 2
-    gx = (padded[:, 1, 2] - padded[:, 1, 0]) / 2
-    hyy = padded[:, 2, 1] - 2 * padded[:, 1, 1] + padded[:, 0, 1]
-    hxx = padded[:, 1, 2] - 2 * padded[:, 1, 1] + padded[:, 1, 0]
-    hxy = (padded[:, 2, 2] - padded[:, 2, 0] - padded[:, 0, 2] + padded[:, 0, 0]) / 4
-    det = hyy * hxx - hxy * hxy
-    top = inner & (hyy < 0) & (det > 0)  # a maximum: the quadratic's top is where its gradient vanishes
-    safe = np.where(top, det, 1.0)
-    dy = np.where(top, -(hxx * gy - hxy * gx) / safe, 0.0).clip(-1, 1)
-    dx = np.where(top, -(hyy * gx - hxy * gy) / safe, 0.0).clip(-1, 1)
-    return np.stack([iy - m + dy, ix - m + dx], 1), peak, corr[:, m, m]
+    return np.stack([iy - m, ix - m], 1).astype(np.float64), flat[np.arange(k), index], corr[:, m, m]
+
+
+SUBPIXEL_STEPS = ((0.25, 3), (0.05, 4))  # (step, steps each way): a coarse then a fine search around the peak
+
+
+def correlation_at(cross, b, dy, dx):
+    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at
+    fractional shifts dy, dx (k, n): the band-limited interpolation of its whole-pixel values."""
+    freq_y, freq_x = np.fft.fftfreq(b), np.fft.rfftfreq(b)
+    weight = np.full(len(freq_x), 2.0)  # the half spectrum stands for both halves
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0
+    phase_y = np.exp(2j * np.pi * freq_y[None, None, :] * dy[..., None])  # (k, n, b)
+    phase_x = np.exp(2j * np.pi * freq_x[None, None, :] * dx[..., None])  # (k, n, b//2 + 1)
+    return np.einsum("kyx,kny,knx->kn", cross * weight, phase_y, phase_x).real / (b * b)
+
+
+def subpixel_peaks(cross, window_cross, b, start):
+    """Refines whole-pixel peaks `start` (k, 2) to a twentieth of a pixel: the correlation, divided by
+    the window's own (which would pull every peak towards no shift), searched on a coarse then a fine
+    grid around the peak."""
+    best = start.copy()
+    for step, steps in SUBPIXEL_STEPS:
+        offsets = np.arange(-steps, steps + 1) * step
+        dy = (best[:, 0:1] + offsets[:, None].repeat(len(offsets), 1).ravel()[None, :])
+        dx = (best[:, 1:2] + np.tile(offsets, len(offsets))[None, :])
+        values = correlation_at(cross, b, dy, dx) / correlation_at(window_cross[None], b, dy, dx).clip(1e-12)
+        pick = values.argmax(1)
+        best = np.stack([dy[np.arange(len(pick)), pick], dx[np.arange(len(pick)), pick]], 1)
+    return best
 
 
 def block_offsets(pixels, spec):
@@ -156,21 +171,18 @@ def block_offsets(pixels, spec):
     spectra = np.fft.rfft2(centred)
     energy = np.square(centred).sum((-1, -2))  # (k, 3)
     shifts = np.arange(-m, m + 1) % b
-    # The window weighs a pair of edges by where both fall in the block: a shift d loses the weight of
-    # the window's own correlation at d, which pulls every peak towards 0. Divided out for the sub-pixel
-    # step only: far from 0 it would magnify noise into peaks.
     window_spectrum = np.fft.rfft2(window[:, None] * window[None, :])
-    overlap = np.fft.irfft2(window_spectrum * np.conj(window_spectrum), s=(b, b))[shifts[:, None], shifts[None, :]]
-    overlap = overlap / overlap[m, m]
+    window_cross = window_spectrum * np.conj(window_spectrum)
     found = []
     for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
-        corr = np.fft.irfft2(spectra[:, channel] * np.conj(spectra[:, 1]), s=(b, b))
-        corr = corr[:, shifts[:, None], shifts[None, :]]
+        cross = spectra[:, channel] * np.conj(spectra[:, 1])
+        corr = np.fft.irfft2(cross, s=(b, b))[:, shifts[:, None], shifts[None, :]]
         corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
-        found.append(peak_offsets(corr, m, overlap))
-    (red, red_peak, red_zero), (blue, blue_peak, blue_zero) = found
-    inside = np.all(np.abs(red) < m, axis=1) & np.all(np.abs(blue) < m, axis=1)  # a peak on the border: no peak
-    good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"]) & inside
+        whole, peak, zero = integer_peaks(corr, m)
+        inside = np.all(np.abs(whole) < m, axis=1)  # a peak on the search's border is no peak
+        found.append((subpixel_peaks(cross, window_cross, b, whole), peak, zero, inside))
+    (red, red_peak, red_zero, red_inside), (blue, blue_peak, blue_zero, blue_inside) = found
+    good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"]) & red_inside & blue_inside
     centres = np.stack([top + (picked_rows + 0.5) * b, left + (picked_cols + 0.5) * b], 1)
     return (red[good], blue[good], (red_peak - red_zero)[good], (blue_peak - blue_zero)[good], centres[good],
             rows * cols)

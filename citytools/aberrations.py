@@ -30,6 +30,23 @@ def channel_shift(image, rng, strength):
     return Image.merge("RGB", (shift_channel(r, dx, dy), g, shift_channel(b, -dx, -dy)))
 
 
+def one_channel_shift(image, rng, strength):
+    """Only red, or only blue, moves by `strength` px in a random direction."""
+    angle = rng.uniform(0, 2 * math.pi)
+    dx, dy = strength * math.cos(angle), strength * math.sin(angle)
+    r, g, b = image.split()
+    if rng.random() < 0.5:
+        return Image.merge("RGB", (shift_channel(r, dx, dy), g, b))
+    return Image.merge("RGB", (r, g, shift_channel(b, dx, dy)))
+
+
+def green_shift(image, rng, strength):
+    """Green moves by `strength` px against red and blue (green against magenta fringes)."""
+    angle = rng.uniform(0, 2 * math.pi)
+    r, g, b = image.split()
+    return Image.merge("RGB", (r, shift_channel(g, strength * math.cos(angle), strength * math.sin(angle)), b))
+
+
 def radial_aberration(image, rng, strength):
     """Lateral aberration: R and B magnified differently about the centre; `strength` px at the corners."""
     w, h = image.size

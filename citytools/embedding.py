@@ -33,11 +33,12 @@ class ImageViews(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, index):
-        """-> (index, [(real tiles, tile slots)]): one group, as `citytools.loading.collate` takes it."""
+        """-> (index, [(real tiles, tile slots, None)]): one group, as `citytools.loading.collate` takes
+        it (no native fringe measurements: head-only training does not train models that read them)."""
         from citytools.views import view_tiles
 
         return index, [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.mode),
-                        self.processor.tile_slots())]
+                        self.processor.tile_slots(), None)]
 
 
 class EmbeddedViews(torch.utils.data.Dataset):
@@ -112,7 +113,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
         if warm_up:
             tiles = view_tiles(processor, blank_image([processor]), None, views.mode)
             with stopwatch("warm_up"):
-                embed(*collate([(None, [(tiles, processor.tile_slots())])] * 4)[1][0])
+                embed(*collate([(None, [(tiles, processor.tile_slots(), None)])] * 4)[1][0][:2])
                 if on_gpu:
                     torch.cuda.synchronize(device)
 
@@ -122,7 +123,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
         with cpu_threads(threads), torch.inference_mode(), autocast:
             batches = loader_batches(views, batch_size, workers, device, in_order=False, on_start=blank_batch,
                                      idle=in_flight.idle if on_gpu else None)
-            for indices, [(tiles, mask)] in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
+            for indices, [(tiles, mask, _)] in stopwatch.timed(batches, "first_batch", "waiting_for_images"):
                 bar.update(len(indices))
                 with stopwatch("model"):
                     embeds.append(embed(tiles, mask))  # the GPU embeds it while the next one is cut and queued

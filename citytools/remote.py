@@ -22,6 +22,7 @@ from cityclassifier.modeling_cityclassifier import (
     combine_tiles,
     scatter_tiles,
 )
+from cityclassifier.native_fringes import NATIVE_FRINGE_FEATURES, measure_fringes
 
 CityClassifierConfig.register_for_auto_class()
 CityClassifierForImageClassification.register_for_auto_class("AutoModelForImageClassification")
@@ -31,6 +32,8 @@ __all__ = [
     "CityClassifierConfig",
     "CPU_CHUNK_BYTES",
     "FRINGE_FEATURES",
+    "NATIVE_FRINGE_FEATURES",
+    "measure_fringes",
     "CityClassifierForImageClassification",
     "CityClassifierFringe",
     "CityClassifierImageClassificationPipeline",

@@ -34,6 +34,11 @@ class Scorer:
             model, processor = load_scoring_model(name, self.dtype)
             processor = processor.with_options(tiling_mode=tiling_mode)
             model.to(self.device).eval()
+            native = getattr(model.config, "native_fringes", None)
+            if native and processor.native_fringes != native:
+                raise ValueError(f"{name}: the model reads fringes measured at native resolution with {native}, "
+                                 f"its processor measures {processor.native_fringes}: save the model's processor "
+                                 "with native_fringes set as in its config")
             key = model_key(name)
             if any(m.key == key for m in self.models):
                 key = f"{key}-{len(self.models)}"
@@ -67,13 +72,14 @@ class Scorer:
         return [c for m in self.models for c in score_columns(m.key, m.model.config.id2label.values())]
 
     def preprocess(self, image, tiling=None):
-        """PIL image -> per group (real tiles from `view_tiles`, tile slots) for `collate`. `tiling`
-        overrides the scorer's for this call."""
+        """PIL image -> per group (real tiles from `view_tiles`, tile slots, the picture's native
+        fringe measurements or None) for `collate`. `tiling` overrides the scorer's for this call."""
         out = []
         for group in self.groups:
             processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
             tiles = view_tiles(processor, image, on, self.crop_mode)
-            out.append((tiles, max(processor.tile_slots(on), len(tiles))))  # grid tiling: may be more than 5
+            slots = max(processor.tile_slots(on), len(tiles))  # grid tiling: may be more than 5
+            out.append((tiles, slots, processor.fringe_values(image)))
         return out
 
     def work_pixels(self, width, height, tiling=None):
@@ -102,8 +108,9 @@ class Scorer:
         """Yields (ScoringModel, CityClassifierOutput, tile_mask) for every model: the backbone runs
         once per group on the real tiles, each head reads the shared embeddings.
 
-        grouped_inputs: per group (the real tiles, tile_mask (batch, tiles)), from `collate`."""
-        for group, (pixels, host_mask) in zip(self.groups, grouped_inputs):
+        grouped_inputs: per group (the real tiles, tile_mask (batch, tiles), fringe values (batch, F) or
+        None), from `collate`."""
+        for group, (pixels, host_mask, fringe_values) in zip(self.groups, grouped_inputs):
             if isinstance(pixels, list):  # whole images: the device cuts their views
                 pixels = device_crops(group[0].processor, pixels, host_mask, self.device)
             tile_mask = to_device(host_mask, self.device)
@@ -111,7 +118,7 @@ class Scorer:
                       for chunk in pixels.split(self.chunk_views(pixels)))
             image_embeds = group[0].model.embed_tiles(chunks, host_mask)  # the mask on the host: no wait
             for m in group:
-                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask,
+                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask, fringe_values=fringe_values,
                                  tile_combine=combine or m.combine), tile_mask
 
     def chunk_views(self, pixels):

@@ -161,11 +161,18 @@ def full_mode_transform(processor, labels_of, seed):
             size = processor.crop_size["height"]
             views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
             views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
+            fringes = [np.frombuffer(f, dtype=np.float32) for f in batch["fringe_values"]] \
+                if processor.native_fringes else None
         else:
-            views = [random_view(processor, decode(image), rng) for image in batch[IMAGE]]
+            images = [decode(image) for image in batch[IMAGE]]
+            views = [random_view(processor, image, rng) for image in images]
+            fringes = [processor.fringe_values(image) for image in images] if processor.native_fringes else None
         pixels = processor.normalize_views(views)[:, None]  # (batch, 1, 3, S, S)
-        return {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
-                "labels": labels_of(batch)}
+        out = {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
+               "labels": labels_of(batch)}
+        if fringes is not None:  # the whole picture's, whichever view of it is trained on
+            out["fringe_values"] = torch.from_numpy(np.stack(fringes))
+        return out
 
     return transform
 
@@ -181,15 +188,19 @@ def inference_transform(processor, labels_of, embedded):
 
 
 def cache_random_views(ds, processor, data_args, seed):
-    """Decodes each training image once and keeps `cache_views` random views of it (S x S x 3 uint8 bytes)."""
+    """Decodes each training image once and keeps `cache_views` random views of it (S x S x 3 uint8
+    bytes), each with the picture's native fringe measurements when the processor takes them."""
     def crops(batch, indices):
-        out = {"view": [], LABEL: []}
+        out = {"view": [], LABEL: [], **({"fringe_values": []} if processor.native_fringes else {})}
         for image, label, index in zip(batch[IMAGE], batch[LABEL], indices):
             rng = np.random.default_rng([seed, index])
             decoded = decode(image)
+            fringes = processor.fringe_values(decoded)
             for _ in range(data_args.cache_views):
                 out["view"].append(np.ascontiguousarray(random_view(processor, decoded, rng)).tobytes())
                 out[LABEL].append(label)
+                if fringes is not None:
+                    out["fringe_values"].append(fringes.astype(np.float32).tobytes())
         return out
 
     return ds.map(crops, batched=True, batch_size=16, with_indices=True, remove_columns=ds.column_names,

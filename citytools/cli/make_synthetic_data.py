@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from citytools.aberrations import channel_shift, radial_aberration
+from citytools.aberrations import channel_shift, green_shift, one_channel_shift, radial_aberration
 from citytools.drawing import (
     complementary_edges,
     crop_photo,
@@ -55,6 +55,8 @@ from citytools.pictures import photo_sources, real_pictures, split_pictures
 from citytools.toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
+MORE_GEOMETRIES = ("one_channel", "green")  # --more-geometries: drawn only then (older seeds stay as they were)
+LABEL_1 = POSITIVES + MORE_GEOMETRIES
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
 HARD_NEGATIVES = NEGATIVES[1:]
 LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
@@ -80,10 +82,14 @@ def make_example(seed, effect, photos, picture=None, backgrounds=()):
         w, h = image.size
     else:
         image = crop_photo(rng, photo, w, h) if photo else draw_illustration(rng, w, h)
-    if effect in POSITIVES:
-        strength = float(rng.choice([1, 1.5, 2, 3, 4, 5, 6, 8]))
+    if effect in LABEL_1:
+        strength = float(rng.choice([1, 1.5, 2, 3, 4, 5, 6, 8] if effect in POSITIVES else [0.75, 1, 1.5, 2, 3, 5, 8]))
         if effect == "radial":
             shifted = radial_aberration(image, rng, strength)
+        elif effect == "one_channel":
+            shifted = one_channel_shift(image, rng, strength)
+        elif effect == "green":
+            shifted = green_shift(image, rng, strength)
         else:
             shifted = channel_shift(image, rng, strength)
         if rng.random() < 0.3:  # soft, bleeding fringes
@@ -103,9 +109,9 @@ def make_example(seed, effect, photos, picture=None, backgrounds=()):
     return image, strength, source
 
 
-def deliver(image, seed, effect, fraction):
+def deliver(image, seed, effect, fraction, jpeg_quality=70):
     """(image, how it was delivered): with probability `fraction`, `image` saved as a JPEG (quality
-    70-95, 4:2:0 chroma subsampling in 70% of them, else 4:4:4) or, one time in four, a WebP (quality
+    `jpeg_quality`-95, 4:2:0 chroma subsampling in 70% of them, else 4:4:4) or, one time in four, a WebP (quality
     75-95) and decoded again; "none" otherwise and for the JPEG/WebP hard negatives, which are
     compressed already. Drawn from its own stream, so that a dataset made without it is unchanged."""
     rng = np.random.default_rng([seed, 13])
@@ -117,22 +123,39 @@ def deliver(image, seed, effect, fraction):
         kind = "webp"
     else:
         subsampling = 2 if rng.random() < 0.7 else 0
-        image.save(buffer, "JPEG", quality=int(rng.integers(70, 96)), subsampling=subsampling)
+        image.save(buffer, "JPEG", quality=int(rng.integers(jpeg_quality, 96)), subsampling=subsampling)
         kind = "jpeg 4:2:0" if subsampling == 2 else "jpeg 4:4:4"
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), kind
 
 
+def resize_after(image, seed, fraction):
+    """(image, factor): with probability `fraction`, the finished image scaled by 0.25-0.75 (never
+    under 128 px), as pictures are shrunk after the effect was added, clean ones as much as the
+    aberrated; else (image, 1.0). Its own random stream: datasets made without it are unchanged."""
+    rng = np.random.default_rng([seed, 17])
+    if rng.random() >= fraction:
+        return image, 1.0
+    factor = max(rng.uniform(0.25, 0.75), 128 / min(image.size))
+    if factor >= 1:
+        return image, 1.0
+    size = (round(image.width * factor), round(image.height * factor))
+    return image.resize(size, Image.LANCZOS if rng.random() < 0.5 else Image.BILINEAR), round(factor, 3)
+
+
 def write_one(job):
-    seed, effect, path, photos, picture, family, backgrounds, delivered = job
+    seed, effect, path, photos, picture, family, backgrounds, (delivered, jpeg_quality), resized = job
     image, strength, source = make_example(seed, effect, photos, picture, backgrounds)
+    factor = None
+    if resized > 0:
+        image, factor = resize_after(image, seed, resized)
     delivery = None
     if delivered > 0:
-        image, delivery = deliver(image, seed, effect, delivered)
+        image, delivery = deliver(image, seed, effect, delivered, jpeg_quality)
     if family is None:
         family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery
+    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor
 
 
 def pick_pictures(planned, split, seed, pictures, real_fraction):
@@ -152,13 +175,14 @@ def pick_pictures(planned, split, seed, pictures, real_fraction):
     return chosen
 
 
-def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES):
-    """(seed, effect) pairs: 40% of the negatives clean, the rest spread over the hard kinds."""
+def plan(split, count, seed, positive_fraction, hard_negatives=HARD_NEGATIVES, positives=POSITIVES):
+    """(seed, effect) pairs: the positives spread over `positives`; 40% of the negatives clean, the
+    rest spread over the hard kinds."""
     rng = np.random.default_rng([seed, SPLIT_INDEX[split]])
     jobs = []
     for _ in range(count):
         if rng.random() < positive_fraction:
-            effect = POSITIVES[int(rng.integers(0, len(POSITIVES)))]
+            effect = positives[int(rng.integers(0, len(positives)))]
         elif rng.random() < 0.4:
             effect = "clean"
         else:
@@ -192,6 +216,15 @@ def parse_args(argv=None):
                         help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
                              "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
                              "column says how (default: 0, every image stored losslessly as made)")
+    parser.add_argument("--more-geometries", action="store_true",
+                        help="positives also of one channel moved (red or blue alone) and of green moved against "
+                             "red and blue (green/magenta fringes), 0.75-8 px (default: red and blue apart, radial, "
+                             "partial only)")
+    parser.add_argument("--resized", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of the finished images, clean and aberrated alike, scaled by 0.25-0.75 before "
+                             "delivery (aberrated, then shrunk); a `resized` column gives the factor (default: 0)")
+    parser.add_argument("--jpeg-quality", type=int, default=70, metavar="Q",
+                        help="with --delivered, the lowest JPEG quality (default: 70; up to 95)")
     return parser.parse_args(argv)
 
 
@@ -228,26 +261,29 @@ def main(argv=None):
                 continue
             folder = args.out / split
             jobs = []
-            planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives)
+            planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives,
+                           LABEL_1 if args.more_geometries else POSITIVES)
             chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
                       else [(None, None)] * len(planned))
             backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
             pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
             for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
-                label = 1 if effect in POSITIVES else 0
+                label = 1 if effect in LABEL_1 else 0
                 path = folder / f"{label}_{effect}" / f"{i:06d}.png"
                 others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
-                jobs.append((seed, effect, path, photos, picture, family, others, args.delivered))
+                jobs.append((seed, effect, path, photos, picture, family, others, (args.delivered, args.jpeg_quality),
+                             args.resized))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
-                delivery_column = ["delivery"] if args.delivered > 0 else []
+                extra = ["delivery"] * (args.delivered > 0) + ["resized"] * (args.resized > 0)
                 writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
-                                 "height", *delivery_column])
-                for path, effect, strength, source, size, family, width, height, delivery in rows:
-                    label = int(effect in POSITIVES)
+                                 "height", *extra])
+                for path, effect, strength, source, size, family, width, height, delivery, factor in rows:
+                    label = int(effect in LABEL_1)
                     writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size,
-                                     family, width, height, *([delivery] if delivery_column else [])])
+                                     family, width, height, *([delivery] * (args.delivered > 0)),
+                                     *([factor] * (args.resized > 0))])
     real = sum(len(v) for split in (pictures or {}).values() for v in split.values())
     print(f"wrote {args.out} ({len(photos)} packaged photos used as sources"
           + (f", {real} real pictures" if pictures else "") + ")")

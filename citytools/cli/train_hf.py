@@ -120,6 +120,12 @@ class ModelArguments:
         metadata={"help": "Give the head measurements of how far red and blue edges sit from green ones in each "
                           "view, beside CLIP's embedding (config.fringe_features). A CityClassifier without them "
                           "gets them with zero weights, so training starts from its exact scores."})
+    native_fringes: bool = field(
+        default=False,
+        metadata={"help": "Give the head the picture's fringes measured over all of it at native resolution "
+                          "(up to a 2048 px long side) by the processor (config.native_fringes, the processor's "
+                          "fringe_values), beside every view's embedding. Full mode only (--train_backbone or "
+                          "--vision_config). A CityClassifier without them gets them with zero weights."})
 
 
 def parse_args(argv=None):
@@ -234,7 +240,7 @@ def build_model(model_args, label_ids, label_names):
     head = {"arch": model_args.arch, "head_hidden_size": model_args.head_hidden_size,
             "tile_combine": model_args.tile_combine, "fringe_features": model_args.fringe_features or None, **labels}
     if model_args.vision_config:
-        return new_backbone(model_args, head)
+        return with_native_fringes(*new_backbone(model_args, head), model_args)
     if model_args.stem:
         raise UsageError("--stem builds a new backbone: give it with --vision_config")
     if not model_args.model_name_or_path:
@@ -245,12 +251,25 @@ def build_model(model_args, label_ids, label_names):
         raise UsageError(f"{model_args.model_name_or_path}: cannot load a config "
                          f"({first_line(error)})") from None
     if config.get("model_type") == "cityclassifier":
-        return fine_tuned(model_args, num_labels, labels)
+        return with_native_fringes(*fine_tuned(model_args, num_labels, labels), model_args)
     try:
         model, processor = model_from_clip(model_args.model_name_or_path, tiling=model_args.arch == "class", **head)
     except ValueError as error:  # a head setting CityClassifierConfig refuses
         raise UsageError(f"{model_args.model_name_or_path}: {first_line(error)}") from None
-    return model, processor, bool(model_args.train_backbone)
+    return with_native_fringes(model, processor, bool(model_args.train_backbone), model_args)
+
+
+def with_native_fringes(model, processor, train_backbone, model_args):
+    """--native_fringes: the model reads the picture's native-resolution fringes (new head inputs with
+    zero weights) and its processor measures them, with the same settings."""
+    if model_args.native_fringes:
+        if not train_backbone:
+            raise UsageError("--native_fringes needs full-mode training (--train_backbone, or --vision_config): "
+                             "head-only training's cached embeddings carry no fringe measurements")
+        model.add_native_fringes()
+    if getattr(model.config, "native_fringes", None):
+        processor = processor.with_options(native_fringes=model.config.native_fringes)
+    return model, processor, train_backbone
 
 
 def new_backbone(model_args, head):

@@ -1,0 +1,225 @@
+"""native_fringes.py, fringes measured over the whole picture at its own resolution: known shifts are
+recovered, clean pictures measure near zero, every geometry shows in its own measurement, and the
+classical yardstick built on it ranks aberrated pictures above clean ones."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def illustration(seed, width=1200, height=900):
+    from citytools.drawing import draw_illustration
+
+    return draw_illustration(np.random.default_rng(seed), width, height)
+
+
+def moved(image, red=(0, 0), green=(0, 0), blue=(0, 0)):
+    """The picture with each channel moved by (dx, dy) px: PIL's bicubic affine transform with the
+    edges replicated (citytools.aberrations.shift_channel, the generator's own), nothing of the
+    measurement's code."""
+    from citytools.aberrations import shift_channel
+
+    channels = [shift_channel(c, *d) if d != (0, 0) else c for c, d in zip(image.split(), (red, green, blue))]
+    return Image.merge("RGB", channels)
+
+
+def features(image, **spec):
+    from citytools.remote import NATIVE_FRINGE_FEATURES, measure_fringes
+
+    return dict(zip(NATIVE_FRINGE_FEATURES, measure_fringes(image, spec or None).tolist()))
+
+
+def red_offsets(image):
+    from cityclassifier.native_fringes import block_offsets, native_fringe_spec, work_image
+
+    pixels, _ = work_image(image, 2048)
+    red, blue, *_ = block_offsets(pixels, native_fringe_spec(True))
+    return red, blue
+
+
+@pytest.mark.parametrize("shift", [(1.0, 0.0), (0.0, -2.0), (3.0, 2.0), (-0.5, 0.0), (0.0, 1.5)])
+def test_a_known_shift_is_recovered_within_a_fifth_of_a_pixel(shift):
+    dx, dy = shift
+    red, blue = red_offsets(moved(illustration(0), red=shift))
+    assert len(red) >= 60  # measured all over the picture, not in a few blocks
+    median_dy, median_dx = np.median(red, axis=0)
+    assert abs(median_dx - dx) <= 0.2 and abs(median_dy - dy) <= 0.2, (median_dx, median_dy)
+    assert np.abs(np.median(blue, axis=0)).max() <= 0.05  # blue stayed where it was
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_clean_picture_measures_near_zero(seed):
+    clean = features(illustration(seed))
+    for name in ("red_px", "blue_px", "apart_px", "together_px"):
+        assert clean[name] < 0.05, (name, clean[name])
+    shifted = features(moved(illustration(seed), red=(1.0, 0.0), blue=(-1.0, 0.0)))
+    assert shifted["fringe_px"] > clean["fringe_px"] + 1.0
+    assert abs(shifted["apart_px"] - 2.0) < 0.2 and clean["scale"] == shifted["scale"] == 1.0
+
+
+def test_each_geometry_shows_in_its_own_measurement():
+    picture = illustration(3)
+    green = features(moved(picture, green=(1.5, 0.0)))  # green against magenta: red and blue together
+    assert abs(green["together_px"] - 1.5) < 0.2 and green["apart_px"] < 0.1
+    one = features(moved(picture, blue=(0.0, 2.0)))  # one channel
+    assert abs(one["blue_px"] - 2.0) < 0.2 and one["red_px"] < 0.1
+    from citytools.aberrations import radial_aberration
+
+    radial = features(radial_aberration(picture, np.random.default_rng(0), 3.0))  # grows from the centre
+    whole = features(moved(picture, red=(1.5, 0.0), blue=(-1.5, 0.0)))  # one shift of the whole picture
+    assert radial["radial_px"] > 1.0 and radial["radial_px"] > 2 * radial["coherent_px"]
+    assert whole["coherent_px"] > 2.5 and whole["coherent_px"] > 2 * whole["radial_px"]
+
+
+def test_a_large_picture_is_measured_at_the_work_size():
+    large = illustration(4, 1800, 1350).resize((4096, 3072), Image.LANCZOS)
+    found = features(moved(large, red=(4.0, 0.0)))
+    assert found["scale"] == pytest.approx(2048 / 4096)
+    assert abs(found["red_px"] - 4.0 * found["scale"]) < 0.2  # 4 px native are 2 px at 2048 wide
+    native = features(moved(large, red=(4.0, 0.0)), work_side=4096)
+    assert native["scale"] == 1.0 and abs(native["red_px"] - 4.0) < 0.25
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "L", "1", "CMYK"])
+def test_any_mode_and_tiny_or_flat_pictures_give_finite_numbers(mode):
+    picture = illustration(5, 300, 200).convert(mode)
+    assert all(math.isfinite(v) for v in features(picture).values())
+    for blank in (Image.new("RGB", (3, 3)), Image.new("RGB", (500, 400), (120, 30, 200))):
+        found = features(blank)
+        assert found["fringe_px"] == 0.0 and found["edge_share"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [{"block": 4}, {"max_shift": 20}, {"colour": 1}, "yes", {"grid": 0}])
+def test_settings_are_checked(bad):
+    from cityclassifier.native_fringes import native_fringe_spec
+
+    with pytest.raises(ValueError, match="native_fringes"):
+        native_fringe_spec(bad)
+
+
+def test_the_yardstick_ranks_every_geometry_above_the_clean_pictures():
+    from citytools.aberrations import radial_aberration
+    from citytools.baseline import FringeBaseline
+
+    baseline = FringeBaseline()
+    rng = np.random.default_rng(7)
+    clean = [illustration(seed, 640, 480) for seed in range(10, 14)]
+    aberrated = [moved(clean[0], red=(2.0, 0.0)), moved(clean[1], red=(1.0, 1.0), blue=(-1.0, -1.0)),
+                 moved(clean[2], green=(0.0, 2.0)), radial_aberration(clean[3], rng, 4.0)]
+    clean_scores = [baseline(p)["Chromatic Aberration"] for p in clean]
+    aberrated_scores = [baseline(p)["Chromatic Aberration"] for p in aberrated]
+    assert max(clean_scores) < 0.5 < min(aberrated_scores), (clean_scores, aberrated_scores)
+
+
+# ----------------------------------------------------------------------------- the model's own input
+
+
+def tiny_native_model(tmp_path, converted):
+    """The converted test model (per-view fringes off), given the native measurements with zero
+    weights, saved with a processor that measures them."""
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
+    processor = CityClassifierImageProcessor.from_pretrained(converted["ca"])
+    return model, processor
+
+
+def test_processor_and_model_contract_with_and_without_measurements(converted, tmp_path):
+    import torch
+
+    from citytools.remote import NATIVE_FRINGE_FEATURES
+
+    model, processor = tiny_native_model(tmp_path, converted)
+    pictures = [illustration(20, 150, 100), moved(illustration(21, 130, 90), red=(2.0, 0.0))]
+    plain = processor(pictures, return_tensors="pt")
+    assert "fringe_values" not in plain and "fringe_values" not in processor.model_input_names
+    with torch.no_grad():
+        before = model(**plain).scores
+        model.add_native_fringes()
+        measuring = processor.with_options(native_fringes=True)
+        inputs = measuring(pictures, return_tensors="pt")
+        assert inputs["fringe_values"].shape == (2, len(NATIVE_FRINGE_FEATURES))
+        assert inputs["fringe_values"].dtype == torch.float32 and "fringe_values" in measuring.model_input_names
+        expected = [features(p) for p in pictures]  # the measurement on each picture as given
+        assert inputs["fringe_values"][:, 0].tolist() == pytest.approx([e["fringe_px"] for e in expected], abs=1e-6)
+        assert torch.allclose(model(**inputs).scores, before, atol=1e-6)  # zero weights: as before until trained
+        model.head.up[0].weight[:, -len(NATIVE_FRINGE_FEATURES):] = 1.0  # now they count
+        assert not torch.allclose(model(**inputs).scores, before)
+        with pytest.raises(ValueError, match="pass fringe_values"):
+            model(**plain)
+        with pytest.raises(ValueError, match=r"fringe_values must be \(batch, 13\)"):
+            model(**{**inputs, "fringe_values": inputs["fringe_values"][:, :5]})
+
+
+def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_path):
+    """A saved model with native fringes: the pipeline by path, the Scorer (classify.py's and
+    benchmark.py's engine, decoding workers and all) and a hand-made forward agree."""
+    import torch
+    from transformers import pipeline
+
+    from citytools.cli import classify
+    from citytools.scorer import Scorer
+
+    model, processor = tiny_native_model(tmp_path, converted)
+    model.add_native_fringes()
+    with torch.no_grad():
+        model.head.up[0].weight[:, -13:] = torch.linspace(-2, 2, 13)
+    processor = processor.with_options(native_fringes=True)
+    folder = tmp_path / "native-model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i, picture in enumerate([illustration(30, 200, 140), moved(illustration(31, 180, 120), blue=(0, 3.0)),
+                                 illustration(32, 60, 50)]):
+        picture.save(pictures / f"{i}.png")
+    pipe = pipeline("image-classification", model=str(folder), trust_remote_code=True)
+    by_pipeline = {p.name: {r["label"]: r["score"] for r in pipe(str(p), top_k=None)}
+                   for p in sorted(pictures.iterdir())}
+    with torch.no_grad():
+        by_hand = {p.name: model(**processor(Image.open(p), return_tensors="pt")).scores[0, 1].item()
+                   for p in sorted(pictures.iterdir())}
+    out = tmp_path / "scores.jsonl"
+    assert classify.main([str(pictures), "--model", str(folder), "--out", str(out), "--workers", "1"]) == 0
+    import json
+
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    column = next(c for c in rows["0.png"] if c.endswith(":Chromatic Aberration"))
+    for name, scores in by_pipeline.items():
+        assert scores["Chromatic Aberration"] == pytest.approx(by_hand[name], abs=1e-5)
+        assert rows[name][column] == pytest.approx(by_hand[name], abs=1e-5)
+    assert len(set(round(v, 4) for v in by_hand.values())) == 3
+    processor.with_options(native_fringes=False).save_pretrained(folder)  # a processor that does not measure
+    with pytest.raises(ValueError, match="its processor measures None"):
+        Scorer([str(folder)])
+
+
+def test_train_hf_native_fringes_trains_them_and_refuses_head_only(converted, tmp_path):
+    import json
+
+    import torch
+
+    from citytools.cli import make_synthetic_data, train_hf
+    from citytools.remote import CityClassifierForImageClassification
+    from citytools.toolkit import UsageError
+
+    data = tmp_path / "data"
+    assert make_synthetic_data.main(["--out", str(data), "--train", "12", "--validation", "4", "--test", "0",
+                                     "--seed", "5", "--workers", "1", "--more-geometries", "--resized", "0.5"]) == 0
+    out = tmp_path / "model"
+    common = ["--dataset_name", str(data), "--model_name_or_path", str(converted["ca"]), "--native_fringes", "true",
+              "--max_steps", "3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+              "--class_names", "Pass,Chromatic Aberration", "--disable_tqdm", "true", "--use_cpu", "true",
+              "--learning_rate", "0.05", "--report_to", "none", "--head_hidden_size", "64"]
+    with pytest.raises(UsageError, match="--native_fringes needs full-mode training"):
+        train_hf.main([*common, "--output_dir", str(tmp_path / "refused")])
+    assert train_hf.main([*common, "--output_dir", str(out), "--train_backbone", "true", "--cache_views", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["native_fringes"] and json.loads((out / "preprocessor_config.json").read_text())[
+        "native_fringes"] == config["native_fringes"]
+    model = CityClassifierForImageClassification.from_pretrained(out)
+    assert model.head.up[0].weight[:, -13:].abs().sum() > 0  # trained away from the zero start
+    assert torch.isfinite(model.head.up[0].weight).all()
