@@ -55,6 +55,9 @@ class CityClassifierConfig(PretrainedConfig):
             `fringe_values`), appended to every view's head input: True for the defaults, or a dict
             of `native_fringes.NATIVE_FRINGE_DEFAULTS`' keys. The processor must measure them with the
             same settings (its own `native_fringes`).
+        score_temperature: class models' tile logits are divided by it before the softmax (1.0, the
+            original: exact). Fitted on validation by train_hf.py (`--calibrate`), so that a score of
+            0.5 means even odds.
     """
 
     model_type = "cityclassifier"
@@ -73,6 +76,7 @@ class CityClassifierConfig(PretrainedConfig):
         stem_aux_loss_weight=0.0,
         fringe_features=None,
         native_fringes=None,
+        score_temperature=1.0,
         **kwargs,
     ):
         if arch not in ARCHES:
@@ -118,6 +122,10 @@ class CityClassifierConfig(PretrainedConfig):
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
         self.native_fringes = native_fringe_spec(native_fringes)
+        if not (isinstance(score_temperature, (int, float)) and math.isfinite(score_temperature)
+                and score_temperature > 0):
+            raise ValueError(f"score_temperature must be a positive number, got {score_temperature!r}")
+        self.score_temperature = float(score_temperature)
 
     @staticmethod
     def vision_spec(vision_config):

@@ -384,6 +384,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
     def _combine(self, z, tile_mask, how):
         """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""
+        temperature = getattr(self.config, "score_temperature", 1.0)
+        if self.config.arch == "class" and temperature != 1.0:
+            z = z / temperature
         tile_scores = z.softmax(-1) if self.config.arch == "class" else (z.tanh() + 1) / 2
         tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
         scores = combine_tiles(tile_scores, tile_mask, how)

@@ -119,30 +119,31 @@ SUBPIXEL_STEPS = ((0.25, 3), (0.05, 4))  # (step, steps each way): a coarse then
 
 
 def correlation_at(cross, b, dy, dx):
-    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at
-    fractional shifts dy, dx (k, n): the band-limited interpolation of its whole-pixel values."""
+    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), on the
+    grid of fractional shifts dy (k, ny) x dx (k, nx) -> (k, ny, nx): the band-limited interpolation of
+    its whole-pixel values, as two matrix products (one axis at a time)."""
     freq_y, freq_x = np.fft.fftfreq(b), np.fft.rfftfreq(b)
     weight = np.full(len(freq_x), 2.0)  # the half spectrum stands for both halves
     weight[0] = 1.0
     if b % 2 == 0:
         weight[-1] = 1.0
-    phase_y = np.exp(2j * np.pi * freq_y[None, None, :] * dy[..., None])  # (k, n, b)
-    phase_x = np.exp(2j * np.pi * freq_x[None, None, :] * dx[..., None])  # (k, n, b//2 + 1)
-    return np.einsum("kyx,kny,knx->kn", cross * weight, phase_y, phase_x).real / (b * b)
+    phase_x = weight[None, :, None] * np.exp(2j * np.pi * freq_x[None, :, None] * dx[:, None, :])  # (k, b2, nx)
+    phase_y = np.exp(2j * np.pi * dy[:, :, None] * freq_y[None, None, :])  # (k, ny, b)
+    return (phase_y @ (cross @ phase_x)).real / (b * b)
 
 
 def subpixel_peaks(cross, window_cross, b, start):
     """Refines whole-pixel peaks `start` (k, 2) to a twentieth of a pixel: the correlation, divided by
     the window's own (which would pull every peak towards no shift), searched on a coarse then a fine
     grid around the peak."""
-    best = start.copy()
+    best = start.astype(np.float64)
+    window = np.broadcast_to(window_cross, cross.shape)
     for step, steps in SUBPIXEL_STEPS:
         offsets = np.arange(-steps, steps + 1) * step
-        dy = (best[:, 0:1] + offsets[:, None].repeat(len(offsets), 1).ravel()[None, :])
-        dx = (best[:, 1:2] + np.tile(offsets, len(offsets))[None, :])
-        values = correlation_at(cross, b, dy, dx) / correlation_at(window_cross[None], b, dy, dx).clip(1e-12)
-        pick = values.argmax(1)
-        best = np.stack([dy[np.arange(len(pick)), pick], dx[np.arange(len(pick)), pick]], 1)
+        dy, dx = best[:, 0:1] + offsets[None, :], best[:, 1:2] + offsets[None, :]
+        values = correlation_at(cross, b, dy, dx) / correlation_at(window, b, dy, dx).clip(1e-12)
+        iy, ix = np.divmod(values.reshape(len(best), -1).argmax(1), len(offsets))
+        best = np.stack([dy[np.arange(len(best)), iy], dx[np.arange(len(best)), ix]], 1)
     return best
 
 

@@ -38,6 +38,17 @@ DEBIAN_RULES = (
 )
 
 
+# The four packages ../shared/TRAINING_SOURCES.md added (two 3D games, a 2D game, landscape panoramas),
+# taken with --more-sources only: adding their groups to a family reorders its split ranking, so a
+# dataset made without them stays as it was.
+MORE_RULES = (
+    ("megaglest-data", r"/megaglest/(scenarios|tutorials)/|/megaglest/docs/images/", "3D render"),
+    ("megaglest-data", r"/megaglest/data/menu/textures/|/megaglest/techs/factions/[^/]+/[^/]+\.(jpg|png)$", "painted"),
+    ("warzone2100-data", r"/doc/warzone2100/images/", "3D render"),
+    ("supertux-data", r"/supertux2/images/background/", "drawn"),
+    ("supertux-data", r"/supertux2/images/(tiles/(?!auxiliary/)|worldmap/)", "pixel art"),
+    ("stellarium-data", r"/stellarium/landscapes/", "photo"),
+)
 MIN_PICTURE_SIDE = 128  # smaller files are icons and sprites
 
 
@@ -73,15 +84,17 @@ def package_files(package, install=False):
     return listed.stdout.splitlines() if listed.returncode == 0 else None
 
 
-def real_pictures(install=False):
-    """[(path, family, group)] of the allowed Debian packages' pictures, plus the packaged photos."""
+def real_pictures(install=False, more_sources=False):
+    """[(path, family, group)] of the allowed Debian packages' pictures (MORE_RULES' too with
+    `more_sources`), plus the packaged photos."""
     found, missing = [], []
-    for package in dict.fromkeys(rule[0] for rule in DEBIAN_RULES):
+    table = DEBIAN_RULES + (MORE_RULES if more_sources else ())
+    for package in dict.fromkeys(rule[0] for rule in table):
         files = package_files(package, install)
         if files is None:
             missing.append(package)
             continue
-        rules = [(re.compile(pattern), family) for name, pattern, family in DEBIAN_RULES if name == package]
+        rules = [(re.compile(pattern), family) for name, pattern, family in table if name == package]
         for path in sorted(f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg"))):
             family = next((family for pattern, family in rules if pattern.search(path)), None)
             if family and usable_picture(path):

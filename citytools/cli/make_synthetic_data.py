@@ -216,6 +216,10 @@ def parse_args(argv=None):
                         help="share of the images, positives included, saved once more as a JPEG (quality 70-95) "
                              "or WebP (75-95) the way pictures are shared, and stored decoded; a `delivery` "
                              "column says how (default: 0, every image stored losslessly as made)")
+    parser.add_argument("--more-sources", action="store_true",
+                        help="with --real-pictures, also the four packages added to the allowed sources (MegaGlest "
+                             "and Warzone 2100 renders, SuperTux backgrounds and tiles, Stellarium landscapes); "
+                             "without it a seed makes the dataset it always made")
     parser.add_argument("--more-geometries", action="store_true",
                         help="positives also of one channel moved (red or blue alone) and of green moved against "
                              "red and blue (green/magenta fringes), 0.75-8 px (default: red and blue apart, radial, "
@@ -246,7 +250,7 @@ def main(argv=None):
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out}: output folder exists and is not empty", file=sys.stderr)
         return 2
-    pictures = split_pictures(real_pictures(args.install)) if args.real_pictures > 0 else None
+    pictures = split_pictures(real_pictures(args.install, args.more_sources)) if args.real_pictures > 0 else None
     # With real pictures, the packaged photos are real pictures too, each in one split only.
     photos = [] if args.no_photos or pictures is not None else photo_sources()
     if pictures is not None and not pictures["train"]:

@@ -43,6 +43,7 @@ from citytools.training import (
     HeadOnlyTrainer,
     checkpoint_to_resume,
     compute_metrics_fn,
+    fit_temperature,
     list_highest_loss,
     write_loss_history,
 )
@@ -79,6 +80,10 @@ class DataArguments:
         metadata={"help": "Full mode: decode each training image once and cache this many random crops of it "
                           "(0: decode and crop live every step). Trades disk for CPU."},
     )
+    calibrate: bool = field(
+        default=True, metadata={"help": "Class models: after training, fit the temperature that makes the scores "
+                                        "calibrated on the eval split (config.score_temperature; 0.5 means even odds) "
+                                        "and write calibration.json (NLL and ECE before and after)."})
     top_loss_images: int = field(default=15, metadata={"help": "List this many training images with the highest loss."})
     top_loss_scan: int = field(
         default=2000, metadata={"help": "In full mode, look for them among this many random training images."})
@@ -401,7 +406,15 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume)
 
     output = Path(training_args.output_dir)
+    calibration = None
+    if eval_ds is not None and data_args.calibrate and model_args.arch == "class":
+        calibration = fit_temperature(trainer.model, trainer.get_eval_dataloader())
+        trainer.model.config.score_temperature = calibration["temperature"]
+        logger.info("calibrated on %d %s images: temperature %.3f, ECE %.4f -> %.4f", calibration["images"],
+                    data_args.eval_split, calibration["temperature"], calibration["ece_at_1"], calibration["ece"])
     trainer.save_model(str(output))  # the model and its processor
+    if calibration is not None:
+        (output / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     write_loss_history(trainer.state.log_history, output)  # a resumed run's state holds the earlier steps too
     if eval_ds is not None:
         trainer.save_metrics("eval", trainer.evaluate())

@@ -1,0 +1,69 @@
+"""Calibrated scores: a class model's temperature (config.score_temperature) divides its tile logits before
+the softmax; train_hf.py fits it on the eval split by the likelihood of the combined scores."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+def overconfident(n=4000, true_temperature=2.5, seed=0):
+    """Tile log-probabilities of a model twice and a half too sure of itself: the labels are drawn
+    from softmax(z / 2.5) while the model reports softmax(z). One tile each."""
+    rng = np.random.default_rng(seed)
+    z = torch.tensor(rng.normal(0, 4, (n, 1, 2)), dtype=torch.float32)
+    truth = torch.softmax(z / true_temperature, -1)[:, 0, 1].numpy()
+    labels = torch.tensor((rng.random(n) < truth).astype(np.int64))
+    return torch.log_softmax(z, -1), torch.ones(n, 1, dtype=torch.bool), labels
+
+
+def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with():
+    from citytools.training import TEMPERATURES, calibration_loss
+
+    log_probs, mask, labels = overconfident()
+    losses = [calibration_loss(log_probs, mask, labels, t, "mean") for t in TEMPERATURES]
+    best = TEMPERATURES[int(np.argmin([nll for nll, _ in losses]))]
+    assert best == pytest.approx(2.5, rel=0.12)
+    nll_1, ece_1 = calibration_loss(log_probs, mask, labels, 1.0, "mean")
+    nll_best, ece_best = calibration_loss(log_probs, mask, labels, best, "mean")
+    assert nll_best < nll_1 and ece_best < ece_1 / 2
+
+
+def test_temperature_scales_the_tile_logits_and_one_changes_nothing(converted):
+    from citytools.remote import CityClassifierConfig, CityClassifierForImageClassification
+
+    model = CityClassifierForImageClassification.from_pretrained(converted["ca"]).eval()
+    embeds = torch.randn(3, 5, model.config.vision_config.projection_dim)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        plain = model(image_embeds=embeds, tile_mask=mask)
+        z = model.head(embeds)  # the head's tile logits, as the model's own forward makes them
+        model.config.score_temperature = 2.0
+        warm = model(image_embeds=embeds, tile_mask=mask)
+    expected = torch.softmax(z / 2.0, -1).masked_fill(~mask.bool()[..., None], float("nan")).nanmean(1)
+    assert torch.allclose(warm.scores, expected, atol=1e-6)
+    assert torch.allclose(plain.scores, torch.softmax(z, -1).masked_fill(~mask.bool()[..., None], float("nan"))
+                          .nanmean(1), atol=1e-6)
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="temperature"):
+            CityClassifierConfig(score_temperature=bad)
+
+
+def test_train_hf_calibrates_on_the_eval_split_and_saves_it(tmp_path):
+    from citytools.cli import make_synthetic_data, train_hf
+
+    data = tmp_path / "data"
+    assert make_synthetic_data.main(["--out", str(data), "--train", "12", "--validation", "8", "--test", "0",
+                                     "--seed", "2", "--workers", "1"]) == 0
+    out = tmp_path / "model"
+    vision = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "image_size": 30, "patch_size": 6, "projection_dim": 16})
+    assert train_hf.main(["--dataset_name", str(data), "--output_dir", str(out), "--vision_config", vision,
+                          "--head_hidden_size", "32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                          "--per_device_eval_batch_size", "4", "--disable_tqdm", "true", "--use_cpu", "true",
+                          "--report_to", "none"]) == 0
+    calibration = json.loads((out / "calibration.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert calibration["images"] == 8 and config["score_temperature"] == calibration["temperature"]
+    assert calibration["nll"] <= calibration["nll_at_1"] + 1e-9  # the grid holds 1: never worse than none
