@@ -122,10 +122,14 @@ class CityClassifierConfig(PretrainedConfig):
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
         self.native_fringes = native_fringe_spec(native_fringes)
-        if not (isinstance(score_temperature, (int, float)) and math.isfinite(score_temperature)
-                and score_temperature > 0):
-            raise ValueError(f"score_temperature must be a positive number, got {score_temperature!r}")
-        self.score_temperature = float(score_temperature)
+        self.score_temperature = self.positive_number(score_temperature, "score_temperature")
+
+    @staticmethod
+    def positive_number(value, name):
+        """`value` as a float, or a ValueError naming `name` when it is not a finite number above 0."""
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        return float(value)
 
     @staticmethod
     def vision_spec(vision_config):

@@ -235,7 +235,7 @@ def training_phase(report, run):
 
     embed = report.measure("head_only_embedding", embedding)
     if "crops_per_s" in embed:
-        # a dry run (a CPU, no autocast) runs fp32 at batch 1 only: the others are the same code (15 s each)
+        # a dry run (a CPU, no autocast) runs fp32 at batch 1 only: the others are the same code
         for batch, precision in [(1, "fp32")] if args.dry_run else args.recipes:
             name = f"head_only_recipe_batch_{batch}" + ("" if precision == "fp16" or args.dry_run else f"_{precision}")
             steps = args.head_steps if batch == 1 else args.head_steps // 3

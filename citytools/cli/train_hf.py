@@ -356,18 +356,35 @@ def loss_weights(text, num_labels):
 
 
 
-def main(argv=None):
-    from transformers import set_seed
-
-    data_args, model_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(training_args.seed)
+def check_before_work(model_args, training_args):
+    """What can be refused before any data is read: the arch, an output that is a file, the Hub token."""
     if model_args.arch not in ("class", "score"):
         raise UsageError(f"--arch must be class or score, got {model_args.arch!r}")
     if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
         raise UsageError(f"--output_dir {training_args.output_dir}: is a file, not a folder")
     if training_args.push_to_hub:
         check_hub("--push_to_hub", training_args.hub_token)  # before any data is read or embedded
+
+
+def calibrate(trainer, data_args):
+    """--calibrate: the trained model's score_temperature fitted on the eval split -> fit_temperature's
+    report, or None when switched off."""
+    if not data_args.calibrate:
+        return None
+    calibration = fit_temperature(trainer.model, trainer.get_eval_dataloader())
+    trainer.model.config.score_temperature = calibration["temperature"]
+    logger.info("calibrated on %d %s images: temperature %.3f, ECE %.4f -> %.4f", calibration["images"],
+                data_args.eval_split, calibration["temperature"], calibration["ece_at_1"], calibration["ece"])
+    return calibration
+
+
+def main(argv=None):
+    from transformers import set_seed
+
+    data_args, model_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+    check_before_work(model_args, training_args)
     resume = checkpoint_to_resume(training_args)
 
     splits, label_ids, left_out = check_dataset(load_splits(data_args), data_args, model_args.arch)
@@ -406,12 +423,7 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume)
 
     output = Path(training_args.output_dir)
-    calibration = None
-    if eval_ds is not None and data_args.calibrate and model_args.arch == "class":
-        calibration = fit_temperature(trainer.model, trainer.get_eval_dataloader())
-        trainer.model.config.score_temperature = calibration["temperature"]
-        logger.info("calibrated on %d %s images: temperature %.3f, ECE %.4f -> %.4f", calibration["images"],
-                    data_args.eval_split, calibration["temperature"], calibration["ece_at_1"], calibration["ece"])
+    calibration = calibrate(trainer, data_args) if eval_ds is not None and model_args.arch == "class" else None
     trainer.save_model(str(output))  # the model and its processor
     if calibration is not None:
         (output / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
