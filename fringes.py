@@ -21,7 +21,7 @@ FRINGE_FEATURES = (
 
 
 class CityClassifierFringe(nn.Module):
-    """Colour-fringe measurements of each view, the quantity `citytools/baseline.py` estimates, as
+    """Colour-fringe measurements of each view (the whole picture is measured by `native_fringes.py`), as
     features for the head: the view is cut into blocks; in the `blocks` with most green edges, the
     gradient magnitudes of red and blue are cross-correlated with green's (FFT, Hann-windowed,
     normalised) over shifts up to `max_shift` px, and the peak, refined to sub-pixel by a parabola,

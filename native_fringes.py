@@ -74,16 +74,11 @@ def work_image(image, work_side):
     return np.asarray(image, dtype=np.float32) * np.float32(1 / 255), scale
 
 
-def gradient_magnitude(pixels, smooth=0):
-    """(H, W, C) float -> (H, W, C) L1 gradient magnitude by central differences (0 on the border),
-    smoothed `smooth` times by [1, 2, 1] / 4 on each axis: a broader correlation peak, which the
-    parabola locates to a fraction of a pixel without pulling it to a whole one."""
+def gradient_magnitude(pixels):
+    """(H, W, C) float -> (H, W, C) L1 gradient magnitude by central differences (0 on the border)."""
     grad = np.zeros_like(pixels)
     grad[:, 1:-1] = np.abs(pixels[:, 2:] - pixels[:, :-2])
     grad[1:-1, :] += np.abs(pixels[2:, :] - pixels[:-2, :])
-    for _ in range(smooth):
-        grad[:, 1:-1] = 0.5 * grad[:, 1:-1] + 0.25 * (grad[:, 2:] + grad[:, :-2])
-        grad[1:-1, :] = 0.5 * grad[1:-1, :] + 0.25 * (grad[2:, :] + grad[:-2, :])
     return grad
 
 

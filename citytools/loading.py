@@ -274,6 +274,7 @@ def join_batches(parts, device):
     chained, crop tensors copied to `device` as they are (pinned: no wait) and joined there."""
     if len(parts) == 1:
         return parts[0]
+    # the same walk as `collate`'s, one level up (collated parts, not items): alike on purpose
     metas = [meta for part_metas, _ in parts for meta in part_metas]
     good = [grouped for _, grouped in parts if grouped is not None]
     if not good:

@@ -41,7 +41,7 @@ DEBIAN_RULES = (
 # The four packages ../shared/TRAINING_SOURCES.md added (two 3D games, a 2D game, landscape panoramas),
 # taken with --more-sources only: adding their groups to a family reorders its split ranking, so a
 # dataset made without them stays as it was.
-MORE_RULES = (
+MORE_RULES = (  # the same table as DEBIAN_RULES: alike on purpose
     ("megaglest-data", r"/megaglest/(scenarios|tutorials)/|/megaglest/docs/images/", "3D render"),
     ("megaglest-data", r"/megaglest/data/menu/textures/|/megaglest/techs/factions/[^/]+/[^/]+\.(jpg|png)$", "painted"),
     ("warzone2100-data", r"/doc/warzone2100/images/", "3D render"),

@@ -207,19 +207,28 @@ def tile_predictions(model, loader):
     return torch.cat(logs), torch.cat(masks), torch.cat(labels)
 
 
-def calibration_loss(log_probs, mask, labels, temperature, how):
-    """Negative log-likelihood of the labels under the combined scores at `temperature`, and the
-    expected calibration error (10 bins) of the positive label's score (label 1 vs the rest)."""
+def combined_scores(log_probs, mask, temperature, how):
+    """Tile log-probabilities at temperature 1 -> the combined scores (n, labels) at `temperature`."""
     from cityclassifier.modeling_cityclassifier import combine_tiles  # registered by citytools
 
     tiles = (log_probs / temperature).softmax(-1).masked_fill(~mask[..., None], float("nan"))
-    scores = combine_tiles(tiles, mask, how)
-    nll = -scores.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
-    positive, truth = scores[:, 1].numpy(), (labels == 1).numpy()
-    bins = np.minimum((positive * 10).astype(int), 9)
-    ece = sum(abs(positive[bins == b].mean() - truth[bins == b].mean()) * (bins == b).mean()
-              for b in range(10) if (bins == b).any())
-    return nll, float(ece)
+    return combine_tiles(tiles, mask, how)
+
+
+def calibration_loss(log_probs, mask, labels, temperature, how):
+    """Negative log-likelihood of the labels under the combined scores at `temperature`."""
+    scores = combined_scores(log_probs, mask, temperature, how)
+    return -scores.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+
+
+def calibration_error(log_probs, mask, labels, temperature, how):
+    """The expected calibration error of the combined scores at `temperature`, as benchmark.py and
+    the training metrics report it (metrics/classification)."""
+    import evaluate
+
+    scores = combined_scores(log_probs, mask, temperature, how).numpy()
+    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+    return metric.compute(predictions=scores.argmax(1), references=labels.numpy(), scores=scores)["ece"]
 
 
 def fit_temperature(model, loader):
@@ -229,8 +238,8 @@ def fit_temperature(model, loader):
     log_probs, mask, labels = tile_predictions(model, loader)
     how = model.config.tile_combine
     losses = [calibration_loss(log_probs, mask, labels, t, how) for t in TEMPERATURES]
-    best = int(np.argmin([nll for nll, _ in losses]))
-    at_1 = calibration_loss(log_probs, mask, labels, 1.0, how)
-    return {"temperature": float(TEMPERATURES[best]), "nll": losses[best][0], "ece": losses[best][1],
-            "nll_at_1": at_1[0], "ece_at_1": at_1[1], "images": int(len(labels))}
+    best = float(TEMPERATURES[int(np.argmin(losses))])
+    return {"temperature": best, "nll": min(losses), "ece": calibration_error(log_probs, mask, labels, best, how),
+            "nll_at_1": calibration_loss(log_probs, mask, labels, 1.0, how),
+            "ece_at_1": calibration_error(log_probs, mask, labels, 1.0, how), "images": int(len(labels))}
 

@@ -64,6 +64,34 @@ def test_generator_draws_only_the_chosen_hard_negatives():
             m.parse_args(["--out", "x", *bad])
 
 
+def test_more_geometries_and_resizing_leave_the_older_draws_where_they_were(tmp_path):
+    """--more-geometries adds one-channel and green fringes without moving any other draw;
+    --resized shrinks pictures by 0.25-0.75 from a stream of its own; --jpeg-quality lowers the range."""
+    from PIL import Image
+
+    from citytools.cli import make_synthetic_data as m
+
+    default = m.plan("train", 400, 5, 0.4)
+    more = m.plan("train", 400, 5, 0.4, positives=m.LABEL_1)
+    assert {e for _, e in more} >= {"one_channel", "green"} and not {"one_channel", "green"} & {e for _, e in default}
+    assert [(s, e in m.LABEL_1) for s, e in more] == [(s, e in m.POSITIVES) for s, e in default]  # same seeds, labels
+    picture = Image.new("RGB", (800, 600), (10, 200, 30))
+    factors = [m.resize_after(picture, seed, 0.5)[1] for seed in range(200)]
+    assert 0.35 < np.mean([f < 1 for f in factors]) < 0.65
+    assert all(0.25 <= f <= 0.75 for f in factors if f < 1)
+    assert m.resize_after(picture, 3, 0.0) == (picture, 1.0)
+    qualities = {m.deliver(picture, seed, "clean", 1.0, 60)[1] for seed in range(50)}
+    assert qualities <= {"jpeg 4:2:0", "jpeg 4:4:4", "webp"}
+    out = tmp_path / "data"
+    assert m.main(["--out", str(out), "--train", "12", "--validation", "0", "--test", "0", "--seed", "4",
+                   "--workers", "1", "--more-geometries", "--resized", "1.0"]) == 0
+    rows = list(csv.DictReader(open(out / "train" / "metadata.csv")))
+    assert all(row["label"] == str(int(row["effect"] in m.LABEL_1)) for row in rows)
+    for row in rows:
+        width = Image.open(out / "train" / row["file_name"]).width
+        assert float(row["resized"]) < 1.0 or min(width, int(row["height"])) <= 128 * 4 / 3 + 1
+
+
 def test_delivered_images_are_the_same_pictures_compressed_once_more(synthetic, tmp_path):
     from citytools.cli import make_synthetic_data as m
 

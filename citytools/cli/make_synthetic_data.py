@@ -10,20 +10,23 @@ for good, chosen by its source group (a wallpaper's folder, a stamp's or sprite'
 test split never holds a crop, a resolution or a sibling of a training picture.
 
 Positives (label 1) add chromatic aberration: red/blue channel shifts, radial (lateral) aberration,
-aberration on part of the image, with and without blur. Negatives (label 0) are the clean images
+aberration on part of the image, with and without blur; with --more-geometries also one channel
+moved alone and green moved against red and blue. Negatives (label 0) are the clean images
 plus hard negatives taken from the original model's known weaknesses: HSV noise, rough sketches of
 overlapping semi-transparent lines, JPEG/WebP artefacts, grayscale, saturated complementary colour
 edges (red beside cyan) and screentone.
 
 With --delivered, a share of the finished images (positives included) is saved once more the way
-pictures travel, as a JPEG of quality 70-95 or a WebP of quality 75-95, and stored as the decoded
-result: so that compression is not a sign of a clean picture, and fringes are learnt as they look
-after chroma subsampling.
+pictures travel, as a JPEG of quality 70-95 (--jpeg-quality lowers it) or a WebP of quality 75-95,
+and stored as the decoded result: so that compression is not a sign of a clean picture, and fringes
+are learnt as they look after chroma subsampling. With --resized, a share is shrunk first, clean and
+aberrated alike (aberrated, then halved). Each option draws from its own random stream: a seed
+without it makes the dataset it always made.
 
 Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
-                                                            family, width, height (, delivery)
+                                                            family, width, height (, delivery, resized)
 Folder names follow the original's convention: the number before the first underscore is the label.
 Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
 """
