@@ -75,11 +75,28 @@ def work_image(image, work_side):
 
 
 def gradient_magnitude(pixels):
-    """(H, W, C) float -> (H, W, C) L1 gradient magnitude by central differences (0 on the border)."""
+    """(H, W, ...) float -> the same shape: L1 gradient magnitude by central differences (0 on the border)."""
     grad = np.zeros_like(pixels)
     grad[:, 1:-1] = np.abs(pixels[:, 2:] - pixels[:, :-2])
     grad[1:-1, :] += np.abs(pixels[2:, :] - pixels[:-2, :])
     return grad
+
+
+def block_gradients(region, block_rows, block_cols, b):
+    """`gradient_magnitude(region)` in the blocks (block_rows[i], block_cols[i]) of side b only ->
+    (k, 3, b, b): the same numbers, from each block and the pixel around it (the region's border
+    rows and columns get 0, as there)."""
+    height, width = region.shape[:2]
+    padded = np.pad(region, ((1, 1), (1, 1), (0, 0)))
+    ys = (block_rows * b)[:, None] + np.arange(b + 2)[None, :]  # each block and its margin, padded coordinates
+    xs = (block_cols * b)[:, None] + np.arange(b + 2)[None, :]
+    windows = padded[ys[:, :, None], xs[:, None, :]]  # (k, b + 2, b + 2, 3)
+    across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
+    down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
+    x, y = xs[:, 1:-1] - 1, ys[:, 1:-1] - 1  # the block's own pixels, region coordinates
+    across[((x == 0) | (x == width - 1))[:, None, :, None].repeat(b, 1).repeat(3, 3)] = 0
+    down[((y == 0) | (y == height - 1))[:, :, None, None].repeat(b, 2).repeat(3, 3)] = 0
+    return (across + down).transpose(0, 3, 1, 2)
 
 
 def pick_blocks(edge, grid, per_cell, min_edge):
@@ -155,13 +172,13 @@ def block_offsets(pixels, spec):
     if rows == 0 or cols == 0:
         return (*empty, 0)
     top, left = (height - rows * b) // 2, (width - cols * b) // 2
-    grad = gradient_magnitude(pixels[top : top + rows * b, left : left + cols * b])
-    blocks = grad.reshape(rows, b, cols, b, 3).transpose(0, 2, 4, 1, 3)  # (rows, cols, 3, b, b)
-    edge = blocks[:, :, 1].mean((-1, -2))
+    region = pixels[top : top + rows * b, left : left + cols * b]
+    green = gradient_magnitude(np.ascontiguousarray(region[..., 1]))  # all of green's: the edge-rich blocks
+    edge = green.reshape(rows, b, cols, b).mean((1, 3))
     picked_rows, picked_cols = pick_blocks(edge, spec["grid"], spec["per_cell"], spec["min_edge"])
     if len(picked_rows) == 0:
         return (*empty, rows * cols)
-    chosen = blocks[picked_rows, picked_cols].astype(np.float64)  # (k, 3, b, b)
+    chosen = block_gradients(region, picked_rows, picked_cols, b).astype(np.float64)  # (k, 3, b, b)
     window = np.hanning(b)
     centred = (chosen - chosen.mean((-1, -2), keepdims=True)) * (window[:, None] * window[None, :])
     spectra = np.fft.rfft2(centred)
