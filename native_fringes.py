@@ -87,13 +87,13 @@ def block_gradients(region, block_rows, block_cols, b):
     (k, 3, b, b): the same numbers, from each block and the pixel around it (the region's border
     rows and columns get 0, as there)."""
     height, width = region.shape[:2]
-    padded = np.pad(region, ((1, 1), (1, 1), (0, 0)))
-    ys = (block_rows * b)[:, None] + np.arange(b + 2)[None, :]  # each block and its margin, padded coordinates
-    xs = (block_cols * b)[:, None] + np.arange(b + 2)[None, :]
-    windows = padded[ys[:, :, None], xs[:, None, :]]  # (k, b + 2, b + 2, 3)
+    ys = (block_rows * b)[:, None] + np.arange(-1, b + 1)[None, :]  # each block and its margin
+    xs = (block_cols * b)[:, None] + np.arange(-1, b + 1)[None, :]
+    # a margin outside the region is read from its edge: the differences it enters are zeroed below
+    windows = region[ys.clip(0, height - 1)[:, :, None], xs.clip(0, width - 1)[:, None, :]]  # (k, b + 2, b + 2, 3)
     across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
     down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
-    x, y = xs[:, 1:-1] - 1, ys[:, 1:-1] - 1  # the block's own pixels, region coordinates
+    x, y = xs[:, 1:-1], ys[:, 1:-1]  # the block's own pixels
     across[((x == 0) | (x == width - 1))[:, None, :, None].repeat(b, 1).repeat(3, 3)] = 0
     down[((y == 0) | (y == height - 1))[:, :, None, None].repeat(b, 2).repeat(3, 3)] = 0
     return (across + down).transpose(0, 3, 1, 2)
