@@ -209,7 +209,7 @@ def tile_predictions(model, loader):
 
 def combined_scores(log_probs, mask, temperature, how):
     """Tile log-probabilities at temperature 1 -> the combined scores (n, labels) at `temperature`."""
-    from cityclassifier.modeling_cityclassifier import combine_tiles  # registered by citytools
+    from citytools.remote import combine_tiles
 
     tiles = (log_probs / temperature).softmax(-1).masked_fill(~mask[..., None], float("nan"))
     return combine_tiles(tiles, mask, how)
