@@ -157,6 +157,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     crops covering all of it at native resolution, without the `tile_resize_limit` shrink: up to
     `grid_max_tiles` tiles, scaled down only beyond that; a batch then has as many tile slots as its
     most-tiled image. Fringes of a few pixels in a multi-megapixel picture stay a few pixels wide.
+
+    `native_fringes` (None: off; True or a dict of `native_fringes.NATIVE_FRINGE_DEFAULTS`' keys)
+    also measures each picture's colour fringes over all of it at its own resolution and returns
+    them as `fringe_values`, for models whose config has the same `native_fringes`.
     """
 
     model_input_names = ["pixel_values", "tile_mask"]
