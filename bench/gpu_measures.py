@@ -139,8 +139,8 @@ def classify_run(data, model_dir, out, device, extra=(), root=ROOT):
         done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"classify.py failed:\n{done.stderr[-3000:]}")
-    summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]  # "N scored, 0 failed in
-    images = int(summary.split()[0]) + int(summary.split()[2])  # 2.3s (260.87 img/s)": the rate has 5 digits
+    summary = [line for line in done.stderr.splitlines() if " scored, " in line][-1]  # "N scored, M failed in
+    images = int(summary.split()[0]) + int(summary.split()[2])  # Ts (R img/s)": R is read from the brackets
     phases = [line.removeprefix("time: ") for line in done.stderr.splitlines() if line.startswith("time: ")]
     return images / float(summary.split("(")[1].split(" img/s")[0]), busy.percent, (phases or [None])[-1]
 
