@@ -94,8 +94,8 @@ def block_gradients(region, block_rows, block_cols, b):
     across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
     down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
     x, y = xs[:, 1:-1], ys[:, 1:-1]  # the block's own pixels
-    across[((x == 0) | (x == width - 1))[:, None, :, None].repeat(b, 1).repeat(3, 3)] = 0
-    down[((y == 0) | (y == height - 1))[:, :, None, None].repeat(b, 2).repeat(3, 3)] = 0
+    across = np.where(((x == 0) | (x == width - 1))[:, None, :, None], 0, across)
+    down = np.where(((y == 0) | (y == height - 1))[:, :, None, None], 0, down)
     return (across + down).transpose(0, 3, 1, 2)
 
 

@@ -74,12 +74,15 @@ class Scorer:
     def preprocess(self, image, tiling=None):
         """PIL image -> per group (real tiles from `view_tiles`, tile slots, the picture's native
         fringe measurements or None) for `collate`. `tiling` overrides the scorer's for this call."""
-        out = []
+        out, measured = [], {}  # groups measuring with the same settings share one measurement
         for group in self.groups:
             processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
             tiles = view_tiles(processor, image, on, self.crop_mode)
             slots = max(processor.tile_slots(on), len(tiles))  # grid tiling: may be more than 5
-            out.append((tiles, slots, processor.fringe_values(image)))
+            spec = repr(processor.native_fringes)
+            if spec not in measured:
+                measured[spec] = processor.fringe_values(image)
+            out.append((tiles, slots, measured[spec]))
         return out
 
     def work_pixels(self, width, height, tiling=None):
