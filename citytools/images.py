@@ -15,7 +15,7 @@ try:  # libspng decodes 8-bit PNGs faster than Pillow; without it Pillow decodes
 except ImportError:
     pyspng = None
 
-from citytools.toolkit import MAX_PIXELS, PixelLimit, first_line
+from citytools.toolkit import MAX_PIXELS, first_line
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
 
@@ -92,7 +92,8 @@ def error_text(error):
 
 def limit_hint(max_pixels):
     """" (see --flag)" when the limit came from a command line (`toolkit.PixelLimit`), else ""."""
-    return max_pixels.hint() if isinstance(max_pixels, PixelLimit) else ""
+    flag = getattr(max_pixels, "flag", None)
+    return f" (see {flag})" if flag else ""
 
 
 def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):

@@ -35,8 +35,7 @@ class PixelLimit(int):
     def __reduce__(self):  # decoding workers get it pickled
         return (PixelLimit, (int(self), self.flag))
 
-    def hint(self):
-        return f" (see {self.flag})" if self.flag else ""
+
 LABEL_FOLDER = re.compile(r"^(\d+)(?:_.*)?$")
 
 
