@@ -23,33 +23,40 @@ from citytools.toolkit import first_line
 from citytools.views import DeviceImage
 
 
-class FileStream(torch.utils.data.IterableDataset):
-    """Streams (meta, inputs) per file for this rank and worker, decoding in the worker process.
+class QueueFedStream(torch.utils.data.IterableDataset):
+    """Streams (meta, inputs) per item (a file, a dataset sample) for this rank and worker, decoding in
+    the worker process; a subclass says what the items are (`pending`), how one is loaded (`load`), and
+    which worker takes an item when there is no queue (`takes`).
 
-    Files reach the workers through a queue when `feed` was called (`loader_batches` does, for two
-    workers or more): one walk in the main process, and each worker takes the next file when it is
-    free. Otherwise every worker walks and keeps a fixed share by path key, and the run waits for the
-    worker that drew the most work (the queue's gain: bench/gpu-h100-run4.json).
+    Items reach the workers through a queue when `feed` was called (`loader_batches` does, for two
+    workers or more): one walk in the main process, and each worker takes the next item when it is
+    free. Otherwise every worker walks and keeps a fixed share, and the run waits for the worker that
+    drew the most work (the queue's gain: bench/gpu-h100-run4.json).
 
-    Each worker notes the file it is decoding in `markers` (see WorkerMarkers), so that when the
-    kernel kills a worker (out of memory) the main process can give that file an error row."""
+    Each worker notes the item it is decoding in `markers` (see WorkerMarkers, `marker_text`), so that
+    when the kernel kills a worker (out of memory) the main process can give that item an error row."""
 
-    def __init__(self, paths, scorer, done, rank, world, max_pixels, fast_decode=False, exclude=(), markers=None,
-                 tiling=None):
-        self.paths, self.scorer, self.done = paths, scorer, done
-        self.rank, self.world, self.max_pixels, self.fast_decode = rank, world, max_pixels, fast_decode
-        self.exclude, self.markers, self.tiling = exclude, markers, tiling
+    QUEUE_PER_WORKER = 64  # items waiting in the queue per worker (samples carry their bytes: fewer)
+
+    def __init__(self, markers=None):
+        self.markers = markers
         self.queue = self.feeder = None
 
     def pending(self):
-        """This rank's files not done yet, each once (a file named twice in one run is scored once)."""
-        seen = set()
-        for path in iter_files(self.paths, self.exclude):
-            key = path_key(path)
-            if key % self.world != self.rank or key in seen or is_done(self.done, key):
-                continue
-            seen.add(key)
-            yield path
+        """This rank's items not done yet, each once."""
+        raise NotImplementedError
+
+    def load(self, item):
+        """-> (meta, `Scorer.preprocess` output, or None with meta["error"] saying why)."""
+        raise NotImplementedError
+
+    def takes(self, item, info):
+        """Whether worker `info` (torch's worker info) takes `item` when every worker walks."""
+        raise NotImplementedError
+
+    def marker_text(self, item):
+        """What a worker's marker holds while it is on `item` (`WorkerMarkers.culprits` gives it back)."""
+        return item
 
     def feed(self, workers):
         """Makes the workers take their files from a queue that a thread of this process fills, walking
@@ -58,8 +65,8 @@ class FileStream(torch.utils.data.IterableDataset):
         ended the walk early, or None: the caller raises it, so no file is left out unannounced."""
         import multiprocessing
 
-        self.queue, self.feeder = multiprocessing.Queue(maxsize=64 * workers), os.getpid()
-        # paths left in it when its workers are gone (one died: the loader restarts with a new queue)
+        self.queue, self.feeder = multiprocessing.Queue(maxsize=self.QUEUE_PER_WORKER * workers), os.getpid()
+        # items left in it when its workers are gone (one died: the loader restarts with a new queue)
         # must not keep this process from exiting; the restarted walk hands them out again
         self.queue.cancel_join_thread()
         stop, failure = threading.Event(), []
@@ -75,8 +82,8 @@ class FileStream(torch.utils.data.IterableDataset):
 
         def walk():
             try:
-                for path in self.pending():
-                    if not put(path):
+                for item in self.pending():
+                    if not put(item):
                         return
             except BaseException as error:  # noqa: BLE001 - handed to the main thread by error()
                 failure.append(error)
@@ -87,7 +94,7 @@ class FileStream(torch.utils.data.IterableDataset):
         thread = threading.Thread(target=walk, name="file-feeder", daemon=True)
         return thread.start, stop.set, lambda: failure[0] if failure else None
 
-    def paths_to_load(self, info):
+    def items_to_load(self, info):
         if info is None:  # in this process: all of this rank's files
             yield from self.pending()
         elif self.queue is not None:
@@ -101,21 +108,45 @@ class FileStream(torch.utils.data.IterableDataset):
                 if path is None:
                     return
                 yield path
-        else:  # a fixed share by path key: a path named twice goes to the same worker
-            for path in self.pending():
-                if path_key(path) // self.world % info.num_workers == info.id:
-                    yield path
+        else:  # a fixed share (`takes`)
+            for item in self.pending():
+                if info.num_workers == 1 or self.takes(item, info):
+                    yield item
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         marker = self.markers.open() if self.markers is not None and info else None
-        for path in self.paths_to_load(info):
+        for item in self.items_to_load(info):
             if marker:
-                marker.set(path)
-            meta, inputs = self.load(path)
+                marker.set(self.marker_text(item))
+            meta, inputs = self.load(item)
             if marker:
                 marker.clear()
             yield meta, inputs
+
+class FileStream(QueueFedStream):
+    """The folder route's files (paths, folders, @lists), each decoded by `load_image`. With no queue,
+    a worker keeps a fixed share by path key (a path named twice goes to the same worker)."""
+
+    def __init__(self, paths, scorer, done, rank, world, max_pixels, fast_decode=False, exclude=(), markers=None,
+                 tiling=None):
+        super().__init__(markers)
+        self.paths, self.scorer, self.done = paths, scorer, done
+        self.rank, self.world, self.max_pixels, self.fast_decode = rank, world, max_pixels, fast_decode
+        self.exclude, self.tiling = exclude, tiling
+
+    def pending(self):
+        """This rank's files not done yet, each once (a file named twice in one run is scored once)."""
+        seen = set()
+        for path in iter_files(self.paths, self.exclude):
+            key = path_key(path)
+            if key % self.world != self.rank or key in seen or is_done(self.done, key):
+                continue
+            seen.add(key)
+            yield path
+
+    def takes(self, path, info):
+        return path_key(path) // self.world % info.num_workers == info.id
 
     def load(self, path):
         meta = file_row(path, **file_stamp(path))
@@ -311,7 +342,7 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None, idle=Non
     on_gpu = device.type == "cuda"
     greedy = idle is not None and workers > 1
     smallest = first_batch(batch_size) if greedy else batch_size
-    feeding = workers > 1 and isinstance(dataset, FileStream)  # one worker has no one to share with
+    feeding = workers > 1 and isinstance(dataset, QueueFedStream)  # one worker has no one to share with
     in_order = not feeding if in_order is None else in_order
     start, stop, failure = dataset.feed(workers) if feeding else (None, None, None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device, greedy),

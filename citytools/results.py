@@ -157,10 +157,13 @@ class Journal:
 
 
 class ResultsStore:
-    """The rows of one output: resume keys, the setup check, rank parts, the table."""
+    """The rows of one output: resume keys, the setup check, rank parts, the table. `key` is the column
+    that names a row's input (`path` for files; `key` for dataset samples), `columns` the columns before
+    the scores (name -> arrow type name, or a pyarrow type)."""
 
-    def __init__(self, out):
+    def __init__(self, out, key="path", columns=None):
         self.out = Path(out)
+        self.key, self.columns = key, dict(columns or FILE_COLUMNS)
         self.journal = journal_path(self.out)
         self.setup_path = self.out.with_name(f".{self.out.name}.setup.json")
         self.lock_path = self.out.with_name(f".{self.out.name}.lock")
@@ -252,7 +255,7 @@ class ResultsStore:
                 columns = list(row) if isinstance(row, dict) else []
         except Exception as error:  # noqa: BLE001 - whatever it is, it cannot be read as rows
             return f"cannot be read as rows: {first_line(error)}"
-        return None if "path" in columns else "no 'path' column"
+        return None if self.key in columns else f"no {self.key!r} column"
 
     def recorded_setup(self):
         try:
@@ -283,13 +286,13 @@ class ResultsStore:
     # ----------------------------------------------------------------------------------- reading
 
     def done(self):
-        """(sorted 64-bit keys of every path in the journal and its parts, how many of those rows are errors)."""
+        """(sorted 64-bit keys of every input in the journal and its parts, how many of those rows are errors)."""
         from citytools.discovery import path_key
 
         keys, errors = [], 0
         for source in [self.journal, *self.parts()]:
             for row in read_rows(source):
-                keys.append(path_key(row["path"]))
+                keys.append(path_key(row[self.key]))
                 errors += row.get("error") is not None
         return np.unique(np.array(keys, dtype=np.int64)), errors
 
@@ -302,15 +305,15 @@ class ResultsStore:
         return Journal(self.part_path(rank, world) if world > 1 else self.journal)
 
     def merge_parts(self):
-        """Appends each rank's part to the journal (a path once), then removes the parts."""
+        """Appends each rank's part to the journal (an input once), then removes the parts."""
         from citytools.discovery import path_key
 
         journal = Journal(self.journal)
-        seen = set(path_key(row["path"]) for row in read_rows(self.journal))
+        seen = set(path_key(row[self.key]) for row in read_rows(self.journal))
 
         def new_rows(part):
             for row in read_rows(part):
-                key = path_key(row["path"])
+                key = path_key(row[self.key])
                 if key not in seen:
                     seen.add(key)
                     yield row
@@ -320,18 +323,20 @@ class ResultsStore:
             part.unlink()
         journal.close()
 
-    def write_table(self, columns):
+    def write_table(self, columns, metadata=None):
         """Rebuilds OUT.csv / OUT.parquet from the journal, streaming, through a temporary file that
-        replaces the table only when complete (and is removed when anything fails)."""
+        replaces the table only when complete (and is removed when anything fails). `metadata` (JSON-able)
+        goes into a parquet file's schema metadata as `cityclassifier`."""
         if self.journal == self.out:
             return
         import pyarrow as pa
         import pyarrow.csv
         import pyarrow.parquet
 
-        fields = [pa.field(name, getattr(pa, kind)()) for name, kind in FILE_COLUMNS.items()]
+        fields = [pa.field(name, getattr(pa, kind)() if isinstance(kind, str) else kind)
+                  for name, kind in self.columns.items()]
         fields += [pa.field(c, pa.string() if is_top_label(c) else pa.float64()) for c in columns]
-        schema = pa.schema(fields)
+        schema = pa.schema(fields, metadata={"cityclassifier": json.dumps(metadata)} if metadata else None)
         tmp = self.out.with_name(f".{self.out.name}.tmp")
         try:
             writer = pa.parquet.ParquetWriter(tmp, schema) if self.out.suffix == ".parquet" else \

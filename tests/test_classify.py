@@ -146,8 +146,8 @@ def test_missing_list_entries_and_bad_arguments(converted, folder, tmp_path):
         run(tmp_path / "nope", "--model", converted["ca"], "--out", out)
     with pytest.raises(UsageError, match="no such score column"):
         run(folder, "--model", converted["ca"], "--out", out, "--label", "Blurry", "--list")
-    with pytest.raises(UsageError, match="cannot load the dataset"):
-        run("--dataset", tmp_path / "nope", "--model", converted["ca"], "--out", tmp_path / "scored")
+    with pytest.raises(UsageError, match="cannot open the dataset"):
+        run("--dataset", tmp_path / "nope", "--model", converted["ca"], "--out", tmp_path / "scored.jsonl")
     for args in ([folder, "--copy-to", tmp_path / "x"],  # filtering without --label
                  ["--dataset", folder, "--label", "Pass", "--move-to", tmp_path / "x"]):  # was ignored silently
         with pytest.raises(SystemExit) as exit_info:
@@ -329,32 +329,6 @@ def test_two_process_gloo_run_merges_to_the_single_process_output(converted, fol
     for path, row in one.items():
         assert abs(row["ca:Pass"] - two[path]["ca:Pass"]) < 1e-6
     assert not list(tmp_path.glob("*part*"))
-
-
-def test_datasets_route_adds_score_columns(converted, folder, tmp_path):
-    import datasets
-
-    out = tmp_path / "scored"
-    files = tmp_path / "files.jsonl"
-    run(folder, "--model", converted["ca"], "--out", files, "--dtype", "float32", "--workers", 0)
-    assert run("--dataset", folder, "--split", "train", "--model", converted["ca"], "--out", out,
-               "--dtype", "float32") == 0
-    scored = datasets.load_from_disk(str(out))
-    assert len(scored) == 6 and "ca:Chromatic Aberration" in scored.column_names
-    assert sorted(round(v, 5) for v in scored["ca:Pass"]) == sorted(round(r["ca:Pass"], 5) for r in rows_of(files))
-    assert isinstance(scored[0]["image"], Image.Image)  # the image column saved as it came, decoded on access
-    # a file that is not an image and a truncated JPEG: error rows, the others scored (was a traceback)
-    (folder / "a" / "broken.png").write_bytes(b"not a png")
-    data = io.BytesIO()
-    make_image(90, 60, seed=3).save(data, "JPEG")
-    (folder / "a" / "cut.jpg").write_bytes(data.getvalue()[:300])
-    assert run("--dataset", folder, "--split", "train", "--model", converted["ca"], "--out", tmp_path / "s2",
-               "--dtype", "float32") == 1
-    rows = datasets.load_from_disk(str(tmp_path / "s2")).select_columns(["error", "ca:Pass"]).to_list()
-    errors = sorted(r["error"] for r in rows if r["error"] is not None)
-    assert len(errors) == 2 and errors[0].startswith("cannot decode: OSError:"), errors
-    assert errors[1] == "not an image (unrecognised format)"
-    assert sum(r["ca:Pass"] is None for r in rows) == 2
 
 
 def test_fast_decode_only_where_the_image_is_downsized_anyway(converted, tmp_path):

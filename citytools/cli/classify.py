@@ -22,7 +22,6 @@ from citytools.loading import (
     hold_for_kill,
     is_done,
     loader_batches,
-    preprocess_each,
 )
 from citytools.results import ResultsStore, column_label, display_text, file_row, is_top_label
 from citytools.toolkit import (
@@ -31,8 +30,6 @@ from citytools.toolkit import (
     EXIT_USAGE,
     UsageError,
     first_line,
-    labels_from_folders,
-    load_dataset,
 )
 from citytools.transfers import SourceGone, TransferError, Transfers, inside
 
@@ -157,27 +154,91 @@ def rank_device(device, world):
     return device
 
 
-def score_files(args, scorer, store):
-    """Scores every input file not yet in the output. Returns (rank, failed files in the whole output)."""
+class FolderRoute:
+    """The files that PATHs name: rows keyed by path (`FileStream`)."""
+
+    def __init__(self, args):
+        self.args, self.exclude = args, excluded_folders(args)
+        self.store = ResultsStore(args.out)
+
+    def setup(self, scorer):
+        return dict(scorer.setup(), fast_decode=self.args.fast_decode)
+
+    def metadata(self, scorer):
+        return None
+
+    def total(self, done, world):
+        return pending_count(self.args, done, self.exclude, world)
+
+    def stream(self, scorer, done, rank, world, markers):
+        args = self.args
+        return FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, self.exclude,
+                          markers)
+
+    @staticmethod
+    def death_row(path, reason):
+        return file_row(path, reason)
+
+
+class DatasetRoute:
+    """The samples of a `datasets` dataset, streamed (citytools/streaming.py): rows keyed by `key`."""
+
+    def __init__(self, args):
+        from citytools.streaming import DatasetSource
+
+        self.args = args
+        self.source = DatasetSource(args.dataset, args.split, args.data_files, args.image_column, args.id_column)
+        columns = dict(self.source.key_columns(), width="int64", height="int64", error="string")
+        self.store = ResultsStore(args.out, key="key", columns=columns)
+
+    def setup(self, scorer):
+        return dict(scorer.setup(), source=self.source.description())
+
+    def metadata(self, scorer):
+        from citytools.hub_scores import scores_metadata
+
+        return scores_metadata(self.args, scorer, self.source)
+
+    def total(self, done, world):
+        return None  # a stream's length is not known before it is read
+
+    def stream(self, scorer, done, rank, world, markers):
+        from citytools.streaming import SampleStream
+
+        return SampleStream(self.source, scorer, done, rank, world, self.args.max_pixels, markers)
+
+    @staticmethod
+    def death_row(text, reason):
+        from citytools.streaming import death_row
+
+        return death_row(text, reason)
+
+
+def score_files(args, scorer, route):
+    """Scores every input (file or sample) not yet in the output. Returns (rank, failed inputs in the
+    whole output)."""
+    store = route.store
     rank, world = distributed()
     if scorer.device.type == "cpu":
         torch.set_num_threads(args.threads or model_threads(max(m.model.num_parameters() for m in scorer.models),
                                                             args.workers))
     done, old_errors = store.done()
-    exclude = excluded_folders(args)
-    total = pending_count(args, done, exclude, world) if rank == 0 else None
+    total = route.total(done, world) if rank == 0 else None
     journal = store.writer(rank, world)
     start, stopwatch = time.time(), Stopwatch()
     with tqdm(total=total, unit="img", desc="scoring", disable=rank != 0, dynamic_ncols=True) as bar:
-        scored, failed = score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, stopwatch)
+        scored, failed, repeats = score_stream(args, scorer, route, done, journal, bar, rank, world, stopwatch)
     journal.close()
     if world > 1:
         scored, failed = gather_counts(scorer, scored, failed)
+    if repeats:
+        print(f"note: {repeats} sample(s) had a key already seen in this run and were scored once "
+              f"(is --id-column {args.id_column} unique?)", file=sys.stderr)
     if rank == 0:
         if world > 1:
             store.merge_parts()
         with stopwatch("table"):
-            store.write_table(scorer.columns())
+            store.write_table(scorer.columns(), route.metadata(scorer))
         seconds = time.time() - start
         rate = (scored + failed) / seconds if seconds > 0 else 0.0
         print(f"{scored} scored, {failed} failed in {seconds:.1f}s ({rate:.2f} img/s) -> {args.out}", file=sys.stderr)
@@ -186,7 +247,7 @@ def score_files(args, scorer, store):
         if hint:
             print(hint, file=sys.stderr)
         if old_errors:
-            print(f"{old_errors} file(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
+            print(f"{old_errors} input(s) in {args.out} failed in earlier runs (rows with an error)", file=sys.stderr)
     return rank, failed + old_errors
 
 
@@ -208,11 +269,11 @@ def pending_count(args, done, exclude, world):
     return sum(not is_done(done, key) for key in keys) // world
 
 
-def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, stopwatch):
-    """Decodes and scores this rank's share of the files not in `done` into `journal`; a decoding
-    worker that dies (killed by the kernel) costs its file an error row and the loader restarts
-    without the files written so far. Returns (scored, failed); `stopwatch` (citytools.loading.Stopwatch)
-    gets the time each phase took."""
+def score_stream(args, scorer, route, done, journal, bar, rank, world, stopwatch):
+    """Decodes and scores this rank's share of the inputs not in `done` into `journal`; a decoding
+    worker that dies (killed by the kernel) costs its input an error row and the loader restarts
+    without the inputs written so far. Returns (scored, failed, keys met twice in the run and skipped);
+    `stopwatch` (citytools.loading.Stopwatch) gets the time each phase took."""
     scored = failed = deaths = 0
     in_flight = InFlight()  # the batch whose scores are on their way: written once the next one is queued
     on_gpu = scorer.device.type == "cuda"  # its work is queued: batches go as soon as it is idle
@@ -237,8 +298,7 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
     with tempfile.TemporaryDirectory(prefix="classify-workers-") as marker_dir:
         markers = WorkerMarkers(marker_dir)
         while True:
-            stream = FileStream(args.paths, scorer, done, rank, world, args.max_pixels, args.fast_decode, exclude,
-                                markers)
+            stream = route.stream(scorer, done, rank, world, markers)
             batches = loader_batches(stream, args.batch_size, args.workers, scorer.device, on_start=warm_up,
                                      idle=in_flight.idle if on_gpu else None)
             try:
@@ -247,29 +307,37 @@ def score_stream(args, scorer, store, done, exclude, journal, bar, rank, world, 
                         started = submit_batch(scorer, metas, grouped)  # a GPU scores it while the last is written
                     finish(in_flight.swap(started))
                 finish(in_flight.take())
-                return scored, failed
+                return scored, failed, getattr(stream, "repeats", 0)
+            except UsageError:  # the input cannot be read on (a shard out of reach): what was scored is kept
+                finish(in_flight.take())
+                raise
             except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
                 if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
                     raise
-                finish(in_flight.take())  # scored before the death: written before the files done are read back
-                rows = death_rows(markers, error)
+                finish(in_flight.take())  # scored before the death: written before the inputs done are read back
+                rows = death_rows(markers, error, route.death_row)
                 deaths += not rows
                 if deaths > 2:
-                    raise UsageError(f"decoding processes keep dying without a file to blame ({first_line(error)}); "
+                    raise UsageError(f"decoding processes keep dying without an input to blame ({first_line(error)}); "
                                      "try --workers 0 or a lower --max-pixels") from None
                 journal.write(rows)
                 failed += len(rows)
                 bar.update(len(rows))
                 del batches
-                done = store.done()[0]  # what this rank wrote so far is skipped by the new workers
+                done = route.store.done()[0]  # what this rank wrote so far is skipped by the new workers
 
 
-def death_rows(markers, error):
-    """Error rows (printed too) for the files that decoding workers were on when they died."""
-    rows = [file_row(path, reason) for path, reason in markers.culprits(error).items()]
+def death_rows(markers, error, make_row):
+    """Error rows (printed too) for the inputs that decoding workers were on when they died."""
+    rows = [make_row(text, reason) for text, reason in markers.culprits(error).items()]
     for row in rows:
-        tqdm.write(f"error: {display_text(row['path'])}: {row['error']}", file=sys.stderr)
+        tqdm.write(f"error: {display_text(row_name(row))}: {row['error']}", file=sys.stderr)
     return rows
+
+
+def row_name(row):
+    """What an error line names: a file's path, a sample's key."""
+    return row["path"] if "path" in row else row["key"]
 
 
 def gather_counts(scorer, scored, failed):
@@ -311,56 +379,9 @@ def batch_rows(metas, scored_rows):
             scored += 1
         else:
             failed += 1
-            tqdm.write(f"error: {display_text(meta['path'])}: {meta['error']}", file=sys.stderr)
+            tqdm.write(f"error: {display_text(row_name(meta))}: {meta['error']}", file=sys.stderr)
         rows.append(row)
     return rows, scored, failed
-
-
-def score_dataset(args, scorer):
-    """Adds the score columns to a `datasets` split with Dataset.map(batched=True)."""
-    import datasets
-
-    from citytools.images import BadImage, load_dataset_image, load_image
-
-    ds = load_dataset(args.dataset, split=args.split)
-    if args.image_column not in ds.column_names:
-        raise UsageError(f"{args.dataset}: no column {args.image_column!r} (has {', '.join(ds.column_names)})")
-    feature = ds.features[args.image_column]
-    if isinstance(feature, datasets.Image):  # decoded here, one image at a time: a bad one is an error row
-        ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
-        if os.path.isdir(args.dataset) and "label" not in ds.column_names:  # a metadata.csv hid the folder labels
-            labels = labels_from_folders(ds[args.image_column])
-            if all(label is not None for label in labels):
-                ds = ds.add_column("label", labels)
-    columns = scorer.columns()
-    work_pixels = scorer.work_pixels
-
-    def open_image(value):
-        if value is None:
-            raise BadImage("no image")
-        if isinstance(value, dict):
-            return load_dataset_image(value, args.max_pixels, work_pixels)
-        return load_image(value, args.max_pixels, work_pixels=work_pixels) if isinstance(value, str) else value
-
-    def add_scores(batch):
-        values = batch[args.image_column]
-        good, grouped, errors = preprocess_each(values, lambda value: scorer.preprocess(open_image(value)))
-        rows = [{} for _ in values]
-        for i, scores in zip(good, scorer.score(grouped) if grouped else []):
-            rows[i] = scores
-        return {"error": [errors.get(i) for i in range(len(values))],
-                **{name: [row.get(name) for row in rows] for name in columns}}
-
-    scored = ds.map(add_scores, batched=True, batch_size=args.batch_size, desc="scoring")
-    if isinstance(feature, datasets.Image):
-        scored = scored.cast_column(args.image_column, feature)  # saved as it came: decoded on access
-    if args.out.suffix == ".parquet":
-        scored.to_parquet(str(args.out))
-    else:
-        scored.save_to_disk(str(args.out))
-    failed = sum(error is not None for error in scored["error"])
-    print(f"{len(scored) - failed} scored, {failed} failed -> {args.out}", file=sys.stderr)
-    return 0, failed
 
 
 def main(argv=None):
@@ -373,7 +394,8 @@ def main(argv=None):
         if not path.startswith("@") and not os.path.lexists(path):
             raise UsageError(f"{path}: no such file or folder")
     check_destination(args)
-    rank, world = distributed() if not args.dataset else (0, 1)
+    rank, world = distributed()
+    route = DatasetRoute(args) if args.dataset else FolderRoute(args)  # a dataset that cannot be read: said first
     try:
         scorer = Scorer(args.model, device=rank_device(args.device, world), dtype=args.dtype, tiling=args.tiling,
                         combine=args.combine, crop=args.crop_on, tiling_mode=args.tiling_mode)
@@ -385,14 +407,12 @@ def main(argv=None):
         args.workers = default_workers(scorer.device)
     if args.batch_size is None:
         args.batch_size = min(default_batch_size(scorer.device, m.model) for m in scorer.models)
-    if args.dataset:
-        return EXIT_SOME_FAILED if score_dataset(args, scorer)[1] else EXIT_OK
-    store = ResultsStore(args.out)
+    store = route.store
     refused = transfers = None
     if rank == 0:
         try:
             store.lock()  # a second process on this output stops here, before it writes anything
-            store.start(dict(scorer.setup(), fast_decode=args.fast_decode), fresh=args.no_resume)
+            store.start(route.setup(scorer), fresh=args.no_resume)
             if args.copy_to or args.move_to:  # its lock, and a destination that cannot work, before the scoring
                 transfers = Transfers(args.copy_to or args.move_to, move=bool(args.move_to))
         except UsageError as error:
@@ -407,9 +427,13 @@ def main(argv=None):
         store.close()
         raise refused
     try:
-        rank, failed = score_files(args, scorer, store)
+        rank, failed = score_files(args, scorer, route)
         if rank == 0 and args.label:
             failed += apply_filters(args, scorer.columns(), store, transfers)
+        if rank == 0 and args.push_to_hub:
+            from citytools.hub_scores import push_scores
+
+            push_scores(args.out, args.push_to_hub, route.metadata(scorer), private=args.private)
     finally:
         if transfers is not None:
             transfers.close()

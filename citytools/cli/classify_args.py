@@ -21,8 +21,13 @@ to finish. The destination may lie inside an input folder (it is then not scored
 
 Several GPUs or hosts: launch the same command with `accelerate launch classify.py ...` or
 `torchrun --nproc_per_node N classify.py ...`; each rank scores its share into its own part file,
-and rank 0 merges the parts into the output. A `datasets` dataset instead of files:
-  python classify.py --dataset DIR_OR_HUB_ID --split train --out scored/   (adds score columns)
+and rank 0 merges the parts into the output.
+
+A `datasets` dataset instead of files, streamed (nothing downloaded whole), one row per sample keyed
+so that it joins back (README "Hub-scale datasets"); resume, torchrun and bad samples as for files:
+  python classify.py --dataset HUB_ID --split train --streaming --out scores.parquet
+  python classify.py --dataset webdataset --data-files 'shards/*.tar' --streaming --out scores.parquet
+  python classify.py --dataset parquet --data-files 'data/*.parquet' --image-column image --out scores.parquet
 
 Exit status: 0 when every file in the output is scored, 1 when some could not be (they have error
 rows, from this run or an earlier one) or could not be copied/moved, 2 for bad arguments or an
@@ -49,8 +54,7 @@ def parse_args(argv=None):
                         help="model folders or Hub ids (default: the shipped model at the repo root); models "
                              "sharing backbone weights share one backbone pass")
     parser.add_argument("--out", type=Path, default=Path("results.jsonl"),
-                        help="output file: .jsonl, .csv or .parquet (default: results.jsonl); with --dataset, a "
-                             "folder (save_to_disk) or a .parquet file")
+                        help="output file: .jsonl, .csv or .parquet (default: results.jsonl)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per batch (default: 8 on a CPU; on a GPU as many as fit in half its free memory "
                              "by an estimate from the model, 8 to 64)")
@@ -101,9 +105,24 @@ def parse_args(argv=None):
     filters.add_argument("--keep-structure", action="store_true",
                          help="mirror the source folders under DIR (default: flat)")
     data = parser.add_argument_group("datasets route")
-    data.add_argument("--dataset", help="a `datasets` image folder or Hub dataset id, instead of PATHs")
+    data.add_argument("--dataset", metavar="NAME",
+                      help="instead of PATHs: a Hub dataset id, a local dataset folder, or a `datasets` builder "
+                           "(webdataset, parquet, imagefolder) with --data-files")
+    data.add_argument("--data-files", nargs="+", metavar="GLOB",
+                      help="the files of --split, as `datasets` takes them (local globs, or hf:// paths)")
     data.add_argument("--split", default="train", help="its split (default: train)")
-    data.add_argument("--image-column", default="image", help="its image column (default: image)")
+    data.add_argument("--streaming", action="store_true",
+                      help="read the samples as a stream, never downloading the dataset whole: what --dataset "
+                           "always does (the flag says so in commands and scripts)")
+    data.add_argument("--image-column", default=None,
+                      help="its image column: Image, {bytes, path}, bytes or a path (default: `image`, else "
+                           "every Image column: a webdataset's jpg/png/webp, a sample's first present one)")
+    data.add_argument("--id-column",
+                      help="a column whose values name the samples: the output's key (default: a webdataset's "
+                           "__key__ within its tar, else the data file and row)")
+    data.add_argument("--push-to-hub", metavar="REPO",
+                      help="upload the scores as a Hub dataset REPO (keys and scores, a card saying how to join)")
+    data.add_argument("--private", action="store_true", help="with --push-to-hub: create REPO private")
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.dataset):
         parser.error("give PATHs or --dataset (one of them)")
@@ -112,12 +131,22 @@ def parse_args(argv=None):
     if (args.list or args.copy_to or args.move_to or args.min is not None or args.max is not None) and not args.label:
         parser.error("filtering needs --label")
     if args.dataset and (args.label or args.keep_structure):
-        parser.error("with --dataset the scores become columns of the saved dataset; --label, --list, --copy-to and "
-                     "--move-to filter files (PATHs): filter the saved dataset with Dataset.filter instead")
+        parser.error("with --dataset the output holds the samples' keys and scores; --label, --list, --copy-to and "
+                     "--move-to filter files (PATHs): join the scores to the dataset and filter it with "
+                     "Dataset.filter (README, Hub-scale datasets)")
+    for flag in ("data_files", "id_column", "push_to_hub", "image_column"):
+        if getattr(args, flag) and not args.dataset:
+            parser.error(f"--{flag.replace('_', '-')} goes with --dataset")
+    if args.fast_decode and args.dataset:
+        parser.error("--fast-decode decodes files (PATHs) at a reduced scale; a dataset's samples are decoded whole")
+    if args.private and not args.push_to_hub:
+        parser.error("--private goes with --push-to-hub")
+    if args.push_to_hub and args.out.suffix != ".parquet":
+        parser.error("--push-to-hub uploads a .parquet --out")
     if args.label and args.min is None and args.max is None:
         args.min = 0.5
     if args.min is not None and args.max is not None and args.min > args.max:
         parser.error(f"--min {args.min} is above --max {args.max}: no score can match")
-    if args.out.suffix not in (".jsonl", ".csv", ".parquet") and not args.dataset:
+    if args.out.suffix not in (".jsonl", ".csv", ".parquet"):
         parser.error(f"--out {args.out}: use a .jsonl, .csv or .parquet file")
     return args
