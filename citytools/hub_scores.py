@@ -50,11 +50,10 @@ def join_recipe(metadata, repo):
     files = f", data_files={source['data_files']!r}" if source["data_files"] else ""
     lines = ["from datasets import load_dataset", "",
              f'scores = load_dataset("{repo}", split="{source["split"]}")',
-             f'flagged = {{row["{join or "key"}"] for row in scores if row["{column}"] is None or '
-             f'row["{column}"] >= 0.5}}']
+             f'kept = {{row["{join or "key"}"] for row in scores if row["error"] is None and row["{column}"] < 0.5}}']
     if join:
         lines += [f'source = load_dataset("{source["dataset"]}"{files}, split="{source["split"]}", streaming=True)',
-                  f'clean = source.filter(lambda sample: sample["{join}"] not in flagged)']
+                  f'clean = source.filter(lambda sample: sample["{join}"] in kept)']
     else:
         lines += ["# `key` is `<data file>#<row>`: the sample's file below the split's folder and its row in that file"]
     return "\n".join(lines)
@@ -90,7 +89,8 @@ Scored with ({metadata['dtype']}, images up to {metadata['max_pixels']} pixels):
 ```python
 {join_recipe(metadata, repo)}
 ```
-Rows with an `error` have no scores: the recipe above counts them as flagged.
+Rows with an `error` have no scores (a sample that could not be decoded; `<shard>#unreadable` for a
+data file that could not be read on): the recipe keeps only samples scored below 0.5.
 """
 
 

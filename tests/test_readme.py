@@ -90,3 +90,40 @@ def test_the_readme_classify_commands_run_as_written(converted, tmp_path):
     table = pq.read_table(tmp_path / "scores.parquet")
     assert table.num_rows == 8 and {"ca-v1.16:Pass", "compression-v1.5:JPEG"} <= set(table.column_names)
     assert (tmp_path / "results.jsonl").is_file()
+
+
+def test_the_readme_hub_scale_commands_and_recipe_run_as_written(tmp_path):
+    """The two commands on webdataset tars and parquet shards of the bundled examples, with the shipped
+    model, then the join-filter recipe (its push replaced by a listing): what it keeps is exactly the
+    samples scored below 0.5."""
+    import json
+
+    import pyarrow.parquet as pq
+    from test_streaming import write_parquet, write_tars
+
+    text = section("Hub-scale datasets")
+    (block,) = code_blocks(text, "bash")
+    (recipe,) = code_blocks(text, "python")
+    pictures = {p.name: p.read_bytes() for p in sorted((REPO / "examples").iterdir())}
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    places = []
+    for argv, make in zip(commands, (lambda d: write_tars(d / "shards", pictures, shards=2),
+                                     lambda d: write_parquet(d / "data", pictures, shards=2))):
+        place = tmp_path / argv[3]
+        place.mkdir()
+        make(place)
+        assert argv[:2] == ["python", "classify.py"], argv
+        done = subprocess.run([sys.executable, str(REPO / "classify.py"), *argv[2:]], cwd=place, capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        assert pq.read_table(place / "scores.parquet").num_rows == len(pictures)
+        places.append(place)
+    assert recipe.rstrip().endswith('clean.push_to_hub("you/pictures-clean")')
+    script = recipe.replace('clean.push_to_hub("you/pictures-clean")', 'print(json.dumps([s["__key__"] for s in clean]))')
+    done = subprocess.run([sys.executable, "-c", "import json\n" + script], cwd=places[0], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = pq.read_table(places[0] / "scores.parquet").to_pylist()
+    below = sorted(r["__key__"] for r in rows if r["default:Chromatic Aberration"] < 0.5)
+    assert sorted(json.loads(done.stdout.strip().splitlines()[-1])) == below and 0 < len(below) < len(rows)

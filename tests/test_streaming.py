@@ -261,7 +261,7 @@ def test_push_to_hub_uploads_scores_and_a_card(converted, pictures, tmp_path):
     assert repo == "me/scores" and options == {"repo_type": "dataset", "private": True, "exist_ok": True}
     card = files["README.md"].decode()
     assert "path: data/train-*.parquet" in card and "path: data/test-*.parquet" in card  # the split already there
-    assert 'sample["__key__"] not in flagged' in card and str(tmp_path) not in card  # no local path leaks
+    assert 'sample["__key__"] in kept' in card and str(tmp_path) not in card  # no local path leaks
     (tmp_path / "up.parquet").write_bytes(files["data/train-00000-of-00001.parquet"])
     assert len(datasets.load_dataset("parquet", data_files=str(tmp_path / "up.parquet"), split="train")) == 9
 
