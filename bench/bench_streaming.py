@@ -98,7 +98,8 @@ def main():
 
     best = {name: (max(r[0] for r in rs), min(r[1] for r in rs), max(r[2] for r in rs)) for name, rs in runs.items()}
     result = {"what": "classify.py's datasets route (streamed) against its folder route, same pictures and model",
-              "machine": machine(), "model": "default" if Path(args.model).resolve() == ROOT else Path(args.model).name, "images": len(files),
+              "machine": machine(), "images": len(files),
+              "model": "default" if Path(args.model).resolve() == ROOT else Path(args.model).name,
               "shards": args.shards, "repeat": args.repeat,
               "routes": {name: {"images_per_s": b[0], "wall_s": b[1], "peak_rss_mb": b[2],
                                 "runs": [{"images_per_s": r[0], "wall_s": r[1]} for r in runs[name]],
@@ -106,8 +107,8 @@ def main():
                                 "wall_folder_over_route": best["folder"][1] / b[1]}
                          for name, b in best.items()}}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| route | images/s (scoring) | x folder | whole command s | folder/route | peak RSS MB |\n"
-          f"| --- | --- | --- | --- | --- | --- |")
+    print("| route | images/s (scoring) | x folder | whole command s | folder/route | peak RSS MB |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, entry in result["routes"].items():
         print(f"| {name} | {entry['images_per_s']:.2f} | {entry['images_per_s_vs_folder']:.2f} | {entry['wall_s']:.1f} "
               f"| {entry['wall_folder_over_route']:.2f} | {entry['peak_rss_mb']:.0f} |")

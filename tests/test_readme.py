@@ -120,7 +120,8 @@ def test_the_readme_hub_scale_commands_and_recipe_run_as_written(tmp_path):
         assert pq.read_table(place / "scores.parquet").num_rows == len(pictures)
         places.append(place)
     assert recipe.rstrip().endswith('clean.push_to_hub("you/pictures-clean")')
-    script = recipe.replace('clean.push_to_hub("you/pictures-clean")', 'print(json.dumps([s["__key__"] for s in clean]))')
+    listing = 'print(json.dumps([s["__key__"] for s in clean]))'
+    script = recipe.replace('clean.push_to_hub("you/pictures-clean")', listing)
     done = subprocess.run([sys.executable, "-c", "import json\n" + script], cwd=places[0], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
