@@ -10,8 +10,10 @@
 #
 # Installs the wheels in .whl/ into /tmp/site, runs bench_gpu.py (with --baseline .baseline when that
 # folder exists) under a time limit ($LIMIT seconds, default 400), and writes gpu.json, stdout.txt
-# and log.txt to $OUT (default bench/device-run/). Prints each measurement's line; exits as bench_gpu.py
-# (124: the time limit; the JSON keeps what was measured by then).
+# and log.txt to $OUT (default bench/device-run/). Prints each measurement's line. Then, with
+# $STREAM_LIMIT seconds (default 150; 0 skips it), bench_streaming.py: the datasets route (streamed
+# webdataset and parquet) against the folder route on the GPU, into $OUT/streaming.json. Exits as
+# bench_gpu.py (124: the time limit; the JSON keeps what was measured by then).
 set -u
 out=${OUT:-bench/device-run}
 mkdir -p "$out"
@@ -28,4 +30,9 @@ timeout "${LIMIT:-400}" python3 bench/bench_gpu.py --out "$out/gpu.json" "${base
 status=$?
 grep -E "^[a-z_0-9]+: [0-9.]+s" "$out/log.txt"
 [ "$status" = 0 ] || tail -20 "$out/log.txt"
+if [ "${STREAM_LIMIT:-150}" != 0 ]; then
+  timeout "${STREAM_LIMIT:-150}" python3 bench/bench_streaming.py --images 384 --shards 16 --repeat 1 \
+    --out "$out/streaming.json" > "$out/streaming.txt" 2>&1
+  tail -6 "$out/streaming.txt"
+fi
 exit "$status"
