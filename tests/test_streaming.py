@@ -295,3 +295,20 @@ def test_a_missing_column_or_dataset_is_one_line(converted, pictures, tmp_path):
     with pytest.raises(UsageError, match="cannot open the dataset"):
         run("--dataset", "webdataset", "--data-files", tmp_path / "none/*.tar", "--out", tmp_path / "y.jsonl",
             "--model", converted["ca"])
+
+
+def test_a_decoding_worker_killed_on_a_sample_costs_that_sample_one_error_row(converted, pictures, tmp_path):
+    """The kernel's out-of-memory killer, played by the worker itself on one sample: that sample gets
+    an error row naming the death, the loader restarts without the samples written, each key once."""
+    keys = write_tars(tmp_path / "wds", pictures)
+    victim = sorted(keys)[4]
+    out = tmp_path / "d.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "classify.py"), "--dataset", "webdataset", "--data-files",
+                           str(tmp_path / "wds/*.tar"), "--model", str(converted["ca"]), "--out", str(out),
+                           "--workers", "2", "--batch-size", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CITYCLASSIFIER_KILL_WORKER_ON": victim})
+    assert done.returncode == 1, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["__key__"] for r in rows) == sorted(keys)
+    errors = {r["__key__"]: r["error"] for r in rows if r["error"]}
+    assert list(errors) == [victim] and "died" in errors[victim]
