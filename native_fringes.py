@@ -13,6 +13,8 @@ pixels (from its spectrum), is where red's and blue's edges sit against green's.
 NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
 """
 
+import functools
+
 import numpy as np
 import PIL.Image
 
@@ -63,23 +65,28 @@ def native_fringe_spec(value):
 
 
 def work_image(image, work_side):
-    """A PIL image (any mode) -> (H, W, 3) float32 RGB in [0, 1] at most `work_side` on its long side
-    (box filter: each output pixel the mean of its source pixels, which keeps a fringe's shape), and
-    the scale used."""
+    """A PIL image (any mode) -> (H, W, 3) uint8 RGB at most `work_side` on its long side (box filter:
+    each output pixel the mean of its source pixels, which keeps a fringe's shape), and the scale used.
+    Only the measured blocks become floats (`block_gradients`)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     scale = min(1.0, work_side / max(image.size))
     if scale < 1.0:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              PIL.Image.BOX)
-    return np.asarray(image, dtype=np.float32) * np.float32(1 / 255), scale
+    return np.asarray(image), scale
 
 
-def gradient_magnitude(pixels):
-    """(H, W, ...) float -> the same shape: L1 gradient magnitude by central differences (0 on the border)."""
-    grad = np.zeros_like(pixels)
-    grad[:, 1:-1] = np.abs(pixels[:, 2:] - pixels[:, :-2])
-    grad[1:-1, :] += np.abs(pixels[2:, :] - pixels[:-2, :])
-    return grad
+def block_edges(channel, rows, cols, b):
+    """(rows * b, cols * b) uint8 channel -> (rows, cols) mean L1 gradient magnitude per block, in
+    [0, 1] units (central differences, 0 on the border), summed in integers: the whole picture's
+    pass, kept light."""
+    values = channel.astype(np.int16)
+    total = np.zeros((rows, cols), dtype=np.int64)
+    across = np.zeros(values.shape, dtype=np.int16)
+    across[:, 1:-1] = np.abs(values[:, 2:] - values[:, :-2])
+    across[1:-1, :] += np.abs(values[2:, :] - values[:-2, :])
+    total += across.reshape(rows, b, cols, b).sum((1, 3), dtype=np.int64)
+    return total / (b * b * 255.0)
 
 
 def block_gradients(region, block_rows, block_cols, b):
@@ -91,6 +98,8 @@ def block_gradients(region, block_rows, block_cols, b):
     xs = (block_cols * b)[:, None] + np.arange(-1, b + 1)[None, :]
     # a margin outside the region is read from its edge: the differences it enters are zeroed below
     windows = region[ys.clip(0, height - 1)[:, :, None], xs.clip(0, width - 1)[:, None, :]]  # (k, b + 2, b + 2, 3)
+    if windows.dtype == np.uint8:
+        windows = windows.astype(np.float32) * np.float32(1 / 255)
     across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
     down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
     x, y = xs[:, 1:-1], ys[:, 1:-1]  # the block's own pixels
@@ -144,16 +153,38 @@ def correlation_at(cross, b, dy, dx):
     return (phase_y @ (cross @ phase_x)).real / (b * b)
 
 
-def subpixel_peaks(cross, window_cross, b, start):
+@functools.lru_cache(maxsize=8)
+def window_power(b):
+    """The Hann window of side b's power spectrum along y (fft bins) and along x (rfft bins, weighted
+    as `correlation_at` weighs them), with their frequencies."""
+    window = np.hanning(b)
+    weight = np.full(b // 2 + 1, 2.0)
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0
+    return (np.fft.fftfreq(b), np.abs(np.fft.fft(window)) ** 2, np.fft.rfftfreq(b),
+            weight * np.abs(np.fft.rfft(window)) ** 2)
+
+
+def window_correlation_at(b, dy, dx):
+    """`correlation_at` of the blocks' window's own cross-spectrum (the separable Hann window
+    outer(w, w)) on the same grid -> (k, ny, nx): the same numbers, one axis at a time (the spectrum is
+    a product)."""
+    freq_y, power_y, freq_x, power_x = window_power(b)
+    along_y = (np.exp(2j * np.pi * dy[:, :, None] * freq_y[None, None, :]) * power_y).sum(-1)  # (k, ny)
+    along_x = (np.exp(2j * np.pi * dx[:, :, None] * freq_x[None, None, :]) * power_x).sum(-1)  # (k, nx)
+    return (along_y[:, :, None] * along_x[:, None, :]).real / (b * b)
+
+
+def subpixel_peaks(cross, b, start):
     """Refines whole-pixel peaks `start` (k, 2) to a twentieth of a pixel: the correlation, divided by
     the window's own (which would pull every peak towards no shift), searched on a coarse then a fine
     grid around the peak."""
     best = start.astype(np.float64)
-    window = np.broadcast_to(window_cross, cross.shape)
     for step, steps in SUBPIXEL_STEPS:
         offsets = np.arange(-steps, steps + 1) * step
         dy, dx = best[:, 0:1] + offsets[None, :], best[:, 1:2] + offsets[None, :]
-        values = correlation_at(cross, b, dy, dx) / correlation_at(window, b, dy, dx).clip(1e-12)
+        values = correlation_at(cross, b, dy, dx) / window_correlation_at(b, dy, dx).clip(1e-12)
         iy, ix = np.divmod(values.reshape(len(best), -1).argmax(1), len(offsets))
         best = np.stack([dy[np.arange(len(best)), iy], dx[np.arange(len(best)), ix]], 1)
     return best
@@ -173,8 +204,7 @@ def block_offsets(pixels, spec):
         return (*empty, 0)
     top, left = (height - rows * b) // 2, (width - cols * b) // 2
     region = pixels[top : top + rows * b, left : left + cols * b]
-    green = gradient_magnitude(np.ascontiguousarray(region[..., 1]))  # all of green's: the edge-rich blocks
-    edge = green.reshape(rows, b, cols, b).mean((1, 3))
+    edge = block_edges(region[..., 1], rows, cols, b)  # all of green's: the edge-rich blocks
     picked_rows, picked_cols = pick_blocks(edge, spec["grid"], spec["per_cell"], spec["min_edge"])
     if len(picked_rows) == 0:
         return (*empty, rows * cols)
@@ -184,8 +214,6 @@ def block_offsets(pixels, spec):
     spectra = np.fft.rfft2(centred)
     energy = np.square(centred).sum((-1, -2))  # (k, 3)
     shifts = np.arange(-m, m + 1) % b
-    window_spectrum = np.fft.rfft2(window[:, None] * window[None, :])
-    window_cross = window_spectrum * np.conj(window_spectrum)
     found = []
     for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
         cross = spectra[:, channel] * np.conj(spectra[:, 1])
@@ -193,7 +221,7 @@ def block_offsets(pixels, spec):
         corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
         whole, peak, zero = integer_peaks(corr, m)
         inside = np.all(np.abs(whole) < m, axis=1)  # a peak on the search's border is no peak
-        found.append((subpixel_peaks(cross, window_cross, b, whole), peak, zero, inside))
+        found.append((subpixel_peaks(cross, b, whole), peak, zero, inside))
     (red, red_peak, red_zero, red_inside), (blue, blue_peak, blue_zero, blue_inside) = found
     good = (red_peak > spec["min_peak"]) & (blue_peak > spec["min_peak"]) & red_inside & blue_inside
     centres = np.stack([top + (picked_rows + 0.5) * b, left + (picked_cols + 0.5) * b], 1)

@@ -304,9 +304,7 @@ def test_benchmark_names_the_images_it_could_not_score_and_exits_1(converted, tm
 # -------------------------------------------------------------------------------------- classify corners
 
 
-def test_classify_refuses_an_empty_range_skips_comments_and_keeps_dataset_labels(converted, tmp_path):
-    import datasets
-
+def test_classify_refuses_an_empty_range_skips_comments_and_keys_dataset_files(converted, tmp_path):
     from citytools.cli import classify
 
     with pytest.raises(SystemExit) as info:
@@ -321,7 +319,8 @@ def test_classify_refuses_an_empty_range_skips_comments_and_keeps_dataset_labels
     data = labelled(tmp_path / "data", splits=("train",), per_label=2)
     (data / "train" / "metadata.csv").write_text("file_name,note\n0_pass/0.png,x\n0_pass/1.png,y\n1_ca/0.png,z\n"
                                                   "1_ca/1.png,w\n")
+    scored = tmp_path / "scored.jsonl"  # an image folder whose metadata.csv has no label column
     assert classify.main(["--dataset", str(data), "--split", "train", "--model", str(converted["ca"]), "--out",
-                          str(tmp_path / "scored")]) == 0
-    scored = datasets.load_from_disk(str(tmp_path / "scored"))
-    assert "label" in scored.column_names and sorted(scored["label"]) == [0, 0, 1, 1]
+                          str(scored), "--workers", "0"]) == 0
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == ["0_pass/0.png#0", "0_pass/1.png#0", "1_ca/0.png#0", "1_ca/1.png#0"]
