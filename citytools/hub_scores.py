@@ -52,7 +52,9 @@ def join_recipe(metadata, repo):
              f'scores = load_dataset("{repo}", split="{source["split"]}")',
              f'kept = {{row["{join or "key"}"] for row in scores if row["error"] is None and row["{column}"] < 0.5}}']
     if join:
-        lines += [f'source = load_dataset("{source["dataset"]}"{files}, split="{source["split"]}", streaming=True)',
+        config = f', "{source["config"]}"' if source.get("config") else ""
+        lines += [f'source = load_dataset("{source["dataset"]}"{config}{files}, split="{source["split"]}", '
+                  'streaming=True)',
                   f'clean = source.filter(lambda sample: sample["{join}"] in kept)']
     else:
         lines += ["# `key` is `<data file>#<row>`: the sample's file below the split's folder and its row in that file"]

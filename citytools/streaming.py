@@ -32,18 +32,18 @@ class DatasetSource:
     key columns, and the samples of one rank (`samples`). Picklable: it goes with `SampleStream` to the
     decoding workers when they walk it themselves (one worker)."""
 
-    def __init__(self, name, split="train", data_files=None, image_column=None, id_column=None):
+    def __init__(self, name, split="train", data_files=None, image_column=None, id_column=None, config=None):
         import datasets
 
-        self.name, self.split, self.data_files = name, split, list(data_files or [])
+        self.name, self.split, self.data_files, self.config = name, split, list(data_files or []), config
         self.id_column = id_column
         try:
             files = {split: self.data_files} if data_files else None
-            builder = datasets.load_dataset_builder(name, data_files=files)
+            builder = datasets.load_dataset_builder(name, config, data_files=files)
             stream = builder.as_streaming_dataset(split=split)
             if type(builder).__name__ == "WebDataset":  # columns inferred from the first samples: see below
                 features = webdataset_features(stream.features, id_column)
-                builder = datasets.load_dataset_builder(name, data_files=files, features=features)
+                builder = datasets.load_dataset_builder(name, config, data_files=files, features=features)
                 stream = builder.as_streaming_dataset(split=split)
             files = builder.config.data_files.get(split) if builder.config.data_files else None
         except UsageError:
@@ -80,7 +80,7 @@ class DatasetSource:
 
     def description(self):
         """What is read, for the output's setup record and metadata (resuming another source is refused)."""
-        return {"dataset": self.name, "split": self.split, "data_files": self.data_files,
+        return {"dataset": self.name, "config": self.config, "split": self.split, "data_files": self.data_files,
                 "image_column": self.image_columns, "id_column": self.id_column}
 
     # ---------------------------------------------------------------------------------- the samples

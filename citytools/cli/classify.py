@@ -187,7 +187,8 @@ class DatasetRoute:
         from citytools.streaming import DatasetSource
 
         self.args = args
-        self.source = DatasetSource(args.dataset, args.split, args.data_files, args.image_column, args.id_column)
+        self.source = DatasetSource(args.dataset, args.split, args.data_files, args.image_column, args.id_column,
+                                    args.dataset_config)
         columns = dict(self.source.key_columns(), width="int64", height="int64", error="string")
         self.store = ResultsStore(args.out, key="key", columns=columns)
 

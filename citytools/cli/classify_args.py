@@ -110,6 +110,7 @@ def parse_args(argv=None):
                            "(webdataset, parquet, imagefolder) with --data-files")
     data.add_argument("--data-files", nargs="+", metavar="GLOB",
                       help="the files of --split, as `datasets` takes them (local globs, or hf:// paths)")
+    data.add_argument("--dataset-config", metavar="CONFIG", help="its configuration (subset), when it has several")
     data.add_argument("--split", default="train", help="its split (default: train)")
     data.add_argument("--streaming", action="store_true",
                       help="read the samples as a stream, never downloading the dataset whole: what --dataset "
@@ -134,7 +135,7 @@ def parse_args(argv=None):
         parser.error("with --dataset the output holds the samples' keys and scores; --label, --list, --copy-to and "
                      "--move-to filter files (PATHs): join the scores to the dataset and filter it with "
                      "Dataset.filter (README, Hub-scale datasets)")
-    for flag in ("data_files", "id_column", "push_to_hub", "image_column"):
+    for flag in ("data_files", "id_column", "push_to_hub", "image_column", "dataset_config"):
         if getattr(args, flag) and not args.dataset:
             parser.error(f"--{flag.replace('_', '-')} goes with --dataset")
     if args.fast_decode and args.dataset:
