@@ -85,26 +85,32 @@ def block_edges(channel, rows, cols, b):
     across = np.zeros(values.shape, dtype=np.int16)
     across[:, 1:-1] = np.abs(values[:, 2:] - values[:, :-2])
     across[1:-1, :] += np.abs(values[2:, :] - values[:-2, :])
-    total += across.reshape(rows, b, cols, b).sum((1, 3), dtype=np.int64)
+    total += across.reshape(rows, b, cols, b).sum(3, dtype=np.int32).sum(1)  # the contiguous axis first
     return total / (b * b * 255.0)
 
 
 def block_gradients(region, block_rows, block_cols, b):
-    """`gradient_magnitude(region)` in the blocks (block_rows[i], block_cols[i]) of side b only ->
-    (k, 3, b, b): the same numbers, from each block and the pixel around it (the region's border
-    rows and columns get 0, as there)."""
+    """The L1 gradient magnitude (central differences, 0 on the region's border rows and columns) of
+    the blocks (block_rows[i], block_cols[i]) of side b only -> (k, 3, b, b) float32 in [0, 1] units:
+    each block is read with the pixel around it (a slice each, edge-padded at the region's border,
+    where the differences that reach outside are zeroed)."""
     height, width = region.shape[:2]
-    ys = (block_rows * b)[:, None] + np.arange(-1, b + 1)[None, :]  # each block and its margin
-    xs = (block_cols * b)[:, None] + np.arange(-1, b + 1)[None, :]
-    # a margin outside the region is read from its edge: the differences it enters are zeroed below
-    windows = region[ys.clip(0, height - 1)[:, :, None], xs.clip(0, width - 1)[:, None, :]]  # (k, b + 2, b + 2, 3)
+    windows = np.empty((len(block_rows), b + 2, b + 2, region.shape[2]), dtype=region.dtype)
+    for i, (row, col) in enumerate(zip(block_rows.tolist(), block_cols.tolist())):
+        y0, x0 = row * b - 1, col * b - 1
+        if y0 >= 0 and x0 >= 0 and y0 + b + 2 <= height and x0 + b + 2 <= width:
+            windows[i] = region[y0 : y0 + b + 2, x0 : x0 + b + 2]
+        else:
+            ys, xs = np.arange(y0, y0 + b + 2).clip(0, height - 1), np.arange(x0, x0 + b + 2).clip(0, width - 1)
+            windows[i] = region[ys[:, None], xs[None, :]]
     if windows.dtype == np.uint8:
         windows = windows.astype(np.float32) * np.float32(1 / 255)
     across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
     down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
-    x, y = xs[:, 1:-1], ys[:, 1:-1]  # the block's own pixels
-    across = np.where(((x == 0) | (x == width - 1))[:, None, :, None], 0, across)
-    down = np.where(((y == 0) | (y == height - 1))[:, :, None, None], 0, down)
+    x = (block_cols * b)[:, None] + np.arange(b)[None, :]  # the blocks' own columns and rows
+    y = (block_rows * b)[:, None] + np.arange(b)[None, :]
+    across[((x == 0) | (x == width - 1))[:, None, :, None].repeat(b, 1).repeat(across.shape[3], 3)] = 0
+    down[((y == 0) | (y == height - 1))[:, :, None, None].repeat(b, 2).repeat(down.shape[3], 3)] = 0
     return (across + down).transpose(0, 3, 1, 2)
 
 
@@ -139,41 +145,77 @@ def integer_peaks(corr, m):
 SUBPIXEL_STEPS = ((0.25, 3), (0.05, 4))  # (step, steps each way): a coarse then a fine search around the peak
 
 
-def correlation_at(cross, b, dy, dx):
-    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), on the
-    grid of fractional shifts dy (k, ny) x dx (k, nx) -> (k, ny, nx): the band-limited interpolation of
-    its whole-pixel values, as two matrix products (one axis at a time)."""
+@functools.lru_cache(maxsize=8)
+def spectrum_axes(b):
+    """The blocks' transform along each axis: frequencies along y (fft bins) and x (rfft bins), the
+    weight of each x bin in an inverse (the half spectrum stands for both halves), and the forward
+    transforms as matrices (a block's rfft2 is forward_y @ block @ forward_x)."""
+    n = np.arange(b)
     freq_y, freq_x = np.fft.fftfreq(b), np.fft.rfftfreq(b)
-    weight = np.full(len(freq_x), 2.0)  # the half spectrum stands for both halves
+    weight = np.full(len(freq_x), 2.0)
     weight[0] = 1.0
     if b % 2 == 0:
         weight[-1] = 1.0
-    phase_x = weight[None, :, None] * np.exp(2j * np.pi * freq_x[None, :, None] * dx[:, None, :])  # (k, b2, nx)
-    phase_y = np.exp(2j * np.pi * dy[:, :, None] * freq_y[None, None, :])  # (k, ny, b)
-    return (phase_y @ (cross @ phase_x)).real / (b * b)
+    return freq_y, freq_x, weight, np.exp(-2j * np.pi * np.outer(freq_y, n)), np.exp(-2j * np.pi * np.outer(n, freq_x))
+
+
+def apply_last(values, matrix):
+    """values (..., n) @ matrix (n, p), as one matrix product over every leading axis."""
+    return (values.reshape(-1, values.shape[-1]) @ matrix).reshape(*values.shape[:-1], matrix.shape[1])
+
+
+def apply_rows(matrix, values):
+    """matrix (p, n) applied along axis -2 of values (..., n, c) -> (..., p, c), as one matrix product."""
+    moved = np.swapaxes(values, -1, -2)
+    return np.swapaxes(apply_last(moved, matrix.T), -1, -2)
+
+
+def block_spectra(blocks):
+    """(..., b, b) real blocks -> their rfft2 (..., b, b//2 + 1), as matrix products (numpy's FFT is
+    slow on many small blocks)."""
+    _, _, _, forward_y, forward_x = spectrum_axes(blocks.shape[-1])
+    along_x = apply_last(blocks, forward_x.real) + 1j * apply_last(blocks, forward_x.imag)
+    return apply_rows(forward_y, along_x)
+
+
+@functools.lru_cache(maxsize=16)
+def shift_matrices(b, offsets):
+    """For shifts `offsets` (a tuple, px) around a centre: (along y (n, b), along x (b2, n), weighted)
+    phase matrices of the inverse transform."""
+    freq_y, freq_x, weight, _, _ = spectrum_axes(b)
+    shifts = np.array(offsets)
+    along_x = weight[:, None] * np.exp(2j * np.pi * np.outer(freq_x, shifts))
+    return np.exp(2j * np.pi * np.outer(shifts, freq_y)), along_x
+
+
+def correlation_at(cross, b, centre, offsets):
+    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at the
+    shifts centre (k, 2) (dy, dx) + offsets (a tuple, px, each axis) -> (k, n, n): the band-limited
+    interpolation of its whole-pixel values. The spectrum is moved by each block's centre, then one
+    pair of matrix products serves every block."""
+    freq_y, freq_x, _, _, _ = spectrum_axes(b)
+    moved = cross * np.exp(2j * np.pi * centre[:, 0:1] * freq_y)[:, :, None] * \
+        np.exp(2j * np.pi * centre[:, 1:2] * freq_x)[:, None, :]
+    along_y, along_x = shift_matrices(b, offsets)
+    return apply_rows(along_y, apply_last(moved, along_x)).real / (b * b)
 
 
 @functools.lru_cache(maxsize=8)
 def window_power(b):
-    """The Hann window of side b's power spectrum along y (fft bins) and along x (rfft bins, weighted
-    as `correlation_at` weighs them), with their frequencies."""
+    """The Hann window of side b's power spectrum along y (fft bins) and along x (rfft bins)."""
     window = np.hanning(b)
-    weight = np.full(b // 2 + 1, 2.0)
-    weight[0] = 1.0
-    if b % 2 == 0:
-        weight[-1] = 1.0
-    return (np.fft.fftfreq(b), np.abs(np.fft.fft(window)) ** 2, np.fft.rfftfreq(b),
-            weight * np.abs(np.fft.rfft(window)) ** 2)
+    return np.abs(np.fft.fft(window)) ** 2, np.abs(np.fft.rfft(window)) ** 2
 
 
-def window_correlation_at(b, dy, dx):
+def window_correlation_at(b, centre, offsets):
     """`correlation_at` of the blocks' window's own cross-spectrum (the separable Hann window
-    outer(w, w)) on the same grid -> (k, ny, nx): the same numbers, one axis at a time (the spectrum is
-    a product)."""
-    freq_y, power_y, freq_x, power_x = window_power(b)
-    along_y = (np.exp(2j * np.pi * dy[:, :, None] * freq_y[None, None, :]) * power_y).sum(-1)  # (k, ny)
-    along_x = (np.exp(2j * np.pi * dx[:, :, None] * freq_x[None, None, :]) * power_x).sum(-1)  # (k, nx)
-    return (along_y[:, :, None] * along_x[:, None, :]).real / (b * b)
+    outer(w, w)) at the same shifts -> (k, n, n): one axis at a time (the spectrum is a product)."""
+    freq_y, freq_x, _, _, _ = spectrum_axes(b)
+    power_y, power_x = window_power(b)
+    along_y, along_x = shift_matrices(b, offsets)
+    y = (np.exp(2j * np.pi * centre[:, 0:1] * freq_y) * power_y) @ along_y.T  # (k, n)
+    x = (np.exp(2j * np.pi * centre[:, 1:2] * freq_x) * power_x) @ along_x  # (k, n)
+    return (y[:, :, None] * x[:, None, :]).real / (b * b)
 
 
 def subpixel_peaks(cross, b, start):
@@ -182,11 +224,10 @@ def subpixel_peaks(cross, b, start):
     grid around the peak."""
     best = start.astype(np.float64)
     for step, steps in SUBPIXEL_STEPS:
-        offsets = np.arange(-steps, steps + 1) * step
-        dy, dx = best[:, 0:1] + offsets[None, :], best[:, 1:2] + offsets[None, :]
-        values = correlation_at(cross, b, dy, dx) / window_correlation_at(b, dy, dx).clip(1e-12)
+        offsets = tuple(float(o) for o in np.arange(-steps, steps + 1) * step)
+        values = correlation_at(cross, b, best, offsets) / window_correlation_at(b, best, offsets).clip(1e-12)
         iy, ix = np.divmod(values.reshape(len(best), -1).argmax(1), len(offsets))
-        best = np.stack([dy[np.arange(len(best)), iy], dx[np.arange(len(best)), ix]], 1)
+        best = best + np.stack([np.array(offsets)[iy], np.array(offsets)[ix]], 1)
     return best
 
 
@@ -211,13 +252,13 @@ def block_offsets(pixels, spec):
     chosen = block_gradients(region, picked_rows, picked_cols, b).astype(np.float64)  # (k, 3, b, b)
     window = np.hanning(b)
     centred = (chosen - chosen.mean((-1, -2), keepdims=True)) * (window[:, None] * window[None, :])
-    spectra = np.fft.rfft2(centred)
+    spectra = block_spectra(centred)
     energy = np.square(centred).sum((-1, -2))  # (k, 3)
-    shifts = np.arange(-m, m + 1) % b
+    whole_shifts, no_shift = tuple(float(d) for d in range(-m, m + 1)), np.zeros((len(centred), 2))
     found = []
     for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
         cross = spectra[:, channel] * np.conj(spectra[:, 1])
-        corr = np.fft.irfft2(cross, s=(b, b))[:, shifts[:, None], shifts[None, :]]
+        corr = correlation_at(cross, b, no_shift, whole_shifts)  # (k, 2m + 1, 2m + 1): shifts -m..m
         corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
         whole, peak, zero = integer_peaks(corr, m)
         inside = np.all(np.abs(whole) < m, axis=1)  # a peak on the search's border is no peak
