@@ -50,6 +50,8 @@ class DatasetSource:
             raise
         except Exception as error:  # noqa: BLE001 - no such dataset, split, files; the Hub out of reach
             raise UsageError(f"{name}: cannot open the dataset ({first_line(error)})") from None
+        splits = builder.info.splits or {}
+        self.count = splits[split].num_examples if split in splits and splits[split].num_examples else None
         features = stream.features or {}
         self.image_columns = pick_image_columns(name, features, image_column)
         if id_column and id_column not in features:

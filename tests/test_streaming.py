@@ -312,3 +312,20 @@ def test_a_decoding_worker_killed_on_a_sample_costs_that_sample_one_error_row(co
     assert sorted(r["__key__"] for r in rows) == sorted(keys)
     errors = {r["__key__"]: r["error"] for r in rows if r["error"]}
     assert list(errors) == [victim] and "died" in errors[victim]
+
+
+def test_a_hub_layout_dataset_folder_streams_and_its_card_counts_the_samples(converted, pictures, tmp_path):
+    """A dataset laid out as the Hub lays parquet datasets out (a card with configs and splits, data/*.parquet),
+    given as a folder: read through its card's config, keyed by data file and row, counted for the progress bar."""
+    from citytools.streaming import DatasetSource
+
+    where = write_parquet(tmp_path / "repo" / "data", pictures)
+    (tmp_path / "repo" / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: image\n    dtype: image\n"
+        f"  splits:\n  - name: train\n    num_bytes: 1\n    num_examples: {len(pictures)}\n"
+        "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n---\n")
+    assert DatasetSource(str(tmp_path / "repo")).count == len(pictures)
+    out = tmp_path / "h.jsonl"
+    assert run("--dataset", tmp_path / "repo", "--out", out, "--model", converted["ca"], "--workers", 0) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["shard"], r["row"]) for r in rows) == sorted(where)

@@ -201,7 +201,10 @@ class DatasetRoute:
         return scores_metadata(self.args, scorer, self.source)
 
     def total(self, done, world):
-        return None  # a stream's length is not known before it is read
+        """The samples left, where the dataset's card says how many it has (a Hub dataset's), else None:
+        a stream's length is not known before it is read."""
+        count = self.source.count
+        return max(0, count - len(done)) // world if count else None
 
     def stream(self, scorer, done, rank, world, markers):
         from citytools.streaming import SampleStream
