@@ -101,10 +101,11 @@ class DatasetSource:
         yield from shards
 
     def read_shard(self, index, name):
-        """One data file's samples (see `samples`), retrying network failures with backoff: a shard that
-        cannot be reached after RETRIES tries ends the run (StreamError; the rows so far are kept, a
-        rerun resumes); one that cannot be read (corrupt) gives an error row and the run goes on."""
-        position, tries = 0, 0
+        """One data file's samples (see `samples`), retrying network failures with backoff (reopened,
+        the samples read before skipped): a shard that fails RETRIES times in a row at one place ends
+        the run (StreamError; the rows so far are kept, a rerun resumes); one that cannot be read
+        (corrupt) gives an error row and the run goes on."""
+        position, tries, failed_at = 0, 0, -1
         while True:
             try:
                 rows = self.stream.shard(num_shards=len(self.shards), index=index, contiguous=True)
@@ -116,7 +117,8 @@ class DatasetSource:
                 if not is_network_error(error):
                     yield self.unreadable(index, name, position, error)
                     return
-                tries += 1
+                tries = tries + 1 if position == failed_at else 1  # counted afresh once reading went on
+                failed_at = position
                 if tries >= RETRIES:
                     raise StreamError(f"{name}: cannot be read after {tries} tries ({first_line(error)}); the "
                                       "scores so far are kept: rerun the same command to resume") from None
@@ -237,8 +239,8 @@ def shard_names(files, count):
 
 def open_sample(value, max_pixels, work_pixels):
     """A sample's image value -> PIL image, as `load_image` opens a file (BadImage with one line)."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
+    if isinstance(value, dict):  # an Image column's {bytes, path}: the bytes when there are any, even empty
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
     if value is None:
         raise BadImage("no image in this sample")
     if isinstance(value, (bytes, bytearray)):
