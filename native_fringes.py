@@ -1,5 +1,5 @@
-"""Colour fringes measured over the whole picture at its own resolution, in numpy (torch only for the
-blocks' matrix products), where the pixels are decoded. Remote code (the processor imports it relatively);
+"""Colour fringes measured over the whole picture at its own resolution: numpy only, no torch, so the
+processor runs it where the pixels are decoded. Remote code (the processor imports it relatively);
 `citytools.baseline` scores pictures with it alone, the classical yardstick.
 
 Lateral chromatic aberration moves the red and blue edges away from the green ones (one channel, both
@@ -7,7 +7,7 @@ apart, both together against green, radially growing from the centre). The pictu
 `work_side` on its long side: box-downscaled to it) is cut into blocks; in each cell of a
 `grid` x `grid` layout the `per_cell` blocks with the most green edges are kept (so corners, where
 radial aberration is largest, are always seen); in each, the gradient magnitudes of red and blue
-are cross-correlated with green's (DFT, Hann window, normalised) over shifts up to `max_shift` px,
+are cross-correlated with green's (FFT, Hann window, normalised) over shifts up to `max_shift` px,
 and the peak, refined to a twentieth of a pixel by interpolating the correlation between whole
 pixels (from its spectrum), is where red's and blue's edges sit against green's. The summaries in
 NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
@@ -17,7 +17,6 @@ import functools
 
 import numpy as np
 import PIL.Image
-import torch
 
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
                           "min_edge": 0.01, "min_peak": 0.5}
@@ -161,13 +160,8 @@ def spectrum_axes(b):
 
 
 def apply_last(values, matrix):
-    """values (..., n) @ matrix (n, p), as one matrix product over every leading axis. Through torch:
-    numpy's BLAS starts a thread per core whose spinning, after each product, slows whatever runs
-    next in the process (the model: docs/speed.md); torch's products share the model's threads."""
-    common = np.result_type(values, matrix)
-    flat = np.ascontiguousarray(values.reshape(-1, values.shape[-1]), dtype=common)
-    product = torch.from_numpy(flat) @ torch.from_numpy(np.ascontiguousarray(matrix, dtype=common))
-    return product.numpy().reshape(*values.shape[:-1], matrix.shape[1])
+    """values (..., n) @ matrix (n, p), as one matrix product over every leading axis."""
+    return (values.reshape(-1, values.shape[-1]) @ matrix).reshape(*values.shape[:-1], matrix.shape[1])
 
 
 def apply_rows(matrix, values):
@@ -219,8 +213,8 @@ def window_correlation_at(b, centre, offsets):
     freq_y, freq_x, _, _, _ = spectrum_axes(b)
     power_y, power_x = window_power(b)
     along_y, along_x = shift_matrices(b, offsets)
-    y = apply_last(np.exp(2j * np.pi * centre[:, 0:1] * freq_y) * power_y, along_y.T)  # (k, n)
-    x = apply_last(np.exp(2j * np.pi * centre[:, 1:2] * freq_x) * power_x, along_x)  # (k, n)
+    y = (np.exp(2j * np.pi * centre[:, 0:1] * freq_y) * power_y) @ along_y.T  # (k, n)
+    x = (np.exp(2j * np.pi * centre[:, 1:2] * freq_x) * power_x) @ along_x  # (k, n)
     return (y[:, :, None] * x[:, None, :]).real / (b * b)
 
 

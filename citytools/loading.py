@@ -347,7 +347,8 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None, idle=Non
     start, stop, failure = dataset.feed(workers) if feeding else (None, None, None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch(batch_size, workers, device, greedy),
                                          num_workers=workers, collate_fn=collate, pin_memory=on_gpu,
-                                         prefetch_factor=4 if workers else None, in_order=in_order)
+                                         prefetch_factor=4 if workers else None, in_order=in_order,
+                                         worker_init_fn=one_blas_thread if workers else None)
     try:
         batches = iter(loader)
         if feeding:
@@ -375,6 +376,17 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None, idle=Non
         if feeding:
             stop()
             dataset.queue = dataset.feeder = None  # a later loader over this stream walks or feeds anew
+
+
+def one_blas_thread(_worker_id=None):
+    """A decoding worker's numpy BLAS on one thread (DataLoader's worker_init_fn): torch already runs
+    one thread there, but numpy's BLAS (the native fringe measurement's small matrix products) starts
+    one per core, which then fight the model's threads and the other workers for the cores (docs/speed.md)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a BLAS without threadpoolctl runs as it is
+        return
+    threadpool_limits(1, user_api="blas")
 
 
 def blank_image(processors):
