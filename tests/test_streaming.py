@@ -329,3 +329,15 @@ def test_a_hub_layout_dataset_folder_streams_and_its_card_counts_the_samples(con
     assert run("--dataset", tmp_path / "repo", "--out", out, "--model", converted["ca"], "--workers", 0) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((r["shard"], r["row"]) for r in rows) == sorted(where)
+
+
+def test_an_id_column_with_repeats_scores_each_id_once_and_says_so(converted, pictures, tmp_path, capsys):
+    names = sorted(pictures)
+    rows = [{"id": f"id-{i % 3}", "image": {"bytes": pictures[name], "path": name}} for i, name in enumerate(names)]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq" / "00000.parquet")
+    out = tmp_path / "r.jsonl"
+    assert run("--dataset", "parquet", "--data-files", tmp_path / "pq/*.parquet", "--id-column", "id", "--out", out,
+               "--model", converted["ca"], "--workers", 0) == 0
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["id-0", "id-1", "id-2"]
+    assert f"note: {len(names) - 3} sample(s) had a key already seen in this run" in capsys.readouterr().err

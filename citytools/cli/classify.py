@@ -236,8 +236,9 @@ def score_files(args, scorer, route):
     if world > 1:
         scored, failed = gather_counts(scorer, scored, failed)
     if repeats:
-        print(f"note: {repeats} sample(s) had a key already seen in this run and were scored once "
-              f"(is --id-column {args.id_column} unique?)", file=sys.stderr)
+        why = f"is --id-column {args.id_column} unique?" if args.id_column else "a key repeated within its data file"
+        print(f"note: {repeats} sample(s) had a key already seen in this run and were scored once ({why})",
+              file=sys.stderr)
     if rank == 0:
         if world > 1:
             store.merge_parts()
