@@ -7,7 +7,7 @@ apart, both together against green, radially growing from the centre). The pictu
 `work_side` on its long side: box-downscaled to it) is cut into blocks; in each cell of a
 `grid` x `grid` layout the `per_cell` blocks with the most green edges are kept (so corners, where
 radial aberration is largest, are always seen); in each, the gradient magnitudes of red and blue
-are cross-correlated with green's (FFT, Hann window, normalised) over shifts up to `max_shift` px,
+are cross-correlated with green's (DFT, Hann window, normalised) over shifts up to `max_shift` px,
 and the peak, refined to a twentieth of a pixel by interpolating the correlation between whole
 pixels (from its spectrum), is where red's and blue's edges sit against green's. The summaries in
 NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
@@ -188,14 +188,19 @@ def shift_matrices(b, offsets):
     return np.exp(2j * np.pi * np.outer(shifts, freq_y)), along_x
 
 
-def correlation_at(cross, b, centre, offsets):
-    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at the
-    shifts centre (k, 2) (dy, dx) + offsets (a tuple, px, each axis) -> (k, n, n): the band-limited
-    interpolation of its whole-pixel values. The spectrum is moved by each block's centre, then one
-    pair of matrix products serves every block."""
+def centre_phases(b, centre):
+    """The phases that move a spectrum by each block's centre (k, 2) (dy, dx): along y (k, b), along x
+    (k, b//2 + 1)."""
     freq_y, freq_x, _, _, _ = spectrum_axes(b)
-    moved = cross * np.exp(2j * np.pi * centre[:, 0:1] * freq_y)[:, :, None] * \
-        np.exp(2j * np.pi * centre[:, 1:2] * freq_x)[:, None, :]
+    return np.exp(2j * np.pi * centre[:, 0:1] * freq_y), np.exp(2j * np.pi * centre[:, 1:2] * freq_x)
+
+
+def correlation_at(cross, b, phases, offsets):
+    """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at the
+    shifts centre + offsets (a tuple, px, each axis), the centres given by their `centre_phases` ->
+    (k, n, n): the band-limited interpolation of its whole-pixel values. The spectrum is moved by each
+    block's centre, then one pair of matrix products serves every block."""
+    moved = cross * phases[0][:, :, None] * phases[1][:, None, :]
     along_y, along_x = shift_matrices(b, offsets)
     return apply_rows(along_y, apply_last(moved, along_x)).real / (b * b)
 
@@ -207,14 +212,13 @@ def window_power(b):
     return np.abs(np.fft.fft(window)) ** 2, np.abs(np.fft.rfft(window)) ** 2
 
 
-def window_correlation_at(b, centre, offsets):
+def window_correlation_at(b, phases, offsets):
     """`correlation_at` of the blocks' window's own cross-spectrum (the separable Hann window
     outer(w, w)) at the same shifts -> (k, n, n): one axis at a time (the spectrum is a product)."""
-    freq_y, freq_x, _, _, _ = spectrum_axes(b)
     power_y, power_x = window_power(b)
     along_y, along_x = shift_matrices(b, offsets)
-    y = (np.exp(2j * np.pi * centre[:, 0:1] * freq_y) * power_y) @ along_y.T  # (k, n)
-    x = (np.exp(2j * np.pi * centre[:, 1:2] * freq_x) * power_x) @ along_x  # (k, n)
+    y = (phases[0] * power_y) @ along_y.T  # (k, n)
+    x = (phases[1] * power_x) @ along_x  # (k, n)
     return (y[:, :, None] * x[:, None, :]).real / (b * b)
 
 
@@ -225,14 +229,15 @@ def subpixel_peaks(cross, b, start):
     best = start.astype(np.float64)
     for step, steps in SUBPIXEL_STEPS:
         offsets = tuple(float(o) for o in np.arange(-steps, steps + 1) * step)
-        values = correlation_at(cross, b, best, offsets) / window_correlation_at(b, best, offsets).clip(1e-12)
+        phases = centre_phases(b, best)
+        values = correlation_at(cross, b, phases, offsets) / window_correlation_at(b, phases, offsets).clip(1e-12)
         iy, ix = np.divmod(values.reshape(len(best), -1).argmax(1), len(offsets))
         best = best + np.stack([np.array(offsets)[iy], np.array(offsets)[ix]], 1)
     return best
 
 
 def block_offsets(pixels, spec):
-    """(H, W, 3) float pixels -> per measured block: (red (k, 2) and blue (k, 2) offsets against
+    """(H, W, 3) pixels (uint8, or float in [0, 1]) -> per measured block: (red (k, 2) and blue (k, 2) offsets against
     green in px (dy, dx), red's and blue's correlation gain (k,), the blocks' centres (k, 2) (y, x),
     the number of blocks in the picture)."""
     height, width = pixels.shape[:2]
@@ -254,7 +259,7 @@ def block_offsets(pixels, spec):
     centred = (chosen - chosen.mean((-1, -2), keepdims=True)) * (window[:, None] * window[None, :])
     spectra = block_spectra(centred)
     energy = np.square(centred).sum((-1, -2))  # (k, 3)
-    whole_shifts, no_shift = tuple(float(d) for d in range(-m, m + 1)), np.zeros((len(centred), 2))
+    whole_shifts, no_shift = tuple(float(d) for d in range(-m, m + 1)), centre_phases(b, np.zeros((len(centred), 2)))
     found = []
     for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
         cross = spectra[:, channel] * np.conj(spectra[:, 1])

@@ -30,15 +30,11 @@ def scores_metadata(args, scorer, source):
         models.append(dict(setup, source=hub_id(name) or Path(name).resolve().name, revision=model_revision(name)))
     data = source.description()
     data["dataset"] = hub_id(data["dataset"]) or Path(data["dataset"]).name
-    data["data_files"] = [Path(f).name if not hub_id_path(f) else f for f in data["data_files"]]
+    data["data_files"] = [f if str(f).startswith("hf://") else Path(f).name for f in data["data_files"]]
     return {"models": models, "source": data, "key_columns": list(source.key_columns()),
             "score_columns": scorer.columns(), "dtype": str(scorer.dtype).replace("torch.", ""),
             "max_pixels": int(args.max_pixels), "written": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds")}
-
-
-def hub_id_path(text):
-    return str(text).startswith("hf://")
 
 
 def join_recipe(metadata, repo):

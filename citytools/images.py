@@ -151,7 +151,20 @@ def load_image(path, max_pixels=MAX_PIXELS, draft_short=None, work_pixels=None):
 
 
 def load_dataset_image(value, max_pixels=MAX_PIXELS, work_pixels=None):
-    """A `datasets` Image(decode=False) value ({"bytes", "path"}) opened as `load_image` opens a
-    file: the same EXIF rotation, limits and one-line BadImage reasons."""
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-    return load_image(source, max_pixels, work_pixels=work_pixels)
+    """A dataset cell opened as `load_image` opens a file (the same EXIF rotation, limits and one-line
+    BadImage reasons): an Image(decode=False) value or a {bytes, path} struct (its bytes when there are
+    any, even empty), raw bytes, a local path or a remote one (`hf://`, `https://`), or None."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if value is None:
+        raise BadImage("no image in this sample")
+    if isinstance(value, (bytes, bytearray)):
+        return load_image(io.BytesIO(value), max_pixels, work_pixels=work_pixels)
+    if isinstance(value, str) and not os.path.exists(value) and "://" in value:
+        from datasets.utils.file_utils import xopen
+
+        with xopen(value, "rb") as f:
+            return load_image(io.BytesIO(f.read()), max_pixels, work_pixels=work_pixels)
+    if isinstance(value, str):
+        return load_image(value, max_pixels, work_pixels=work_pixels)
+    raise BadImage(f"not an image: a {type(value).__name__} value")

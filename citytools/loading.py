@@ -59,10 +59,10 @@ class QueueFedStream(torch.utils.data.IterableDataset):
         return item
 
     def feed(self, workers):
-        """Makes the workers take their files from a queue that a thread of this process fills, walking
+        """Makes the workers take their items from a queue that a thread of this process fills, walking
         once. -> (start, stop, error): start the thread once the workers exist (`iter(loader)`: no
         thread is running when they fork), stop it (a run cut short), and error() the exception that
-        ended the walk early, or None: the caller raises it, so no file is left out unannounced."""
+        ended the walk early, or None: the caller raises it, so no item is left out unannounced."""
         import multiprocessing
 
         self.queue, self.feeder = multiprocessing.Queue(maxsize=self.QUEUE_PER_WORKER * workers), os.getpid()
@@ -91,26 +91,26 @@ class QueueFedStream(torch.utils.data.IterableDataset):
                 for _ in range(workers):  # one end mark a worker
                     put(None)
 
-        thread = threading.Thread(target=walk, name="file-feeder", daemon=True)
+        thread = threading.Thread(target=walk, name="feeder", daemon=True)
         return thread.start, stop.set, lambda: failure[0] if failure else None
 
     def items_to_load(self, info):
-        if info is None:  # in this process: all of this rank's files
+        if info is None:  # in this process: all of this rank's items
             yield from self.pending()
         elif self.queue is not None:
             while True:
                 try:
-                    path = self.queue.get(timeout=1.0)
+                    item = self.queue.get(timeout=1.0)
                 except queue.Empty:
                     if os.getppid() != self.feeder:  # the main process is gone: so is the feeder
                         return
                     continue
-                if path is None:
+                if item is None:
                     return
-                yield path
+                yield item
         else:  # a fixed share (`takes`)
             for item in self.pending():
-                if info.num_workers == 1 or self.takes(item, info):
+                if self.takes(item, info):
                     yield item
 
     def __iter__(self):
@@ -123,6 +123,7 @@ class QueueFedStream(torch.utils.data.IterableDataset):
             if marker:
                 marker.clear()
             yield meta, inputs
+
 
 class FileStream(QueueFedStream):
     """The folder route's files (paths, folders, @lists), each decoded by `load_image`. With no queue,

@@ -12,14 +12,13 @@ the data files: so split_dataset_by_node splits by file (when the files divide a
 every sample still knows its file and row, whatever the number of ranks.
 """
 
-import io
 import json
 import os
 import time
 from itertools import islice
 
 from citytools.discovery import path_key
-from citytools.images import BadImage, error_text, load_image
+from citytools.images import error_text, load_dataset_image
 from citytools.loading import QueueFedStream, fault_injection, is_done
 from citytools.toolkit import UsageError, first_line
 
@@ -237,24 +236,6 @@ def shard_names(files, count):
     return ["/".join(p[common:]) for p in parts]
 
 
-def open_sample(value, max_pixels, work_pixels):
-    """A sample's image value -> PIL image, as `load_image` opens a file (BadImage with one line)."""
-    if isinstance(value, dict):  # an Image column's {bytes, path}: the bytes when there are any, even empty
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if value is None:
-        raise BadImage("no image in this sample")
-    if isinstance(value, (bytes, bytearray)):
-        return load_image(io.BytesIO(value), max_pixels, work_pixels=work_pixels)
-    if isinstance(value, str) and not os.path.exists(value) and "://" in value:  # a remote file the sample names
-        from datasets.utils.file_utils import xopen
-
-        with xopen(value, "rb") as f:
-            return load_image(io.BytesIO(f.read()), max_pixels, work_pixels=work_pixels)
-    if isinstance(value, str):
-        return load_image(value, max_pixels, work_pixels=work_pixels)
-    raise BadImage(f"not an image: a {type(value).__name__} value")
-
-
 class SampleStream(QueueFedStream):
     """This rank's samples not yet in the output, decoded and cut in the loader's workers: the walk
     (reading the shards, a thread of the main process) hands each worker the next sample, its bytes
@@ -292,7 +273,7 @@ class SampleStream(QueueFedStream):
             return meta, None
         try:
             fault_injection(sample["key"])
-            image = open_sample(sample["image"], self.max_pixels, self.scorer.work_pixels)
+            image = load_dataset_image(sample["image"], self.max_pixels, self.scorer.work_pixels)
             meta["width"], meta["height"] = image.info["picture_size"]
             return meta, self.scorer.preprocess(image)
         except Exception as error:  # noqa: BLE001 - one bad sample must never stop the run
