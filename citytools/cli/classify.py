@@ -390,9 +390,16 @@ def batch_rows(metas, scored_rows):
 
 
 def main(argv=None):
+    try:
+        return classify(parse_args(argv))
+    finally:  # a gloo group left to the interpreter's exit can abort the process (SIGABRT) after its work is done
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def classify(args):
     from citytools.scorer import Scorer
 
-    args = parse_args(argv)
     for path in args.paths:
         if path.startswith("@") and not os.path.isfile(path[1:]):
             raise UsageError(f"{path[1:]}: list file not found")
