@@ -4,7 +4,7 @@ import math
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
-from .native_fringes import native_fringe_spec, option_settings
+from .native_fringes import native_fringe_spec, native_patch_spec, option_settings
 from .tiling import TILE_COMBINES
 
 ARCHES = ("class", "score")
@@ -55,6 +55,12 @@ class CityClassifierConfig(PretrainedConfig):
             `fringe_values`), appended to every view's head input: True for the defaults, or a dict
             of `native_fringes.NATIVE_FRINGE_DEFAULTS`' keys. The processor must measure them with the
             same settings (its own `native_fringes`).
+        native_patches: None, or a learned stream at native resolution (`CityClassifierPatchStream`):
+            the `count` most edge-rich `size` x `size` blocks of the picture at the native
+            measurement's work size, unresized (the processor's `fringe_patches`), read by a small
+            CNN `channels` wide; its pooled features are appended to every view's head input, after
+            the native measurements. True for the defaults ({"count": 32, "size": 32, "channels": 16})
+            or a dict of those keys; needs `native_fringes` (the blocks are picked as it picks them).
         score_temperature: class models' tile logits are divided by it before the softmax (1.0, the
             original: exact). Fitted on validation by train_hf.py (`--calibrate`), so that a score of
             0.5 means even odds.
@@ -76,6 +82,7 @@ class CityClassifierConfig(PretrainedConfig):
         stem_aux_loss_weight=0.0,
         fringe_features=None,
         native_fringes=None,
+        native_patches=None,
         score_temperature=1.0,
         **kwargs,
     ):
@@ -122,6 +129,9 @@ class CityClassifierConfig(PretrainedConfig):
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
         self.fringe_features = self.fringe_spec(fringe_features)
         self.native_fringes = native_fringe_spec(native_fringes)
+        self.native_patches = native_patch_spec(native_patches)
+        if self.native_patches and not self.native_fringes:
+            raise ValueError("native_patches needs native_fringes (the patches are picked at its work size)")
         self.score_temperature = self.positive_number(score_temperature, "score_temperature")
 
     @staticmethod

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .native_fringes import measure_fringes, native_fringe_spec
+from .native_fringes import measure_native, native_fringe_spec, native_patch_spec
 from .tiling import NUM_TILES, TILING_MODES, grid_layout, is_tiled, tile_boxes, tiling_size, view_layout
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -27,6 +27,7 @@ class CityClassifierImageProcessorKwargs(TypedDict, total=False):
     image_mean: list
     image_std: list
     native_fringes: object
+    native_patches: object
 
 
 def to_rgb(image):
@@ -160,7 +161,10 @@ class CityClassifierImageProcessor(BaseImageProcessor):
 
     `native_fringes` (None: off; True or a dict of `native_fringes.NATIVE_FRINGE_DEFAULTS`' keys)
     also measures each picture's colour fringes over all of it at its own resolution and returns
-    them as `fringe_values`, for models whose config has the same `native_fringes`.
+    them as `fringe_values`, for models whose config has the same `native_fringes`. `native_patches`
+    (None: off; True or a dict of `native_fringes.NATIVE_PATCH_DEFAULTS`' keys; needs
+    `native_fringes`) also cuts its most edge-rich blocks, unresized, as `fringe_patches` (uint8), for
+    models with the same `native_patches` (their patch stream).
     """
 
     model_input_names = ["pixel_values", "tile_mask"]
@@ -179,12 +183,16 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         image_mean=None,
         image_std=None,
         native_fringes=None,
+        native_patches=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.native_fringes = native_fringe_spec(native_fringes)
+        self.native_patches = native_patch_spec(native_patches)
+        if self.native_patches and not self.native_fringes:
+            raise ValueError("native_patches needs native_fringes (the patches are picked at its work size)")
         if self.native_fringes:  # an instance's list: a processor without them hands the model what it did
-            self.model_input_names = [*type(self).model_input_names, "fringe_values"]
+            self.model_input_names = [*type(self).model_input_names, *self.native_inputs_names()]
         self.tiling = bool(tiling)
         if tiling_mode not in TILING_MODES:
             raise ValueError(f"tiling_mode must be one of {', '.join(TILING_MODES)}, got {tiling_mode!r}")
@@ -212,16 +220,28 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         fields = {"tiling": self.tiling, "tiling_mode": self.tiling_mode, "grid_max_tiles": self.grid_max_tiles,
                   "tile_resize_limit": self.tile_resize_limit, "size": self.size,
                   "crop_size": self.crop_size, "resample": self.resample, "rescale_factor": self.rescale_factor,
-                  "image_mean": self.image_mean, "image_std": self.image_std, "native_fringes": self.native_fringes}
+                  "image_mean": self.image_mean, "image_std": self.image_std, "native_fringes": self.native_fringes,
+                  "native_patches": self.native_patches}
         return type(self)(**{**fields, **options})
 
-    def fringe_values(self, image):
-        """The picture's fringes measured over all of it at native resolution (up to the settings'
-        work size): (len(NATIVE_FRINGE_FEATURES),) float32, or None when this processor has
-        `native_fringes` off. `image` as `preprocess` takes one, before any tiling or resize."""
+    def native_inputs_names(self):
+        """The model inputs `native_inputs` gives, in order."""
+        return (["fringe_values"] if self.native_fringes else []) + (["fringe_patches"] if self.native_patches else [])
+
+    def native_inputs(self, image):
+        """What this processor reads of the whole picture at native resolution (up to the settings' work
+        size), by name: `fringe_values`, its fringes measured over all of it
+        ((len(NATIVE_FRINGE_FEATURES),) float32), and with `native_patches` on, `fringe_patches`
+        ((count, 3, size, size) uint8); {} when `native_fringes` is off. `image` as `preprocess` takes
+        one, before any tiling or resize."""
         if not self.native_fringes:
-            return None
-        return measure_fringes(to_rgb(as_pil(image)), self.native_fringes)
+            return {}
+        values, patches = measure_native(to_rgb(as_pil(image)), self.native_fringes, self.native_patches)
+        return {"fringe_values": values, **({"fringe_patches": patches} if patches is not None else {})}
+
+    def fringe_values(self, image):
+        """`native_inputs(image)["fringe_values"]`, or None when `native_fringes` is off."""
+        return self.native_inputs(image).get("fringe_values")
 
     def work_pixels(self, width, height, tiling=None):
         """Pixels of the largest image that preprocessing a width x height image makes: the resize
@@ -357,7 +377,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             `BatchFeature` with `pixel_values` (batch, tiles, 3, crop, crop), tiles = 5 with tiling
             (grid tiling: the most any image has, at least 5) and 1 without, `tile_mask`
             (batch, tiles) int64, and with `native_fringes` on, `fringe_values` (batch,
-            len(NATIVE_FRINGE_FEATURES)) float32: each picture's fringes at native resolution.
+            len(NATIVE_FRINGE_FEATURES)) float32: each picture's fringes at native resolution, and
+            with `native_patches` on, `fringe_patches` (batch, count, 3, size, size) uint8.
         """
         self._refuse_unsupported(kwargs, data_format, do_resize=do_resize, do_center_crop=do_center_crop,
                                  do_rescale=do_rescale, do_normalize=do_normalize, do_convert_rgb=do_convert_rgb)
@@ -378,7 +399,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
                 tile_mask[i, t] = 1
         data = {"pixel_values": pixel_values, "tile_mask": tile_mask}
         if self.native_fringes:
-            data["fringe_values"] = np.stack([self.fringe_values(image) for image in images])
+            native = [self.native_inputs(image) for image in images]
+            data.update({name: np.stack([n[name] for n in native]) for name in self.native_inputs_names()})
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .configuration_cityclassifier import CityClassifierConfig
 from .fringes import CPU_CHUNK_BYTES, FRINGE_FEATURES, CityClassifierFringe
 from .image_processing import to_device
-from .native_fringes import NATIVE_FRINGE_FEATURES, native_fringe_spec
+from .native_fringes import NATIVE_FRINGE_FEATURES, native_fringe_spec, native_patch_spec
 from .tiling import TILE_COMBINES
 
 
@@ -98,6 +98,42 @@ class CityClassifierStem(nn.Module):
     def probe_logits(self, features):
         """(n, C, h, w) stem features -> (n, outputs): a linear probe on their spatial mean and max."""
         return self.probe(torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1))
+
+
+class CityClassifierPatchStream(nn.Module):
+    """A small CNN over the picture's most edge-rich patches at native resolution (the processor's
+    `fringe_patches`): each patch as red - green, blue - green (both x4) and green, two 3x3
+    convolutions, a dilated one (GELU after each) and a 1x1, pooled by mean and max over the patch,
+    then by mean and max over the patches: `features(spec)` numbers a picture, before any resize."""
+
+    def __init__(self, spec):
+        super().__init__()
+        width = spec["channels"]
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GELU(), nn.Conv2d(width, 2 * width, 1))
+        self.spec = spec
+
+    @staticmethod
+    def features(spec):
+        return 8 * spec["channels"]
+
+    def forward(self, patches):
+        """(batch, count, 3, size, size) uint8 -> (batch, features) float32; on a CPU a few pictures at a
+        time (see CityClassifierForImageClassification._stem_features)."""
+        batch, count, _, size, _ = patches.shape
+        chunk = len(patches)
+        if patches.device.type == "cpu":
+            chunk = max(1, CPU_CHUNK_BYTES // (count * 2 * self.spec["channels"] * size * size * 4))
+        return torch.cat([self._pictures(part) for part in patches.split(chunk)])
+
+    def _pictures(self, patches):
+        batch, count = patches.shape[:2]
+        x = patches.flatten(0, 1).to(self.layers[0].weight.dtype) / 255
+        x = torch.stack([(x[:, 0] - x[:, 1]) * 4, (x[:, 2] - x[:, 1]) * 4, x[:, 1]], dim=1)
+        y = self.layers(x.contiguous(memory_format=torch.channels_last))
+        y = torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1).view(batch, count, -1)
+        return torch.cat([y.mean(1), y.amax(1)], dim=1)
 
 
 def scatter_tiles(values, tile_mask):
@@ -186,18 +222,29 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         config.vision_config._attn_implementation = config._attn_implementation  # attn_implementation= reaches CLIP
         self.clip = CLIPVisionModelWithProjection(config.vision_config)
         self.fringe = CityClassifierFringe(config.fringe_features) if config.fringe_features else None
+        patches = getattr(config, "native_patches", None)
+        self.patch_stream = CityClassifierPatchStream(patches) if patches else None
         self.head = CityClassifierHead(self.head_inputs(config), config.head_hidden_size, config.num_labels,
                                        config.head_dropout)
         self.post_init()
-        if self.stem is not None:  # after post_init, which refuses a name that is not a module of every instance
-            self._keep_in_fp32_modules_strict = {"head", "stem"}
+        self._keep_fp32()
+
+    def _keep_fp32(self):
+        """The stem, the patch stream and the head stay float32 when the model is loaded with `dtype=`
+        (set after post_init, which refuses a name that is not a module of every instance)."""
+        kept = {"stem"} if self.stem is not None else set()
+        kept |= {"patch_stream"} if self.patch_stream is not None else set()
+        if kept:
+            self._keep_in_fp32_modules_strict = {"head", *kept}
 
     @staticmethod
     def head_inputs(config):
-        """The head's input size: CLIP's projection, plus the per-view fringe measurements and the
-        picture's native-resolution ones when configured."""
+        """The head's input size: CLIP's projection, plus the per-view fringe measurements, the
+        picture's native-resolution ones and its patch stream's features when configured."""
+        patches = getattr(config, "native_patches", None)
         return (config.vision_config.projection_dim + (len(FRINGE_FEATURES) if config.fringe_features else 0)
-                + (len(NATIVE_FRINGE_FEATURES) if getattr(config, "native_fringes", None) else 0))
+                + (len(NATIVE_FRINGE_FEATURES) if getattr(config, "native_fringes", None) else 0)
+                + (CityClassifierPatchStream.features(patches) if patches else 0))
 
     def add_native_fringes(self, spec=None):
         """Turns on the picture's native-resolution fringe measurements (`config.native_fringes`,
@@ -208,6 +255,22 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             return self
         self.config.native_fringes = native_fringe_spec(spec if spec is not None else True)
         self._grow_head_inputs()
+        return self
+
+    def add_native_patches(self, spec=None):
+        """Turns on the learned native-resolution patch stream (`config.native_patches`, default
+        settings when `spec` is None) in a model that reads native fringes: a new
+        `CityClassifierPatchStream`, and zero head weights for its features, so the model scores
+        exactly as before until it is trained. Its processor must cut the patches too
+        (`CityClassifierImageProcessor(native_patches=...)`)."""
+        if self.patch_stream is not None:
+            return self
+        if not getattr(self.config, "native_fringes", None):
+            raise ValueError("native_patches needs native_fringes: add_native_fringes first")
+        self.config.native_patches = native_patch_spec(spec if spec is not None else True)
+        self.patch_stream = CityClassifierPatchStream(self.config.native_patches).to(self.head.up[0].weight.device)
+        self._grow_head_inputs()
+        self._keep_fp32()
         return self
 
     def _grow_head_inputs(self):
@@ -285,7 +348,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         """`.to(dtype)`, `.half()`, `.bfloat16()` keep the stem and the head in float32, as loading with
         `dtype=` does (`_keep_in_fp32_modules_strict`)."""
         super()._apply(fn, recurse)
-        for module in (self.stem, self.head):
+        for module in (self.stem, self.patch_stream, self.head):
             if module is not None and any(p.dtype != torch.float32 for p in module.parameters()):
                 module.float()
         return self
@@ -301,6 +364,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         image_embeds=None,
         labels=None,
         fringe_values=None,
+        fringe_patches=None,
         tile_combine=None,
         output_hidden_states=None,
         output_attentions=None,
@@ -316,6 +380,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             fringe_values: (batch, len(NATIVE_FRINGE_FEATURES)) from the processor, the picture's
                 fringes at native resolution: needed by a model with `config.native_fringes`, ignored
                 by one without (as a processor that measures them may serve either).
+            fringe_patches: (batch, count, 3, size, size) uint8 from the processor, the picture's most
+                edge-rich native-resolution patches: needed by a model with `config.native_patches`,
+                ignored by one without.
             tile_combine: overrides `config.tile_combine` for this call.
             output_hidden_states, output_attentions: the CLIP tower's, per real view (padding tiles
                 never reach it): tuples of (views, tokens, ...) tensors, views in batch order.
@@ -336,7 +403,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
         how = tile_combine or self.config.tile_combine
         with torch.autocast(image_embeds.device.type, enabled=False):  # as the stem: float32 under autocast too
-            z = self.head(self._head_input(image_embeds, fringe_values)).float()  # (batch, tiles, num_labels)
+            z = self.head(self._head_input(image_embeds, fringe_values, fringe_patches)).float()  # (batch, tiles, num_labels)
         tile_scores, scores, logits = self._combine(z, tile_mask, how)
 
         loss = None
@@ -367,9 +434,10 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         embeds, stem_features, clip = self._embed(flat[tile_mask.bool().flatten()], **clip_options)
         return scatter_tiles(embeds, tile_mask), tile_mask, stem_features, clip
 
-    def _head_input(self, image_embeds, fringe_values):
+    def _head_input(self, image_embeds, fringe_values, fringe_patches=None):
         """(batch, tiles, dim) embeddings, with the picture's native fringe measurements (batch, F),
-        log1p-compressed (px and gains, all >= 0), appended to every view when configured."""
+        log1p-compressed (px and gains, all >= 0), and its patch stream's features appended to every
+        view when configured."""
         x = image_embeds.to(self.head_dtype)
         if not getattr(self.config, "native_fringes", None):
             return x
@@ -380,7 +448,21 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             raise ValueError(f"fringe_values must be (batch, {len(NATIVE_FRINGE_FEATURES)}) = "
                              f"({x.shape[0]}, {len(NATIVE_FRINGE_FEATURES)}), got {tuple(fringe_values.shape)}")
         native = fringe_values.to(x.device, torch.float32).clamp_min(0).log1p().to(x.dtype)
+        if self.patch_stream is not None:
+            native = torch.cat([native, self._patch_features(fringe_patches, x)], dim=-1)
         return torch.cat([x, native[:, None].expand(-1, x.shape[1], -1)], dim=-1)
+
+    def _patch_features(self, fringe_patches, x):
+        """The patch stream's (batch, features) on the processor's patches, checked against the config."""
+        spec = self.config.native_patches
+        expected = (x.shape[0], spec["count"], 3, spec["size"], spec["size"])
+        if fringe_patches is None:
+            raise ValueError("this model reads the picture's native-resolution patches: pass fringe_patches "
+                             "from its processor (CityClassifierImageProcessor with native_patches)")
+        if tuple(fringe_patches.shape) != expected or fringe_patches.dtype != torch.uint8:
+            raise ValueError(f"fringe_patches must be uint8 {expected}, got {fringe_patches.dtype} "
+                             f"{tuple(fringe_patches.shape)}")
+        return self.patch_stream(fringe_patches.to(x.device)).to(x.dtype)
 
     def _combine(self, z, tile_mask, how):
         """Head outputs (batch, tiles, labels) -> (tile_scores, combined scores, logits)."""

@@ -20,6 +20,7 @@ import PIL.Image
 
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
                           "min_edge": 0.01, "min_peak": 0.5}
+NATIVE_PATCH_DEFAULTS = {"count": 32, "size": 32, "channels": 16}
 NATIVE_FRINGE_FEATURES = (
     "fringe_px",  # mean over measured blocks of the largest of |red|, |blue|, |red - blue| offsets, px
     "fringe_median",  # its median over the blocks
@@ -61,6 +62,21 @@ def native_fringe_spec(value):
             raise ValueError(f"native_fringes {name} must be a positive integer, got {spec[name]}")
     if spec["block"] < 8 or spec["max_shift"] * 2 >= spec["block"]:
         raise ValueError(f"native_fringes needs block >= 8 and max_shift < block / 2, got {spec}")
+    return spec
+
+
+def native_patch_spec(value):
+    """The native patch stream's settings as stored (see option_settings), checked (ValueError):
+    `count` patches of `size` x `size` work-size pixels, read by a CNN `channels` wide."""
+    spec = option_settings(value, NATIVE_PATCH_DEFAULTS, "native_patches")
+    if spec is None:
+        return None
+    for name in NATIVE_PATCH_DEFAULTS:
+        spec[name] = int(spec[name])
+        if spec[name] < 1:
+            raise ValueError(f"native_patches {name} must be a positive integer, got {spec[name]}")
+    if spec["size"] < 8:
+        raise ValueError(f"native_patches needs size >= 8, got {spec['size']}")
     return spec
 
 
@@ -289,6 +305,46 @@ def summarise(red, blue, red_gain, blue_gain, centres, blocks, size, scale):
                 abs(np.median((apart * outward).sum(1))), np.linalg.norm(apart.mean(0)),
                 np.median(red_gain), np.median(blue_gain), len(red) / max(blocks, 1), scale]
     return np.array(features, dtype=np.float32)
+
+
+def edge_patches(pixels, spec, patch_spec):
+    """(H, W, 3) uint8 work pixels -> (count, 3, size, size) uint8: the picture's most edge-rich blocks
+    of side `size` (green's edges, as `block_offsets` picks its blocks: the strongest of each cell of
+    the `grid` x `grid` layout, so every part of the picture is seen), unresized. Fewer edge-rich
+    blocks than `count`: they repeat (the model pools over patches, so a repeat adds no evidence);
+    none (a flat picture): zeros. A picture under twice `size` on its short side gives blocks of half
+    its short side, scaled up to `size` by repeating pixels."""
+    count, size = patch_spec["count"], patch_spec["size"]
+    out = np.zeros((count, 3, size, size), dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    b = size if min(height, width) >= 2 * size else max(4, min(height, width) // 2)
+    rows, cols = height // b, width // b
+    if rows == 0 or cols == 0:
+        return out
+    top, left = (height - rows * b) // 2, (width - cols * b) // 2
+    region = pixels[top : top + rows * b, left : left + cols * b]
+    edge = block_edges(region[..., 1], rows, cols, b)
+    cells = min(spec["grid"], rows) * min(spec["grid"], cols)
+    picked_rows, picked_cols = pick_blocks(edge, spec["grid"], -(-count // cells), spec["min_edge"])
+    if len(picked_rows) == 0:
+        return out
+    strongest = np.argsort(-edge[picked_rows, picked_cols], kind="stable")[:count]
+    picked = np.resize(strongest, count)  # cycled when fewer than count
+    blocks = region.reshape(rows, b, cols, b, 3)[picked_rows[picked], :, picked_cols[picked]]  # (count, b, b, 3)
+    if b != size:
+        blocks = blocks.repeat(-(-size // b), 1).repeat(-(-size // b), 2)[:, :size, :size]
+    out[:] = blocks.transpose(0, 3, 1, 2)
+    return out
+
+
+def measure_native(image, spec=None, patch_spec=None):
+    """One picture (PIL, any mode) -> (its `measure_fringes` values, its `edge_patches` or None when
+    `patch_spec` is None), from one work-size copy of it."""
+    spec = native_fringe_spec(True if spec is None else spec)
+    pixels, scale = work_image(image, spec["work_side"])
+    *offsets, blocks = block_offsets(pixels, spec)
+    values = summarise(*offsets, blocks, pixels.shape[:2], scale)
+    return values, (edge_patches(pixels, spec, native_patch_spec(patch_spec)) if patch_spec else None)
 
 
 def measure_fringes(image, spec=None):

@@ -248,8 +248,9 @@ def process_alive(pid):
 
 def collate(items):
     """-> (metas, per group (the real tiles only, as `Scorer.preprocess` made them: one tensor, or a
-    list of whole images for "device" cropping; tile_mask (batch, slots); the pictures' native fringe
-    measurements (batch, F) float32 or None) for the decodable images, or None). Padding never leaves
+    list of whole images for "device" cropping; tile_mask (batch, slots); the pictures' native inputs by
+    name, stacked: `fringe_values` (batch, F) float32, `fringe_patches`, or none) for the decodable
+    images, or None). Padding never leaves
     the worker: it is half the tiles."""
     metas = [meta for meta, _ in items]
     good = [inputs for _, inputs in items if inputs is not None]
@@ -261,12 +262,11 @@ def collate(items):
         mask = torch.zeros(len(tiles), max(inputs[g][1] for inputs in good), dtype=torch.long)
         for row, views in zip(mask, tiles):
             row[: len(views)] = 1
-        fringes = [inputs[g][2] for inputs in good]
-        fringes = torch.from_numpy(np.stack(fringes)) if fringes[0] is not None else None
+        native = {name: torch.from_numpy(np.stack([inputs[g][2][name] for inputs in good])) for name in good[0][g][2]}
         if isinstance(tiles[0], DeviceImage):  # whole images of any size: one tensor each
-            grouped.append(([torch.from_numpy(image.pixels) for image in tiles], mask, fringes))
+            grouped.append(([torch.from_numpy(image.pixels) for image in tiles], mask, native))
         else:
-            grouped.append((torch.from_numpy(np.concatenate(tiles)), mask, fringes))
+            grouped.append((torch.from_numpy(np.concatenate(tiles)), mask, native))
     return metas, grouped
 
 
@@ -320,9 +320,9 @@ def join_batches(parts, device):
             tiles = torch.cat([t.to(device, non_blocking=True) for t in tiles])
         masks = [grouped[g][1] for grouped in good]
         slots = max(mask.shape[1] for mask in masks)  # grid tiling: parts may have different slot counts
-        fringes = [grouped[g][2] for grouped in good]
+        native = {name: torch.cat([grouped[g][2][name] for grouped in good]) for name in good[0][g][2]}
         joined.append((tiles, torch.cat([torch.nn.functional.pad(mask, (0, slots - mask.shape[1])) for mask in masks]),
-                       torch.cat(fringes) if fringes[0] is not None else None))
+                       native))
     return metas, joined
 
 

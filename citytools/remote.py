@@ -22,7 +22,7 @@ from cityclassifier.modeling_cityclassifier import (
     combine_tiles,
     scatter_tiles,
 )
-from cityclassifier.native_fringes import NATIVE_FRINGE_FEATURES, measure_fringes
+from cityclassifier.native_fringes import NATIVE_FRINGE_FEATURES, measure_fringes, measure_native
 
 CityClassifierConfig.register_for_auto_class()
 CityClassifierForImageClassification.register_for_auto_class("AutoModelForImageClassification")
@@ -34,6 +34,7 @@ __all__ = [
     "FRINGE_FEATURES",
     "NATIVE_FRINGE_FEATURES",
     "measure_fringes",
+    "measure_native",
     "CityClassifierForImageClassification",
     "CityClassifierFringe",
     "CityClassifierImageClassificationPipeline",

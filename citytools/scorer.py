@@ -34,11 +34,12 @@ class Scorer:
             model, processor = load_scoring_model(name, self.dtype)
             processor = processor.with_options(tiling_mode=tiling_mode)
             model.to(self.device).eval()
-            native = getattr(model.config, "native_fringes", None)
-            if native and processor.native_fringes != native:
-                raise ValueError(f"{name}: the model reads fringes measured at native resolution with {native}, "
-                                 f"its processor measures {processor.native_fringes}: save the model's processor "
-                                 "with native_fringes set as in its config")
+            for option in ("native_fringes", "native_patches"):
+                native = getattr(model.config, option, None)
+                if native and getattr(processor, option, None) != native:
+                    raise ValueError(f"{name}: the model reads {option} with {native}, its processor makes "
+                                     f"{getattr(processor, option, None)}: save the model's processor with "
+                                     f"{option} set as in its config")
             key = model_key(name)
             if any(m.key == key for m in self.models):
                 key = f"{key}-{len(self.models)}"
@@ -72,16 +73,16 @@ class Scorer:
         return [c for m in self.models for c in score_columns(m.key, m.model.config.id2label.values())]
 
     def preprocess(self, image, tiling=None):
-        """PIL image -> per group (real tiles from `view_tiles`, tile slots, the picture's native
-        fringe measurements or None) for `collate`. `tiling` overrides the scorer's for this call."""
+        """PIL image -> per group (real tiles from `view_tiles`, tile slots, the picture's native inputs
+        by name, `processor.native_inputs`) for `collate`. `tiling` overrides the scorer's for this call."""
         out, measured = [], {}  # groups measuring with the same settings share one measurement
         for group in self.groups:
             processor, on = group[0].processor, group[0].tiling if tiling is None else tiling
             tiles = view_tiles(processor, image, on, self.crop_mode)
             slots = max(processor.tile_slots(on), len(tiles))  # grid tiling: may be more than 5
-            spec = repr(processor.native_fringes)
+            spec = repr((processor.native_fringes, processor.native_patches))
             if spec not in measured:
-                measured[spec] = processor.fringe_values(image)
+                measured[spec] = processor.native_inputs(image)
             out.append((tiles, slots, measured[spec]))
         return out
 
@@ -111,9 +112,9 @@ class Scorer:
         """Yields (ScoringModel, CityClassifierOutput, tile_mask) for every model: the backbone runs
         once per group on the real tiles, each head reads the shared embeddings.
 
-        grouped_inputs: per group (the real tiles, tile_mask (batch, tiles), fringe values (batch, F) or
-        None), from `collate`."""
-        for group, (pixels, host_mask, fringe_values) in zip(self.groups, grouped_inputs):
+        grouped_inputs: per group (the real tiles, tile_mask (batch, tiles), the native inputs by name),
+        from `collate`."""
+        for group, (pixels, host_mask, native) in zip(self.groups, grouped_inputs):
             if isinstance(pixels, list):  # whole images: the device cuts their views
                 pixels = device_crops(group[0].processor, pixels, host_mask, self.device)
             tile_mask = to_device(host_mask, self.device)
@@ -121,7 +122,7 @@ class Scorer:
                       for chunk in pixels.split(self.chunk_views(pixels)))
             image_embeds = group[0].model.embed_tiles(chunks, host_mask)  # the mask on the host: no wait
             for m in group:
-                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask, fringe_values=fringe_values,
+                yield m, m.model(image_embeds=image_embeds, tile_mask=tile_mask, **native,
                                  tile_combine=combine or m.combine), tile_mask
 
     def chunk_views(self, pixels):

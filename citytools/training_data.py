@@ -161,20 +161,45 @@ def full_mode_transform(processor, labels_of, seed):
             size = processor.crop_size["height"]
             views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
             views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
-            fringes = [np.frombuffer(f, dtype=np.float32) for f in batch["fringe_values"]] \
-                if processor.native_fringes else None
+            native = {name: [np.frombuffer(raw, dtype=dtype).reshape(shape) for raw in batch[name]]
+                      for name, (dtype, shape) in native_layout(processor).items()}
         else:
             images = [decode(image) for image in batch[IMAGE]]
             views = [random_view(processor, image, rng) for image in images]
-            fringes = [processor.fringe_values(image) for image in images] if processor.native_fringes else None
+            measured = [processor.native_inputs(image) for image in images]
+            native = {name: [m[name] for m in measured] for name in processor.native_inputs_names()}
         pixels = processor.normalize_views(views)[:, None]  # (batch, 1, 3, S, S)
         out = {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
                "labels": labels_of(batch)}
-        if fringes is not None:  # the whole picture's, whichever view of it is trained on
-            out["fringe_values"] = torch.from_numpy(np.stack(fringes))
+        if "fringe_patches" in native:  # flipped and turned at random: a fringe's geometry has no favourite side
+            native["fringe_patches"] = [random_turn(patches, rng) for patches in native["fringe_patches"]]
+        for name, values in native.items():  # the whole picture's, whichever view of it is trained on
+            out[name] = torch.from_numpy(np.stack(values))
         return out
 
     return transform
+
+
+def native_layout(processor):
+    """Name -> (dtype, shape) of each native input the processor makes (cached as raw bytes)."""
+    from citytools.remote import NATIVE_FRINGE_FEATURES
+
+    layout = {"fringe_values": (np.float32, (len(NATIVE_FRINGE_FEATURES),))} if processor.native_fringes else {}
+    if processor.native_patches:
+        spec = processor.native_patches
+        layout["fringe_patches"] = (np.uint8, (spec["count"], 3, spec["size"], spec["size"]))
+    return layout
+
+
+def random_turn(patches, rng):
+    """(count, 3, S, S) patches flipped across each axis and transposed, each at even odds."""
+    if rng.random() < 0.5:
+        patches = patches[..., ::-1]
+    if rng.random() < 0.5:
+        patches = patches[..., ::-1, :]
+    if rng.random() < 0.5:
+        patches = patches.swapaxes(-1, -2)
+    return np.ascontiguousarray(patches)
 
 
 def inference_transform(processor, labels_of, embedded):
@@ -189,18 +214,20 @@ def inference_transform(processor, labels_of, embedded):
 
 def cache_random_views(ds, processor, data_args, seed):
     """Decodes each training image once and keeps `cache_views` random views of it (S x S x 3 uint8
-    bytes), each with the picture's native fringe measurements when the processor takes them."""
+    bytes), each with the picture's native inputs (`native_layout`) when the processor makes them."""
+    layout = native_layout(processor)
+
     def crops(batch, indices):
-        out = {"view": [], LABEL: [], **({"fringe_values": []} if processor.native_fringes else {})}
+        out = {"view": [], LABEL: [], **{name: [] for name in layout}}
         for image, label, index in zip(batch[IMAGE], batch[LABEL], indices):
             rng = np.random.default_rng([seed, index])
             decoded = decode(image)
-            fringes = processor.fringe_values(decoded)
+            native = processor.native_inputs(decoded)
             for _ in range(data_args.cache_views):
                 out["view"].append(np.ascontiguousarray(random_view(processor, decoded, rng)).tobytes())
                 out[LABEL].append(label)
-                if fringes is not None:
-                    out["fringe_values"].append(fringes.astype(np.float32).tobytes())
+                for name, (dtype, _) in layout.items():
+                    out[name].append(native[name].astype(dtype).tobytes())
         return out
 
     return ds.map(crops, batched=True, batch_size=16, with_indices=True, remove_columns=ds.column_names,

@@ -160,22 +160,26 @@ def test_workers_hand_out_small_batches_that_the_main_process_joins():
     def item(name, views):  # (meta, inputs) as FileStream yields; views None: an error row
         meta = {"path": name, "error": None if views else "bad"}
         tiles = np.full((views, 2, 2, 3), len(name), dtype=np.uint8) if views else None
-        return meta, ([(tiles, 5, None)] if views else None)
+        return meta, ([(tiles, 5, {})] if views else None)
 
     parts = [collate([item("a", 5), item("bb", 0)]), collate([item("ccc", 0)]), collate([item("dddd", 1)])]
     metas, grouped = join_batches(parts, cpu)
     assert [m["path"] for m in metas] == ["a", "bb", "ccc", "dddd"]
     tiles, mask, fringes = grouped[0]
     assert tiles.shape[0] == 6 and tiles[:5].eq(1).all() and tiles[5].eq(4).all()
-    assert mask.sum(1).tolist() == [5, 1] and fringes is None  # the decodable images only, in order
+    assert mask.sum(1).tolist() == [5, 1] and fringes == {}  # the decodable images only, in order
     assert join_batches([collate([item("e", 0)]), collate([item("f", 0)])], cpu)[1] is None
 
     from citytools.views import DeviceImage  # whole images for the device: lists, chained
 
-    whole = [collate([(meta, [(DeviceImage(np.zeros((3, 4, 3), np.uint8), 1), 5, np.full(13, p, np.float32))])])
+    native = lambda p: {"fringe_values": np.full(13, p, np.float32),  # noqa: E731
+                        "fringe_patches": np.full((4, 3, 8, 8), p, np.uint8)}
+    whole = [collate([(meta, [(DeviceImage(np.zeros((3, 4, 3), np.uint8), 1), 5, native(p))])])
              for p, meta in enumerate(({"p": 1}, {"p": 2}))]
     metas, [(images, mask, fringes)] = join_batches(whole, cpu)
-    assert fringes.shape == (2, 13) and fringes[:, 0].tolist() == [0.0, 1.0]  # each picture's, in order
+    assert fringes["fringe_values"].shape == (2, 13) and fringes["fringe_values"][:, 0].tolist() == [0.0, 1.0]
+    assert fringes["fringe_patches"].shape == (2, 4, 3, 8, 8)  # each picture's, in order
+    assert fringes["fringe_patches"][:, 0, 0, 0, 0].tolist() == [0, 1]
     assert len(images) == 2 and mask.sum(1).tolist() == [1, 1]
 
 

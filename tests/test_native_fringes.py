@@ -154,9 +154,82 @@ def test_processor_and_model_contract_with_and_without_measurements(converted, t
             model(**{**inputs, "fringe_values": inputs["fringe_values"][:, :5]})
 
 
-def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_path):
-    """A saved model with native fringes: the pipeline by path, the Scorer (classify.py's and
-    benchmark.py's engine, decoding workers and all) and a hand-made forward agree."""
+def test_the_patches_are_the_most_edge_rich_blocks_unresized():
+    """fringe_patches: blocks cut from the picture as it is (work size up to 2048 px), the ones with
+    the strongest green edges of their part of the picture; repeats when few have edges, zeros when
+    none has. Checked against blocks and edge strengths computed here."""
+    from citytools.remote import measure_native
+
+    spec = {"count": 8, "size": 32, "channels": 4}
+    picture = illustration(40, 320, 256)  # 10 x 8 blocks of 32, a 4 x 4 grid of cells: 4 or 6 blocks a cell
+    pixels = np.asarray(picture)
+    _, patches = measure_native(picture, None, spec)
+    assert patches.shape == (8, 3, 32, 32) and patches.dtype == np.uint8
+    blocks = {(r, c): pixels[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32].transpose(2, 0, 1)
+              for r in range(8) for c in range(10)}
+    green = pixels[..., 1].astype(float)
+    strength = {key: (np.abs(np.diff(green[key[0] * 32 : key[0] * 32 + 32, key[1] * 32 : key[1] * 32 + 32], axis=0)).sum()
+                      + np.abs(np.diff(green[key[0] * 32 : key[0] * 32 + 32, key[1] * 32 : key[1] * 32 + 32], axis=1)).sum())
+                for key in blocks}
+    found = [next(key for key, block in blocks.items() if np.array_equal(block, patch)) for patch in patches]
+    assert len(set(found)) == 8  # eight different blocks, each exactly as in the picture
+    assert np.mean([strength[k] for k in found]) > np.percentile(list(strength.values()), 75)
+    flat = Image.new("RGB", (300, 200), (120, 80, 200))
+    assert not measure_native(flat, None, spec)[1].any()  # no edges: no evidence, zeros
+    one_edge = np.full((64, 256, 3), 40, np.uint8)
+    one_edge[:, 100:] = 220  # one block column with an edge, per row of blocks
+    few = measure_native(Image.fromarray(one_edge), None, spec)[1]
+    assert len({p.tobytes() for p in few}) < 8 and all(p.std() > 0 for p in few)  # the edged blocks, repeated
+    large = illustration(41, 4096, 3072)
+    _, halved = measure_native(large, None, spec)
+    work = np.asarray(large.resize((2048, 1536), Image.BOX)).transpose(2, 0, 1)
+    for patch in halved[:2]:  # the work-size picture's blocks (box-downscaled once, as the measurement reads it)
+        assert any(np.array_equal(patch, work[:, r : r + 32, c : c + 32]) for r in range(0, 1536, 32)
+                   for c in range(0, 2048, 32))
+
+
+def test_patch_stream_contract(converted, tmp_path):
+    """--native_patches' model input: zero head weights score as before, the patch stream changes the
+    scores once they count, wrong or missing patches are refused by name, and a saved model loads
+    strictly with the stream in float32 whatever dtype it is loaded in."""
+    import torch
+
+    from citytools.remote import CityClassifierForImageClassification
+
+    model, processor = tiny_native_model(tmp_path, converted)
+    with pytest.raises(ValueError, match="native_patches needs native_fringes"):
+        model.add_native_patches()
+    with pytest.raises(ValueError, match="native_patches needs native_fringes"):
+        processor.with_options(native_patches=True)
+    model.add_native_fringes()
+    spec = {"count": 4, "size": 16, "channels": 3}
+    processor = processor.with_options(native_fringes=True, native_patches=spec)
+    pictures = [illustration(50, 150, 100), moved(illustration(51, 130, 90), red=(2.0, 0.0))]
+    inputs = processor(pictures, return_tensors="pt")
+    assert inputs["fringe_patches"].shape == (2, 4, 3, 16, 16) and inputs["fringe_patches"].dtype == torch.uint8
+    assert processor.model_input_names[-2:] == ["fringe_values", "fringe_patches"]
+    with torch.no_grad():
+        before = model(**inputs).scores
+        model.add_native_patches(spec)
+        assert torch.equal(model(**inputs).scores, before)  # zero weights: as before until trained
+        model.head.up[0].weight[:, -24:] = 0.5
+        after = model(**inputs).scores
+        assert not torch.allclose(after, before)
+        with pytest.raises(ValueError, match="pass fringe_patches"):
+            model(**{k: v for k, v in inputs.items() if k != "fringe_patches"})
+        with pytest.raises(ValueError, match=r"fringe_patches must be uint8 \(2, 4, 3, 16, 16\)"):
+            model(**{**inputs, "fringe_patches": inputs["fringe_patches"].float()})
+    model.save_pretrained(tmp_path / "m")
+    loaded = CityClassifierForImageClassification.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    assert loaded.config.native_patches == spec and loaded.patch_stream.layers[0].weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).scores, after, atol=0.02)  # only CLIP's tower in bf16
+
+
+@pytest.mark.parametrize("patches", [False, True], ids=["measurements", "measurements+patches"])
+def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_path, patches):
+    """A saved model with native fringes (and the patch stream): the pipeline by path, the Scorer
+    (classify.py's and benchmark.py's engine, decoding workers and all) and a hand-made forward agree."""
     import torch
     from transformers import pipeline
 
@@ -165,9 +238,11 @@ def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_p
 
     model, processor = tiny_native_model(tmp_path, converted)
     model.add_native_fringes()
+    if patches:
+        model.add_native_patches({"count": 6, "size": 16, "channels": 4})
     with torch.no_grad():
-        model.head.up[0].weight[:, -13:] = torch.linspace(-2, 2, 13)
-    processor = processor.with_options(native_fringes=True)
+        model.head.up[0].weight[:, -13 - 32 * patches:] = torch.linspace(-2, 2, 13 + 32 * patches)
+    processor = processor.with_options(native_fringes=True, native_patches=model.config.native_patches)
     folder = tmp_path / "native-model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -192,12 +267,14 @@ def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_p
         assert scores["Chromatic Aberration"] == pytest.approx(by_hand[name], abs=1e-5)
         assert rows[name][column] == pytest.approx(by_hand[name], abs=1e-5)
     assert len(set(round(v, 4) for v in by_hand.values())) == 3
-    processor.with_options(native_fringes=False).save_pretrained(folder)  # a processor that does not measure
-    with pytest.raises(ValueError, match="its processor measures None"):
+    option = "native_patches" if patches else "native_fringes"
+    type(processor)(**{**processor.to_dict(), option: None}).save_pretrained(folder)  # one that does not make them
+    with pytest.raises(ValueError, match=f"reads {option} .* its processor makes None"):
         Scorer([str(folder)])
 
 
-def test_train_hf_native_fringes_trains_them_and_refuses_head_only(converted, tmp_path):
+@pytest.mark.parametrize("flag", ["--native_fringes", "--native_patches"])
+def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, flag):
     import json
 
     import torch
@@ -210,16 +287,20 @@ def test_train_hf_native_fringes_trains_them_and_refuses_head_only(converted, tm
     assert make_synthetic_data.main(["--out", str(data), "--train", "12", "--validation", "4", "--test", "0",
                                      "--seed", "5", "--workers", "1", "--more-geometries", "--resized", "0.5"]) == 0
     out = tmp_path / "model"
-    common = ["--dataset_name", str(data), "--model_name_or_path", str(converted["ca"]), "--native_fringes", "true",
+    common = ["--dataset_name", str(data), "--model_name_or_path", str(converted["ca"]), flag, "true",
               "--max_steps", "3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
               "--class_names", "Pass,Chromatic Aberration", "--disable_tqdm", "true", "--use_cpu", "true",
               "--learning_rate", "0.05", "--report_to", "none", "--head_hidden_size", "64"]
-    with pytest.raises(UsageError, match="--native_fringes needs full-mode training"):
+    with pytest.raises(UsageError, match=f"{flag} needs full-mode training"):
         train_hf.main([*common, "--output_dir", str(tmp_path / "refused")])
     assert train_hf.main([*common, "--output_dir", str(out), "--train_backbone", "true", "--cache_views", "1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["native_fringes"] and json.loads((out / "preprocessor_config.json").read_text())[
         "native_fringes"] == config["native_fringes"]
     model = CityClassifierForImageClassification.from_pretrained(out)
-    assert model.head.up[0].weight[:, -13:].abs().sum() > 0  # trained away from the zero start
+    native = 13 + (128 if flag == "--native_patches" else 0)  # the default stream: 16 channels, 8 x 16 features
+    assert model.head.up[0].weight[:, -native:].abs().sum(0).gt(0).all()  # trained away from the zero start
     assert torch.isfinite(model.head.up[0].weight).all()
+    if flag == "--native_patches":
+        processor = json.loads((out / "preprocessor_config.json").read_text())
+        assert config["native_patches"] == processor["native_patches"] == {"count": 32, "size": 32, "channels": 16}

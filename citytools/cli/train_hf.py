@@ -131,6 +131,12 @@ class ModelArguments:
                           "(up to a 2048 px long side) by the processor (config.native_fringes, the processor's "
                           "fringe_values), beside every view's embedding. Full mode only (--train_backbone or "
                           "--vision_config). A CityClassifier without them gets them with zero weights."})
+    native_patches: bool = field(
+        default=False,
+        metadata={"help": "Also give the head a learned stream at native resolution: a small CNN over the "
+                          "picture's most edge-rich patches, unresized (config.native_patches, the processor's "
+                          "fringe_patches). Implies --native_fringes; full mode only. A CityClassifier without it "
+                          "gets it with zero head weights, so training starts from its exact scores."})
 
 
 def parse_args(argv=None):
@@ -265,15 +271,19 @@ def build_model(model_args, label_ids, label_names):
 
 
 def with_native_fringes(model, processor, train_backbone, model_args):
-    """--native_fringes: the model reads the picture's native-resolution fringes (new head inputs with
-    zero weights) and its processor measures them, with the same settings."""
-    if model_args.native_fringes:
+    """--native_fringes (--native_patches): the model reads the picture's native-resolution fringes (and
+    patches: new head inputs with zero weights) and its processor makes them, with the same settings."""
+    if model_args.native_fringes or model_args.native_patches:
         if not train_backbone:
-            raise UsageError("--native_fringes needs full-mode training (--train_backbone, or --vision_config): "
-                             "head-only training's cached embeddings carry no fringe measurements")
+            flag = "--native_patches" if model_args.native_patches else "--native_fringes"
+            raise UsageError(f"{flag} needs full-mode training (--train_backbone, or --vision_config): "
+                             "head-only training's cached embeddings carry no native-resolution inputs")
         model.add_native_fringes()
+        if model_args.native_patches:
+            model.add_native_patches()
     if getattr(model.config, "native_fringes", None):
-        processor = processor.with_options(native_fringes=model.config.native_fringes)
+        processor = processor.with_options(native_fringes=model.config.native_fringes,
+                                           native_patches=getattr(model.config, "native_patches", None))
     return model, processor, train_backbone
 
 
