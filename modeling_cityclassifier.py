@@ -403,7 +403,8 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
 
         how = tile_combine or self.config.tile_combine
         with torch.autocast(image_embeds.device.type, enabled=False):  # as the stem: float32 under autocast too
-            z = self.head(self._head_input(image_embeds, fringe_values, fringe_patches)).float()  # (batch, tiles, num_labels)
+            z = self.head(self._head_input(image_embeds, fringe_values, fringe_patches))
+            z = z.float()  # (batch, tiles, num_labels)
         tile_scores, scores, logits = self._combine(z, tile_mask, how)
 
         loss = None
