@@ -19,10 +19,11 @@ from cityclassifier.image_processing import (
 from cityclassifier.modeling_cityclassifier import (
     CityClassifierForImageClassification,
     CityClassifierImageClassificationPipeline,
+    CityClassifierPatchStream,
     combine_tiles,
     scatter_tiles,
 )
-from cityclassifier.native_fringes import NATIVE_FRINGE_FEATURES, measure_fringes, measure_native
+from cityclassifier.native_fringes import NATIVE_FRINGE_FEATURES, measure_fringes, measure_native, native_patch_spec
 
 CityClassifierConfig.register_for_auto_class()
 CityClassifierForImageClassification.register_for_auto_class("AutoModelForImageClassification")
@@ -35,6 +36,8 @@ __all__ = [
     "NATIVE_FRINGE_FEATURES",
     "measure_fringes",
     "measure_native",
+    "native_patch_spec",
+    "CityClassifierPatchStream",
     "CityClassifierForImageClassification",
     "CityClassifierFringe",
     "CityClassifierImageClassificationPipeline",

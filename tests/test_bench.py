@@ -99,3 +99,26 @@ def test_batching_simulation_runs_both_ways_and_no_device_beats_its_own_work(tmp
     for mode in ("whole", "idle"):
         run = report[mode]
         assert run["batches"] >= 1 and run["seconds"] >= report["device_alone_s"] and 0 < run["device_busy"] <= 1
+
+
+def test_stream_ablation_trains_each_stream_and_stacks_it_with_a_model(converted, tmp_path):
+    """bench/stream_ablation.py, tiny: each native-resolution stream trained alone on the train
+    split, scored on the test split beside the yardstick, and stacked with a CityClassifier."""
+    from citytools.cli import make_synthetic_data
+
+    data = tmp_path / "data"
+    assert make_synthetic_data.main(["--out", str(data), "--train", "16", "--validation", "8", "--test", "12",
+                                     "--seed", "3", "--workers", "1"]) == 0
+    out = tmp_path / "ablation"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "stream_ablation.py"), "--dataset", str(data),
+                           "--model", str(converted["ca"]), "--streams", "measurements,patches", "--epochs", "1",
+                           "--batch", "4", "--processes", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["test pictures"] == 12 and report["patches"] == {"count": 32, "size": 32, "channels": 16}
+    names = {"measurements", "patches", "model + measurements (stacked)", "model + patches (stacked)"}
+    assert names <= set(report["roc_auc"]) and any(name.startswith("model ") for name in report["roc_auc"])
+    for figures in [report["yardstick (fringe_px)"], *report["roc_auc"].values()]:
+        assert 0.0 <= figures["all"] <= 1.0
+    assert "epoch 1/1" in done.stderr and report["machine"]["cpus"] >= 1
