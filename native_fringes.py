@@ -252,21 +252,37 @@ def subpixel_peaks(cross, b, start):
     return best
 
 
-def block_offsets(pixels, spec):
+def block_grid(pixels, b, grids=None):
+    """The picture cut into blocks of side b, centred -> (region, top, left, rows, cols, green's edge
+    strength per block (rows, cols)), or None when not one block fits. `grids`: a dict that keeps
+    each block size's grid, for a second reader of the same pixels (`measure_native`)."""
+    if grids is not None and b in grids:
+        return grids[b]
+    height, width = pixels.shape[:2]
+    rows, cols = height // b, width // b
+    grid = None
+    if rows and cols:
+        top, left = (height - rows * b) // 2, (width - cols * b) // 2
+        region = pixels[top : top + rows * b, left : left + cols * b]
+        grid = region, top, left, rows, cols, block_edges(region[..., 1], rows, cols, b)  # all of green's
+    if grids is not None:
+        grids[b] = grid
+    return grid
+
+
+def block_offsets(pixels, spec, grids=None):
     """(H, W, 3) pixels (uint8, or float in [0, 1]) -> per measured block: (red (k, 2) and blue (k, 2) offsets against
     green in px (dy, dx), red's and blue's correlation gain (k,), the blocks' centres (k, 2) (y, x),
-    the number of blocks in the picture)."""
+    the number of blocks in the picture). `grids`: see `block_grid`."""
     height, width = pixels.shape[:2]
     b = min(spec["block"], max(8, min(height, width) // 2))
     b -= b % 2
     m = min(spec["max_shift"], b // 2 - 1)
-    rows, cols = height // b, width // b
     empty = np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros((0, 2))
-    if rows == 0 or cols == 0:
+    grid = block_grid(pixels, b, grids)
+    if grid is None:
         return (*empty, 0)
-    top, left = (height - rows * b) // 2, (width - cols * b) // 2
-    region = pixels[top : top + rows * b, left : left + cols * b]
-    edge = block_edges(region[..., 1], rows, cols, b)  # all of green's: the edge-rich blocks
+    region, top, left, rows, cols, edge = grid
     picked_rows, picked_cols = pick_blocks(edge, spec["grid"], spec["per_cell"], spec["min_edge"])
     if len(picked_rows) == 0:
         return (*empty, rows * cols)
@@ -307,23 +323,21 @@ def summarise(red, blue, red_gain, blue_gain, centres, blocks, size, scale):
     return np.array(features, dtype=np.float32)
 
 
-def edge_patches(pixels, spec, patch_spec):
+def edge_patches(pixels, spec, patch_spec, grids=None):
     """(H, W, 3) uint8 work pixels -> (count, 3, size, size) uint8: the picture's most edge-rich blocks
     of side `size` (green's edges, as `block_offsets` picks its blocks: the strongest of each cell of
     the `grid` x `grid` layout, so every part of the picture is seen), unresized. Fewer edge-rich
     blocks than `count`: they repeat (the model pools over patches, so a repeat adds no evidence);
     none (a flat picture): zeros. A picture under twice `size` on its short side gives blocks of half
-    its short side, scaled up to `size` by repeating pixels."""
+    its short side, scaled up to `size` by repeating pixels. `grids`: see `block_grid`."""
     count, size = patch_spec["count"], patch_spec["size"]
     out = np.zeros((count, 3, size, size), dtype=np.uint8)
     height, width = pixels.shape[:2]
     b = size if min(height, width) >= 2 * size else max(4, min(height, width) // 2)
-    rows, cols = height // b, width // b
-    if rows == 0 or cols == 0:
+    grid = block_grid(pixels, b, grids)
+    if grid is None:
         return out
-    top, left = (height - rows * b) // 2, (width - cols * b) // 2
-    region = pixels[top : top + rows * b, left : left + cols * b]
-    edge = block_edges(region[..., 1], rows, cols, b)
+    region, _, _, rows, cols, edge = grid
     cells = min(spec["grid"], rows) * min(spec["grid"], cols)
     picked_rows, picked_cols = pick_blocks(edge, spec["grid"], -(-count // cells), spec["min_edge"])
     if len(picked_rows) == 0:
@@ -339,12 +353,13 @@ def edge_patches(pixels, spec, patch_spec):
 
 def measure_native(image, spec=None, patch_spec=None):
     """One picture (PIL, any mode) -> (its `measure_fringes` values, its `edge_patches` or None when
-    `patch_spec` is None), from one work-size copy of it."""
-    spec = native_fringe_spec(True if spec is None else spec)
+    `patch_spec` is None), from one work-size copy of it and, where their block sizes agree, one pass
+    over its green edges."""
+    spec, grids = native_fringe_spec(True if spec is None else spec), {}
     pixels, scale = work_image(image, spec["work_side"])
-    *offsets, blocks = block_offsets(pixels, spec)
+    *offsets, blocks = block_offsets(pixels, spec, grids)
     values = summarise(*offsets, blocks, pixels.shape[:2], scale)
-    return values, (edge_patches(pixels, spec, native_patch_spec(patch_spec)) if patch_spec else None)
+    return values, (edge_patches(pixels, spec, native_patch_spec(patch_spec), grids) if patch_spec else None)
 
 
 def measure_fringes(image, spec=None):
