@@ -33,12 +33,12 @@ class ImageViews(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, index):
-        """-> (index, [(real tiles, tile slots, None)]): one group, as `citytools.loading.collate` takes
-        it (no native fringe measurements: head-only training does not train models that read them)."""
+        """-> (index, [(real tiles, tile slots, {})]): one group, as `citytools.loading.collate` takes
+        it (no native inputs: head-only training does not train models that read them)."""
         from citytools.views import view_tiles
 
         return index, [(view_tiles(self.processor, decode(self.ds[index][IMAGE]), None, self.mode),
-                        self.processor.tile_slots(), None)]
+                        self.processor.tile_slots(), {})]
 
 
 class EmbeddedViews(torch.utils.data.Dataset):
@@ -113,7 +113,7 @@ def embed_all(ds, model, processor, batch_size, device, precision, workers, crop
         if warm_up:
             tiles = view_tiles(processor, blank_image([processor]), None, views.mode)
             with stopwatch("warm_up"):
-                embed(*collate([(None, [(tiles, processor.tile_slots(), None)])] * 4)[1][0][:2])
+                embed(*collate([(None, [(tiles, processor.tile_slots(), {})])] * 4)[1][0][:2])
                 if on_gpu:
                     torch.cuda.synchronize(device)
 

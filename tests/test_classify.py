@@ -361,7 +361,7 @@ def test_uint8_crops_normalised_on_the_device_score_as_the_float_tiles(converted
     scorer = Scorer([str(converted["ca"]), str(converted["compression"])], dtype="float32")
     processor = scorer.groups[0][0].processor
     images = [make_image(200, 150, seed=1), make_image(40, 40, seed=2), make_image(61, 90, seed=3)]
-    crops = [[(np.stack([processor.resize_and_crop(v) for v in processor.views(image)]), processor.tile_slots(), None)]
+    crops = [[(np.stack([processor.resize_and_crop(v) for v in processor.views(image)]), processor.tile_slots(), {})]
              for image in images]
     floats = [scorer.preprocess(image) for image in images]
     assert crops[0][0][0].dtype == np.uint8 and floats[0][0][0].dtype == np.float32
