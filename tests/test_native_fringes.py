@@ -295,6 +295,10 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["native_fringes"] and json.loads((out / "preprocessor_config.json").read_text())[
         "native_fringes"] == config["native_fringes"]
+    again = [str(out) if a == str(converted["ca"]) else a for a in common]  # the trained model, head-only
+    del again[again.index(flag) : again.index(flag) + 2]  # no flag: the model's config asks for native inputs
+    with pytest.raises(UsageError, match="reads native-resolution inputs: it needs full-mode training"):
+        train_hf.main([*again, "--output_dir", str(tmp_path / "head-only")])
     model = CityClassifierForImageClassification.from_pretrained(out)
     native = 13 + (128 if flag == "--native_patches" else 0)  # the default stream: 16 channels, 8 x 16 features
     assert model.head.up[0].weight[:, -native:].abs().sum(0).gt(0).all()  # trained away from the zero start

@@ -679,9 +679,10 @@ def test_a_lock_is_freed_by_its_holders_death_while_its_forked_child_lives(tmp_p
     script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r})\n"
               "from citytools.results import ResultsStore\nfrom citytools.transfers import Transfers\n"
               f"ResultsStore({str(out)!r}).lock(); Transfers({str(dest)!r}, move=False)\n"
-              "child = os.fork()\n"
-              "if child == 0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(0)\n"
-              "print(child, flush=True)\nsignal.pause()\n")
+              "child = os.fork()\n"  # the child says its pid after the at-fork hooks ran: no race with them
+              "if child == 0:\n    print(os.getpid(), flush=True)\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
+              "    os._exit(0)\n"
+              "signal.pause()\n")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:

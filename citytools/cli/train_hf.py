@@ -273,11 +273,13 @@ def build_model(model_args, label_ids, label_names):
 def with_native_fringes(model, processor, train_backbone, model_args):
     """--native_fringes (--native_patches): the model reads the picture's native-resolution fringes (and
     patches: new head inputs with zero weights) and its processor makes them, with the same settings."""
+    native = getattr(model.config, "native_fringes", None)
+    if (model_args.native_fringes or model_args.native_patches or native) and not train_backbone:
+        flag = ("--native_patches" if model_args.native_patches else "--native_fringes" if model_args.native_fringes
+                else f"{model_args.model_name_or_path} reads native-resolution inputs: it")
+        raise UsageError(f"{flag} needs full-mode training (--train_backbone, or --vision_config): "
+                         "head-only training's cached embeddings carry no native-resolution inputs")
     if model_args.native_fringes or model_args.native_patches:
-        if not train_backbone:
-            flag = "--native_patches" if model_args.native_patches else "--native_fringes"
-            raise UsageError(f"{flag} needs full-mode training (--train_backbone, or --vision_config): "
-                             "head-only training's cached embeddings carry no native-resolution inputs")
         model.add_native_fringes()
         if model_args.native_patches:
             model.add_native_patches()
