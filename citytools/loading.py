@@ -250,8 +250,7 @@ def collate(items):
     """-> (metas, per group (the real tiles only, as `Scorer.preprocess` made them: one tensor, or a
     list of whole images for "device" cropping; tile_mask (batch, slots); the pictures' native inputs by
     name, stacked: `fringe_values` (batch, F) float32, `fringe_patches`, or none) for the decodable
-    images, or None). Padding never leaves
-    the worker: it is half the tiles."""
+    images, or None). Padding never leaves the worker: it is half the tiles."""
     metas = [meta for meta, _ in items]
     good = [inputs for _, inputs in items if inputs is not None]
     if not good:
