@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .native_fringes import measure_native, native_fringe_spec, native_patch_spec
+from .native_fringes import NATIVE_FRINGE_FEATURES, measure_native, native_fringe_spec, native_patch_spec
 from .tiling import NUM_TILES, TILING_MODES, grid_layout, is_tiled, tile_boxes, tiling_size, view_layout
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -192,7 +192,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         if self.native_patches and not self.native_fringes:
             raise ValueError("native_patches needs native_fringes (the patches are picked at its work size)")
         if self.native_fringes:  # an instance's list: a processor without them hands the model what it did
-            self.model_input_names = [*type(self).model_input_names, *self.native_inputs_names()]
+            self.model_input_names = [*type(self).model_input_names, *self.native_layout()]
         self.tiling = bool(tiling)
         if tiling_mode not in TILING_MODES:
             raise ValueError(f"tiling_mode must be one of {', '.join(TILING_MODES)}, got {tiling_mode!r}")
@@ -224,9 +224,13 @@ class CityClassifierImageProcessor(BaseImageProcessor):
                   "native_patches": self.native_patches}
         return type(self)(**{**fields, **options})
 
-    def native_inputs_names(self):
-        """The model inputs `native_inputs` gives, in order."""
-        return (["fringe_values"] if self.native_fringes else []) + (["fringe_patches"] if self.native_patches else [])
+    def native_layout(self):
+        """The model inputs `native_inputs` gives, in order: name -> (dtype, shape) of one picture's."""
+        layout = {"fringe_values": (np.float32, (len(NATIVE_FRINGE_FEATURES),))} if self.native_fringes else {}
+        if self.native_patches:
+            spec = self.native_patches
+            layout["fringe_patches"] = (np.uint8, (spec["count"], 3, spec["size"], spec["size"]))
+        return layout
 
     def native_inputs(self, image):
         """What this processor reads of the whole picture at native resolution (up to the settings' work
@@ -238,10 +242,6 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             return {}
         values, patches = measure_native(to_rgb(as_pil(image)), self.native_fringes, self.native_patches)
         return {"fringe_values": values, **({"fringe_patches": patches} if patches is not None else {})}
-
-    def fringe_values(self, image):
-        """`native_inputs(image)["fringe_values"]`, or None when `native_fringes` is off."""
-        return self.native_inputs(image).get("fringe_values")
 
     def work_pixels(self, width, height, tiling=None):
         """Pixels of the largest image that preprocessing a width x height image makes: the resize
@@ -400,7 +400,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
         data = {"pixel_values": pixel_values, "tile_mask": tile_mask}
         if self.native_fringes:
             native = [self.native_inputs(image) for image in images]
-            data.update({name: np.stack([n[name] for n in native]) for name in self.native_inputs_names()})
+            data.update({name: np.stack([n[name] for n in native]) for name in self.native_layout()})
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod

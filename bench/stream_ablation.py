@@ -120,20 +120,16 @@ def logits(model, data):
     return torch.cat([model(values[i : i + 128], patches[i : i + 128]) for i in range(0, len(values), 128)]).numpy()
 
 
-def model_logits(folder, root, split):
-    """A CityClassifier's log-odds of its last label on every picture of the split (classify.py's engine)."""
+def model_logits(scorer, root, split, rows):
+    """The scorer's model's log-odds of its last label on each of the split's `rows` (classify.py's engine)."""
     from citytools.loading import collate, load_image
-    from citytools.scorer import Scorer
 
-    scorer = Scorer([folder])
-    column = scorer.columns()[-2] if scorer.columns()[-1].endswith("top_label") else scorer.columns()[-1]
     out = []
-    rows = list(csv.DictReader(open(Path(root, split, "metadata.csv"), newline="")))
     for start in range(0, len(rows), 16):
         items = [(None, scorer.preprocess(load_image(str(Path(root, split, r["file_name"])))))
                  for r in rows[start : start + 16]]
-        out += [row[column] for row in scorer.score(collate(items)[1])]
-    p = np.clip(np.array(out), 1e-6, 1 - 1e-6)
+        out += [output.scores[:, -1] for _, output, _ in scorer.outputs(collate(items)[1])]
+    p = np.clip(torch.cat(out).numpy().astype(np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
 
 
@@ -167,7 +163,12 @@ def main(argv=None):
     report = {"dataset": args.dataset, "test pictures": len(splits["test"]["label"]), "epochs": args.epochs,
               "machine": machine(), "patches": PATCHES, "roc_auc": {},
               "yardstick (fringe_px)": by_group(splits["test"], splits["test"]["values"][:, 0])}
-    model = {s: model_logits(args.model, args.dataset, s) for s in ("validation", "test")} if args.model else None
+    model = None
+    if args.model:
+        from citytools.scorer import Scorer
+
+        scorer = Scorer([args.model])
+        model = {s: model_logits(scorer, args.dataset, s, splits[s]["rows"]) for s in ("validation", "test")}
     if model:
         report["roc_auc"][f"model {args.model}"] = by_group(splits["test"], model["test"])
     for stream in args.streams.split(","):

@@ -162,12 +162,12 @@ def full_mode_transform(processor, labels_of, seed):
             views = [np.frombuffer(v, dtype=np.uint8).reshape(size, size, 3) for v in batch["view"]]
             views = [v[:, ::-1] if rng.random() < 0.5 else v for v in views]
             native = {name: [np.frombuffer(raw, dtype=dtype).reshape(shape) for raw in batch[name]]
-                      for name, (dtype, shape) in native_layout(processor).items()}
+                      for name, (dtype, shape) in processor.native_layout().items()}
         else:
             images = [decode(image) for image in batch[IMAGE]]
             views = [random_view(processor, image, rng) for image in images]
             measured = [processor.native_inputs(image) for image in images]
-            native = {name: [m[name] for m in measured] for name in processor.native_inputs_names()}
+            native = {name: [m[name] for m in measured] for name in processor.native_layout()}
         pixels = processor.normalize_views(views)[:, None]  # (batch, 1, 3, S, S)
         out = {"pixel_values": torch.from_numpy(pixels), "tile_mask": torch.ones(len(views), 1, dtype=torch.long),
                "labels": labels_of(batch)}
@@ -178,17 +178,6 @@ def full_mode_transform(processor, labels_of, seed):
         return out
 
     return transform
-
-
-def native_layout(processor):
-    """Name -> (dtype, shape) of each native input the processor makes (cached as raw bytes)."""
-    from citytools.remote import NATIVE_FRINGE_FEATURES
-
-    layout = {"fringe_values": (np.float32, (len(NATIVE_FRINGE_FEATURES),))} if processor.native_fringes else {}
-    if processor.native_patches:
-        spec = processor.native_patches
-        layout["fringe_patches"] = (np.uint8, (spec["count"], 3, spec["size"], spec["size"]))
-    return layout
 
 
 def random_turn(patches, rng):
@@ -214,8 +203,9 @@ def inference_transform(processor, labels_of, embedded):
 
 def cache_random_views(ds, processor, data_args, seed):
     """Decodes each training image once and keeps `cache_views` random views of it (S x S x 3 uint8
-    bytes), each with the picture's native inputs (`native_layout`) when the processor makes them."""
-    layout = native_layout(processor)
+    bytes), each with the picture's native inputs (raw bytes, `processor.native_layout()`) when the
+    processor makes them."""
+    layout = processor.native_layout()
 
     def crops(batch, indices):
         out = {"view": [], LABEL: [], **{name: [] for name in layout}}
