@@ -189,7 +189,9 @@ def profile(model, files, batch=8):
     """Where an image's time goes, in one process on one thread, stage by stage (ms per image): what
     classify.py's decoding workers do (decode, `views`: the tiling resize and crops, CLIP's resize
     and crop, normalising) and what its model does (the stem's full-resolution convolutions, the
-    fringe measurements, the CLIP tower on the stem's output, the head), in float32."""
+    fringe measurements, the CLIP tower on the stem's output, the head), in float32. A model that reads
+    the picture at native resolution adds the processor's native measurements (and patches) to the
+    workers' side and its patch stream to the model's."""
     import torch
 
     from citytools.images import load_image
@@ -199,7 +201,7 @@ def profile(model, files, batch=8):
     torch.set_num_threads(1)
     processor = CityClassifierImageProcessor.from_pretrained(model)
     model = CityClassifierForImageClassification.from_pretrained(model, dtype=torch.float32).eval()
-    seconds, views = {}, []
+    seconds, views, natives = {}, [], []
 
     def timed(stage, step, *args):
         start = time.perf_counter()
@@ -213,6 +215,7 @@ def profile(model, files, batch=8):
             cut = timed("views (tiling resize, crops)", processor.views, image)
             crops = timed("CLIP resize and crop", lambda vs: [processor.resize_and_crop(v) for v in vs], cut)
             views.append(torch.from_numpy(timed("normalise", processor.normalize_views, crops)))
+            natives.append(timed("native measurements", processor.native_inputs, image))
         with torch.inference_mode():
             for start in range(0, len(views), batch):
                 pixels = torch.cat(views[start : start + batch])
@@ -220,6 +223,14 @@ def profile(model, files, batch=8):
                 embeds = timed("CLIP tower", lambda f: model.clip(pixel_values=f).image_embeds, features)
                 if model.fringe is not None:
                     embeds = torch.cat([embeds, timed("fringe measurements", model.fringe, pixels)], 1)
+                if natives[start]:  # each view gets its picture's native inputs, as the model's _head_input does
+                    native = {k: torch.stack([torch.from_numpy(n[k]) for n in natives[start : start + batch]])
+                              for k in natives[start]}
+                    row = native["fringe_values"].clamp_min(0).log1p()
+                    if model.patch_stream is not None:
+                        row = torch.cat([row, timed("patch stream", model.patch_stream, native["fringe_patches"])], 1)
+                    per_view = torch.tensor([len(v) for v in views[start : start + batch]])
+                    embeds = torch.cat([embeds, row.repeat_interleave(per_view, 0)], 1)
                 timed("head", model.head, embeds)
     finally:
         torch.set_num_threads(threads)
