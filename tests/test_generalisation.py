@@ -105,6 +105,42 @@ def test_transparent_pictures_are_composited_before_the_effect(tmp_path):
     assert not pictures.usable_picture(tmp_path / "tiny.png")  # icons are left out
 
 
+def fringe_pixels(image):
+    """Pixels where red or blue differ from green by more than the generator's visible level: on a
+    grey picture (R = G = B), where a shift put a fringe."""
+    a = np.asarray(image, np.int16)
+    return int(((np.abs(a[..., 0] - a[..., 1]) > 16) | (np.abs(a[..., 2] - a[..., 1]) > 16)).sum())
+
+
+def test_a_positive_always_shows_its_fringe(tmp_path):
+    from citytools.cli import make_synthetic_data as m
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (400, 300), (255, 255, 255)).save(blank)
+    edges = tmp_path / "edges.png"
+    grey = np.full((300, 400), 230, np.uint8)
+    grey[::20] = grey[:, ::20] = 20  # a dark grid on light grey: edges everywhere, no colour of its own
+    Image.fromarray(grey).convert("RGB").save(edges)
+    for seed in range(4):
+        kept, _, source = m.make_example(seed, "shift", [], picture=blank, keep_invisible=True)
+        assert source == str(blank) and np.ptp(np.asarray(kept)) == 0  # the old way: a blank "positive"
+        image, strength, source = m.make_example(seed, "shift", [], picture=blank)
+        assert source in ("drawn",) or source.startswith("photo:")  # a stand-in with a fringe to see
+        assert strength > 0 and np.ptp(np.asarray(image)) > 0
+        # a picture that shows the fringe keeps its first draw, the same as before the check
+        image, _, source = m.make_example(seed, "shift", [], picture=edges)
+        kept, _, _ = m.make_example(seed, "shift", [], picture=edges, keep_invisible=True)
+        assert source == str(edges) and np.array_equal(np.asarray(image), np.asarray(kept))
+        assert fringe_pixels(image) >= m.VISIBLE_PIXELS
+    # the stand-in's family follows it, not the blank picture's
+    row = m.write_one((3, "shift", tmp_path / "out" / "1_shift" / "0.png", [], blank, "pixel art", (),
+                       (0.0, 70), 0.0, False))
+    assert row[3] == "drawn" and row[5] == "drawn"
+    row = m.write_one((3, "clean", tmp_path / "out" / "0_clean" / "1.png", [], blank, "pixel art", (),
+                       (0.0, 70), 0.0, False))
+    assert row[3] == str(blank) and row[5] == "pixel art"  # a blank clean picture is a fine negative
+
+
 # -------------------------------------------------------------------------------------- benchmark
 
 

@@ -23,6 +23,10 @@ are learnt as they look after chroma subsampling. With --resized, a share is shr
 aberrated alike (aberrated, then halved). Each option draws from its own random stream: a seed
 without it makes the dataset it always made.
 
+Every positive shows its fringe: one whose aberration changed (almost) no pixel, on a blank picture
+or over flat colour, is drawn again (`make_example`); --keep-invisible keeps it, as older datasets
+did.
+
 Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
@@ -66,20 +70,44 @@ LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
 
 
-def make_example(seed, effect, photos, picture=None, backgrounds=()):
+VISIBLE_LEVEL = 16  # a fringe pixel moves some channel by more than this (of 255) ...
+VISIBLE_PIXELS = 32  # ... and a positive has at least this many of them
+VISIBLE_ATTEMPTS = 4  # draws of the same picture (other crops, strengths) before a drawn illustration
+
+
+def make_example(seed, effect, photos, picture=None, backgrounds=(), keep_invisible=False):
     """One (image, strength, source) for an effect, fully determined by `seed`: a drawn
-    illustration, a packaged photo's crop, or `picture` (a real picture's path) when given."""
-    rng = np.random.default_rng(seed)
+    illustration, a packaged photo's crop, or `picture` (a real picture's path) when given.
+
+    A positive must show its fringe: at least VISIBLE_PIXELS pixels where the aberration (before any
+    blur, inside the partial mask) moved a channel by more than VISIBLE_LEVEL. A blank picture, or a
+    fringe that fell on flat colour, would be a positive no one could see: it is drawn again from
+    the same picture with another seed, and after VISIBLE_ATTEMPTS a drawn illustration (with its own
+    source) takes its place. `keep_invisible` keeps the first draw whatever it shows, as datasets
+    were made before this check (the first draw is the same either way)."""
+    for attempt in range(VISIBLE_ATTEMPTS + 1):
+        rng = np.random.default_rng(seed if attempt == 0 else [seed, 19, attempt])
+        image, strength, source, fringe = draw_example(
+            rng, effect, photos, picture if attempt < VISIBLE_ATTEMPTS else None, backgrounds)
+        if keep_invisible or fringe is None or (fringe > VISIBLE_LEVEL).sum() >= VISIBLE_PIXELS:
+            return image, strength, source
+    return image, strength, source  # a drawn illustration with too faint a fringe: kept, as before the check
+
+
+def draw_example(rng, effect, photos, picture, backgrounds):
+    """make_example's one draw -> (image, strength, source, per-pixel largest channel change of the
+    fringe (H, W), None for label-0 effects)."""
     long = int(rng.choice(LONG_EDGES))
     short = max(128, int(long * rng.uniform(0.5, 1.0)))
     w, h = (long, short) if rng.random() < 0.6 else (short, long)
     photo = photos[int(rng.integers(0, len(photos)))] if photos and rng.random() < 0.15 else None
     source = f"photo:{photo.name}" if photo else "drawn"
     strength = 0.0
+    fringe = None
     if effect == "sketch":
-        return rough_sketch(rng, w, h), strength, "sketch"
+        return rough_sketch(rng, w, h), strength, "sketch", fringe
     if effect == "complementary":
-        return complementary_edges(rng, w, h), strength, "drawn"
+        return complementary_edges(rng, w, h), strength, "drawn", fringe
     if picture is not None:
         image, source = load_picture(rng, picture, backgrounds), str(picture)
         w, h = image.size
@@ -95,11 +123,13 @@ def make_example(seed, effect, photos, picture=None, backgrounds=()):
             shifted = green_shift(image, rng, strength)
         else:
             shifted = channel_shift(image, rng, strength)
+        fringe = np.abs(np.asarray(shifted, np.int16) - np.asarray(image, np.int16)).max(2)
         if rng.random() < 0.3:  # soft, bleeding fringes
             shifted = shifted.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
         if effect == "partial":
             mask = Image.fromarray((soft_mask(rng, w, h) * 255).astype(np.uint8))
             shifted = Image.composite(shifted, image, mask)
+            fringe = fringe * (np.asarray(mask) / 255.0)
         image = shifted
     elif effect == "hsv_noise":
         image = hsv_noise(image, rng)
@@ -109,7 +139,7 @@ def make_example(seed, effect, photos, picture=None, backgrounds=()):
         image = image.convert("L").convert("RGB")
     elif effect == "halftone":
         image = halftone(image, rng)
-    return image, strength, source
+    return image, strength, source, fringe
 
 
 def deliver(image, seed, effect, fraction, jpeg_quality=70):
@@ -146,8 +176,10 @@ def resize_after(image, seed, fraction):
 
 
 def write_one(job):
-    seed, effect, path, photos, picture, family, backgrounds, (delivered, jpeg_quality), resized = job
-    image, strength, source = make_example(seed, effect, photos, picture, backgrounds)
+    seed, effect, path, photos, picture, family, backgrounds, (delivered, jpeg_quality), resized, keep_invisible = job
+    image, strength, source = make_example(seed, effect, photos, picture, backgrounds, keep_invisible)
+    if picture is not None and source != str(picture):
+        family = None  # an invisible fringe's stand-in: a drawn illustration
     factor = None
     if resized > 0:
         image, factor = resize_after(image, seed, resized)
@@ -232,6 +264,10 @@ def parse_args(argv=None):
                              "delivery (aberrated, then shrunk); a `resized` column gives the factor (default: 0)")
     parser.add_argument("--jpeg-quality", type=int, default=70, metavar="Q",
                         help="with --delivered, the lowest JPEG quality (default: 70; up to 95)")
+    parser.add_argument("--keep-invisible", action="store_true",
+                        help="keep positives whose fringe changed (almost) no pixel, e.g. on a blank picture, as "
+                             "datasets were made before 2026-12-04 (default: such a positive is drawn again, then "
+                             "replaced by a drawn illustration)")
     return parser.parse_args(argv)
 
 
@@ -279,7 +315,7 @@ def main(argv=None):
                 path = folder / f"{label}_{effect}" / f"{i:06d}.png"
                 others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
                 jobs.append((seed, effect, path, photos, picture, family, others, (args.delivered, args.jpeg_quality),
-                             args.resized))
+                             args.resized, args.keep_invisible))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
