@@ -133,12 +133,36 @@ def test_a_positive_always_shows_its_fringe(tmp_path):
         assert source == str(edges) and np.array_equal(np.asarray(image), np.asarray(kept))
         assert fringe_pixels(image) >= m.VISIBLE_PIXELS
     # the stand-in's family follows it, not the blank picture's
-    row = m.write_one((3, "shift", tmp_path / "out" / "1_shift" / "0.png", [], blank, "pixel art", (),
-                       (0.0, 70), 0.0, False))
+    options = {"keep_invisible": False, "blurred_negatives": 0.0, "resized": 0.0, "delivered": 0.0, "jpeg_quality": 70}
+    row = m.write_one((3, "shift", tmp_path / "out" / "1_shift" / "0.png", [], blank, "pixel art", (), options))
     assert row[3] == "drawn" and row[5] == "drawn"
-    row = m.write_one((3, "clean", tmp_path / "out" / "0_clean" / "1.png", [], blank, "pixel art", (),
-                       (0.0, 70), 0.0, False))
+    row = m.write_one((3, "clean", tmp_path / "out" / "0_clean" / "1.png", [], blank, "pixel art", (), options))
     assert row[3] == str(blank) and row[5] == "pixel art"  # a blank clean picture is a fine negative
+
+
+def test_blurred_negatives_are_soft_as_the_positives_and_nothing_else_changes(tmp_path):
+    from citytools.cli import make_synthetic_data as m
+
+    args = ["--train", "0", "--validation", "0", "--test", "40", "--seed", "5", "--workers", "1", "--no-photos"]
+    assert m.main(["--out", str(tmp_path / "plain"), *args]) == 0
+    assert m.main(["--out", str(tmp_path / "soft"), *args, "--blurred-negatives", "0.5"]) == 0
+    plain = {r["file_name"]: r for r in csv.DictReader(open(tmp_path / "plain" / "test" / "metadata.csv"))}
+    soft = {r["file_name"]: r for r in csv.DictReader(open(tmp_path / "soft" / "test" / "metadata.csv"))}
+    assert plain.keys() == soft.keys() and "negative_blur" not in next(iter(plain.values()))
+    blurred = 0
+    for name, row in soft.items():
+        a = np.asarray(Image.open(tmp_path / "plain" / "test" / name), np.float64)
+        b = np.asarray(Image.open(tmp_path / "soft" / "test" / name), np.float64)
+        radius = float(row["negative_blur"])
+        if row["label"] == "1" or radius == 0:
+            assert radius == 0 and np.array_equal(a, b), name  # positives and the sharp rest: the same bytes
+            continue
+        blurred += 1
+        assert 0.5 <= radius <= 1.5 and a.shape == b.shape
+        detail = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731
+        assert row["effect"] == "sketch" or detail(b) < detail(a), name  # softer than the sharp original
+    negatives = sum(r["label"] == "0" for r in soft.values())
+    assert 0 < blurred < negatives  # about half of them
 
 
 # -------------------------------------------------------------------------------------- benchmark
@@ -158,6 +182,8 @@ def test_benchmark_derives_size_and_clean_family_columns():
     assert rows[1]["megapixels"] == "under 1 MP" and "clean family" not in rows[1]
     assert "strength, 4 MP and more" not in rows[1]
     assert "megapixels" not in rows[2]
+    soft = [benchmark.derive_columns({"effect": "clean", "negative_blur": radius}) for radius in ("0.0", "1.2")]
+    assert [r["clean, blurred"] for r in soft] == ["sharp", "blurred"] and "clean, blurred" not in rows[0]
     assert rows[3]["strength, 4 MP and more"] == "1.5" and rows[3]["megapixels"] == "4 MP and more"
 
 

@@ -128,6 +128,7 @@ MEGAPIXEL_BUCKETS = ((1.0, "under 1 MP"), (4.0, "1-4 MP"), (float("inf"), "4 MP 
 def derive_columns(record):
     """Adds breakdowns made of metadata columns: `megapixels` (a size bucket, from width and height),
     `clean family` (the picture family of clean images only: their false-positive rate per family),
+    `clean, blurred` (clean images blurred by make_synthetic_data --blurred-negatives or not),
     `shift strength` (the strength of plain channel shifts only) and `strength, 4 MP and more` (the
     aberration strength of the largest pictures only)."""
     try:
@@ -137,6 +138,8 @@ def derive_columns(record):
         pass
     if record.get("effect") == "clean" and record.get("family"):
         record["clean family"] = record["family"]
+    if record.get("effect") == "clean" and record.get("negative_blur") not in (None, ""):
+        record["clean, blurred"] = "blurred" if float(record["negative_blur"]) > 0 else "sharp"
     if record.get("effect") == "shift" and record.get("strength") not in (None, ""):
         record["shift strength"] = record["strength"]  # the plain channel shift alone, by strength
     if record.get("megapixels") == MEGAPIXEL_BUCKETS[-1][1] and record.get("strength") not in (None, "", "0.0"):

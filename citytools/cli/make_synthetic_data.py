@@ -20,8 +20,9 @@ With --delivered, a share of the finished images (positives included) is saved o
 pictures travel, as a JPEG of quality 70-95 (--jpeg-quality lowers it) or a WebP of quality 75-95,
 and stored as the decoded result: so that compression is not a sign of a clean picture, and fringes
 are learnt as they look after chroma subsampling. With --resized, a share is shrunk first, clean and
-aberrated alike (aberrated, then halved). Each option draws from its own random stream: a seed
-without it makes the dataset it always made.
+aberrated alike (aberrated, then halved). With --blurred-negatives, a share of the negatives is
+blurred as 30% of the positives' fringes are, so that softness is no sign of aberration. Each
+option draws from its own random stream: a seed without it makes the dataset it always made.
 
 Every positive shows its fringe: one whose aberration changed (almost) no pixel, on a blank picture
 or over flat colour, is drawn again (`make_example`); --keep-invisible keeps it, as older datasets
@@ -30,7 +31,8 @@ did.
 Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
-                                                            family, width, height (, delivery, resized)
+                                                            family, width, height (, delivery, resized,
+                                                            negative_blur)
 Folder names follow the original's convention: the number before the first underscore is the label.
 Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
 """
@@ -70,6 +72,7 @@ LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
 
 
+BLUR_RADIUS = (0.5, 1.5)  # px: 30% of the positives' fringes bleed; --blurred-negatives blurs negatives alike
 VISIBLE_LEVEL = 16  # a fringe pixel moves some channel by more than this (of 255) ...
 VISIBLE_PIXELS = 32  # ... and a positive has at least this many of them
 VISIBLE_ATTEMPTS = 4  # draws of the same picture (other crops, strengths) before a drawn illustration
@@ -125,7 +128,7 @@ def draw_example(rng, effect, photos, picture, backgrounds):
             shifted = channel_shift(image, rng, strength)
         fringe = np.abs(np.asarray(shifted, np.int16) - np.asarray(image, np.int16)).max(2)
         if rng.random() < 0.3:  # soft, bleeding fringes
-            shifted = shifted.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+            shifted = shifted.filter(ImageFilter.GaussianBlur(rng.uniform(*BLUR_RADIUS)))
         if effect == "partial":
             mask = Image.fromarray((soft_mask(rng, w, h) * 255).astype(np.uint8))
             shifted = Image.composite(shifted, image, mask)
@@ -175,22 +178,38 @@ def resize_after(image, seed, fraction):
     return image.resize(size, Image.LANCZOS if rng.random() < 0.5 else Image.BILINEAR), round(factor, 3)
 
 
+def blur_negative(image, seed, effect, fraction):
+    """(image, radius): with probability `fraction`, a negative blurred as the positives' soft fringes
+    are (Gaussian, BLUR_RADIUS px), so that softness is no sign of aberration; else (image, 0.0).
+    Positives are left alone. Its own random stream: datasets made without it are unchanged."""
+    rng = np.random.default_rng([seed, 23])
+    if effect in LABEL_1 or rng.random() >= fraction:
+        return image, 0.0
+    radius = round(float(rng.uniform(*BLUR_RADIUS)), 1)
+    return image.filter(ImageFilter.GaussianBlur(radius)), radius
+
+
 def write_one(job):
-    seed, effect, path, photos, picture, family, backgrounds, (delivered, jpeg_quality), resized, keep_invisible = job
-    image, strength, source = make_example(seed, effect, photos, picture, backgrounds, keep_invisible)
+    """(seed, effect, path, photos, picture, family, backgrounds, options) -> the image's metadata row
+    (path, effect, strength, source, size, family, width, height, delivery, resized factor, negative
+    blur), the image written to `path`. `options`: main's {keep_invisible, blurred_negatives, resized,
+    delivered, jpeg_quality}: its optional steps, in that order after the effect."""
+    seed, effect, path, photos, picture, family, backgrounds, options = job
+    image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"])
     if picture is not None and source != str(picture):
         family = None  # an invisible fringe's stand-in: a drawn illustration
-    factor = None
-    if resized > 0:
-        image, factor = resize_after(image, seed, resized)
-    delivery = None
-    if delivered > 0:
-        image, delivery = deliver(image, seed, effect, delivered, jpeg_quality)
+    factor = delivery = blur = None
+    if options["blurred_negatives"] > 0:
+        image, blur = blur_negative(image, seed, effect, options["blurred_negatives"])
+    if options["resized"] > 0:
+        image, factor = resize_after(image, seed, options["resized"])
+    if options["delivered"] > 0:
+        image, delivery = deliver(image, seed, effect, options["delivered"], options["jpeg_quality"])
     if family is None:
         family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor
+    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor, blur
 
 
 def pick_pictures(planned, split, seed, pictures, real_fraction):
@@ -262,6 +281,10 @@ def parse_args(argv=None):
     parser.add_argument("--resized", type=fraction, default=0.0, metavar="FRACTION",
                         help="share of the finished images, clean and aberrated alike, scaled by 0.25-0.75 before "
                              "delivery (aberrated, then shrunk); a `resized` column gives the factor (default: 0)")
+    parser.add_argument("--blurred-negatives", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of the negatives blurred as the positives' soft fringes are (Gaussian, "
+                             "0.5-1.5 px; 30%% of the positives are), so that a soft picture is not taken for an "
+                             "aberrated one; a `negative_blur` column gives the radius (default: 0)")
     parser.add_argument("--jpeg-quality", type=int, default=70, metavar="Q",
                         help="with --delivered, the lowest JPEG quality (default: 70; up to 95)")
     parser.add_argument("--keep-invisible", action="store_true",
@@ -309,24 +332,25 @@ def main(argv=None):
             chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
                       else [(None, None)] * len(planned))
             backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
+            options = {k: getattr(args, k) for k in ("keep_invisible", "blurred_negatives", "resized", "delivered",
+                                                     "jpeg_quality")}
             pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
             for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
                 label = 1 if effect in LABEL_1 else 0
                 path = folder / f"{label}_{effect}" / f"{i:06d}.png"
                 others = [backgrounds[int(k)] for k in pick.integers(0, len(backgrounds), 4)] if picture else ()
-                jobs.append((seed, effect, path, photos, picture, family, others, (args.delivered, args.jpeg_quality),
-                             args.resized, args.keep_invisible))
+                jobs.append((seed, effect, path, photos, picture, family, others, options))
             rows = list(tqdm(pool.imap(write_one, jobs, chunksize=4), total=len(jobs), desc=split, unit="img"))
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
-                extra = ["delivery"] * (args.delivered > 0) + ["resized"] * (args.resized > 0)
+                optional = [("delivery", args.delivered > 0), ("resized", args.resized > 0),
+                            ("negative_blur", args.blurred_negatives > 0)]
                 writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
-                                 "height", *extra])
-                for path, effect, strength, source, size, family, width, height, delivery, factor in rows:
+                                 "height", *(name for name, on in optional if on)])
+                for path, effect, strength, source, size, family, width, height, *steps in rows:
                     label = int(effect in LABEL_1)
                     writer.writerow([path.relative_to(folder).as_posix(), label, effect, strength, source, size,
-                                     family, width, height, *([delivery] * (args.delivered > 0)),
-                                     *([factor] * (args.resized > 0))])
+                                     family, width, height, *(v for v, (_, on) in zip(steps, optional) if on)])
     real = sum(len(v) for split in (pictures or {}).values() for v in split.values())
     print(f"wrote {args.out} ({len(photos)} packaged photos used as sources"
           + (f", {real} real pictures" if pictures else "") + ")")
