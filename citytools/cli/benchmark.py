@@ -121,6 +121,7 @@ def load_records(dataset, split, max_images=None):
     return [derive_columns(record) for record in records]
 
 
+NOT_BREAKDOWNS = ("path", "image", "label", "negative_blur")  # negative_blur's breakdown: `clean, blurred`
 MAX_BREAKDOWN_VALUES = 40  # a metadata column with more distinct values (file names, pixel sizes) is not a breakdown
 MEGAPIXEL_BUCKETS = ((1.0, "under 1 MP"), (4.0, "1-4 MP"), (float("inf"), "4 MP and more"))
 
@@ -373,7 +374,7 @@ def main(argv=None):
     if not args.no_baseline and all(r["binary"] for r in results.values()):
         results[BASELINE] = {"scores": baseline_scores(records, os.cpu_count() or 1), "binary": True,
                              "headline": True}
-    metadata_columns = sorted(c for c in {k for r in records for k in r if k not in ("path", "image", "label")}
+    metadata_columns = sorted(c for c in {k for r in records for k in r if k not in NOT_BREAKDOWNS}
                               if len({str(r.get(c)) for r in records}) <= MAX_BREAKDOWN_VALUES)
     for r in results.values():
         if r["scores"].shape[1] == 1:
