@@ -215,7 +215,8 @@ def profile(model, files, batch=8):
             cut = timed("views (tiling resize, crops)", processor.views, image)
             crops = timed("CLIP resize and crop", lambda vs: [processor.resize_and_crop(v) for v in vs], cut)
             views.append(torch.from_numpy(timed("normalise", processor.normalize_views, crops)))
-            natives.append(timed("native measurements", processor.native_inputs, image))
+            natives.append(timed("native measurements", processor.native_inputs, image) if processor.native_fringes
+                           else {})
         with torch.inference_mode():
             for start in range(0, len(views), batch):
                 pixels = torch.cat(views[start : start + batch])

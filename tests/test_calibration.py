@@ -70,3 +70,17 @@ def test_train_hf_calibrates_on_the_eval_split_and_saves_it(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert calibration["images"] == 8 and config["score_temperature"] == calibration["temperature"]
     assert calibration["nll"] <= calibration["nll_at_1"] + 1e-9  # the grid holds 1: never worse than none
+    # no training steps: the same weights, calibrated again (how stage 8 was, after the grid grew)
+    from safetensors.torch import load_file
+
+    config["score_temperature"] = 40.0  # a stale temperature, far from what the eval split wants
+    (out / "config.json").write_text(json.dumps(config))
+    again = tmp_path / "again"
+    assert train_hf.main(["--dataset_name", str(data), "--model_name_or_path", str(out), "--output_dir", str(again),
+                          "--num_train_epochs", "0", "--per_device_eval_batch_size", "4", "--disable_tqdm", "true",
+                          "--use_cpu", "true", "--report_to", "none"]) == 0
+    before, after = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    recalibrated = json.loads((again / "config.json").read_text())["score_temperature"]
+    assert recalibrated == json.loads((again / "calibration.json").read_text())["temperature"] != 40.0
+    assert recalibrated == pytest.approx(calibration["temperature"], rel=1e-6)  # the temperature at 1 is refitted
