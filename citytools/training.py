@@ -240,8 +240,9 @@ def fit_temperature(model, loader):
     log_probs, mask, labels = tile_predictions(model, loader)
     how = model.config.tile_combine
     losses = [calibration_loss(log_probs, mask, labels, t, how) for t in TEMPERATURES]
-    best = float(TEMPERATURES[int(np.argmin(losses))])
-    if int(np.argmin(losses)) in (0, len(TEMPERATURES) - 1):
+    index = int(np.argmin(losses))
+    best = float(TEMPERATURES[index])
+    if index in (0, len(TEMPERATURES) - 1):
         logger.warning("calibration: the best temperature, %.3g, is the edge of the grid searched (%.3g to %.3g): "
                        "the scores are calibrated as far as the grid allows, not fully", best, TEMPERATURES[0],
                        TEMPERATURES[-1])
