@@ -85,8 +85,9 @@ def test_cpu_benchmark_profiles_a_model_that_reads_native_inputs(converted, tmp_
     model.save_pretrained(tmp_path / "native")
     processor.save_pretrained(tmp_path / "native")
     out = tmp_path / "cpu.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(tmp_path / "native"),
-                           "--images", "2", "--repeat", "1", "--profile", "2", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model",
+                           str(tmp_path / "native"), "--images", "2", "--repeat", "1", "--profile", "2",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads(out.read_text())["profile"]["ms_per_image"]
