@@ -133,14 +133,15 @@ def test_a_positive_always_shows_its_fringe(tmp_path):
         assert source == str(edges) and np.array_equal(np.asarray(image), np.asarray(kept))
         assert fringe_pixels(image) >= m.VISIBLE_PIXELS
     # the stand-in's family follows it, not the blank picture's
-    options = {"keep_invisible": False, "blurred_negatives": 0.0, "resized": 0.0, "delivered": 0.0, "jpeg_quality": 70}
+    options = {"keep_invisible": False, "blurred_negatives": 0.0, "resized": 0.0, "upscaled": 0.0, "delivered": 0.0,
+               "jpeg_quality": 70}
     row = m.write_one((3, "shift", tmp_path / "out" / "1_shift" / "0.png", [], blank, "pixel art", (), options))
     assert row[3] == "drawn" and row[5] == "drawn"
     row = m.write_one((3, "clean", tmp_path / "out" / "0_clean" / "1.png", [], blank, "pixel art", (), options))
     assert row[3] == str(blank) and row[5] == "pixel art"  # a blank clean picture is a fine negative
 
 
-def test_blurred_negatives_are_soft_as_the_positives_and_nothing_else_changes(tmp_path):
+def test_blurred_negatives_and_upscaled_pictures_change_nothing_else(tmp_path):
     from citytools.cli import make_synthetic_data as m
 
     args = ["--train", "0", "--validation", "0", "--test", "40", "--seed", "5", "--workers", "1", "--no-photos"]
@@ -163,6 +164,22 @@ def test_blurred_negatives_are_soft_as_the_positives_and_nothing_else_changes(tm
         assert row["effect"] == "sketch" or detail(b) < detail(a), name  # softer than the sharp original
     negatives = sum(r["label"] == "0" for r in soft.values())
     assert 0 < blurred < negatives  # about half of them
+
+    # --upscaled: clean and aberrated pictures alike enlarged 1.25-2.5x, the rest unchanged
+    assert m.main(["--out", str(tmp_path / "big"), *args, "--upscaled", "0.5"]) == 0
+    big = {r["file_name"]: r for r in csv.DictReader(open(tmp_path / "big" / "test" / "metadata.csv"))}
+    enlarged = set()
+    for name, row in big.items():
+        a, b = Image.open(tmp_path / "plain" / "test" / name), Image.open(tmp_path / "big" / "test" / name)
+        factor = float(row["upscaled"])
+        if factor == 1.0:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+            continue
+        enlarged.add(row["label"])
+        assert 1.25 <= factor <= 2.5, name  # the factor is written to 3 decimals: sizes within a pixel
+        assert abs(b.width - a.width * factor) <= 1 and abs(b.height - a.height * factor) <= 1, name
+        assert (int(row["width"]), int(row["height"])) == b.size
+    assert enlarged == {"0", "1"}
 
 
 # -------------------------------------------------------------------------------------- benchmark

@@ -21,8 +21,9 @@ pictures travel, as a JPEG of quality 70-95 (--jpeg-quality lowers it) or a WebP
 and stored as the decoded result: so that compression is not a sign of a clean picture, and fringes
 are learnt as they look after chroma subsampling. With --resized, a share is shrunk first, clean and
 aberrated alike (aberrated, then halved). With --blurred-negatives, a share of the negatives is
-blurred as 30% of the positives' fringes are, so that softness is no sign of aberration. Each
-option draws from its own random stream: a seed without it makes the dataset it always made.
+blurred as 30% of the positives' fringes are, so that softness is no sign of aberration; with
+--upscaled, a share of the finished images is enlarged, clean and aberrated alike. Each option
+draws from its own random stream: a seed without it makes the dataset it always made.
 
 Every positive shows its fringe: one whose aberration changed (almost) no pixel, on a blank picture
 or over flat colour, is drawn again (`make_example`); --keep-invisible keeps it, as older datasets
@@ -32,7 +33,7 @@ Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
                                                             family, width, height (, delivery, resized,
-                                                            negative_blur)
+                                                            negative_blur, upscaled)
 Folder names follow the original's convention: the number before the first underscore is the label.
 Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
 """
@@ -178,6 +179,24 @@ def resize_after(image, seed, fraction):
     return image.resize(size, Image.LANCZOS if rng.random() < 0.5 else Image.BILINEAR), round(factor, 3)
 
 
+UPSCALE = (1.25, 2.5)  # --upscaled: the enlargement drawn
+UPSCALED_MAX_SIDE = 4096  # never past this long side
+
+
+def upscale_after(image, seed, fraction):
+    """(image, factor): with probability `fraction`, the finished image enlarged by 1.25-2.5 (Lanczos
+    or bicubic, never past UPSCALED_MAX_SIDE px), as collections gather upscaled pictures, clean and
+    aberrated alike; else (image, 1.0). Its own random stream: datasets made without it are unchanged."""
+    rng = np.random.default_rng([seed, 29])
+    if rng.random() >= fraction:
+        return image, 1.0
+    factor = min(rng.uniform(*UPSCALE), UPSCALED_MAX_SIDE / max(image.size))
+    if factor <= 1:
+        return image, 1.0
+    size = (round(image.width * factor), round(image.height * factor))
+    return image.resize(size, Image.LANCZOS if rng.random() < 0.5 else Image.BICUBIC), round(factor, 3)
+
+
 def blur_negative(image, seed, effect, fraction):
     """(image, radius): with probability `fraction`, a negative blurred as the positives' soft fringes
     are (Gaussian, BLUR_RADIUS px), so that softness is no sign of aberration; else (image, 0.0).
@@ -192,24 +211,28 @@ def blur_negative(image, seed, effect, fraction):
 def write_one(job):
     """(seed, effect, path, photos, picture, family, backgrounds, options) -> the image's metadata row
     (path, effect, strength, source, size, family, width, height, delivery, resized factor, negative
-    blur), the image written to `path`. `options`: main's {keep_invisible, blurred_negatives, resized,
-    delivered, jpeg_quality}: its optional steps, in that order after the effect."""
+    blur, upscaled factor), the image written to `path`. `options`: main's {keep_invisible,
+    blurred_negatives, resized, upscaled, delivered, jpeg_quality}: its optional steps, in that order
+    after the effect (a picture shrunk by --resized is not enlarged)."""
     seed, effect, path, photos, picture, family, backgrounds, options = job
     image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"])
     if picture is not None and source != str(picture):
         family = None  # an invisible fringe's stand-in: a drawn illustration
-    factor = delivery = blur = None
+    factor = delivery = blur = enlarged = None
     if options["blurred_negatives"] > 0:
         image, blur = blur_negative(image, seed, effect, options["blurred_negatives"])
     if options["resized"] > 0:
         image, factor = resize_after(image, seed, options["resized"])
+    if options["upscaled"] > 0:
+        image, enlarged = upscale_after(image, seed, options["upscaled"] if factor in (None, 1.0) else 0.0)
     if options["delivered"] > 0:
         image, delivery = deliver(image, seed, effect, options["delivered"], options["jpeg_quality"])
     if family is None:
         family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor, blur
+    return (path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor,
+            blur, enlarged)
 
 
 def pick_pictures(planned, split, seed, pictures, real_fraction):
@@ -285,6 +308,11 @@ def parse_args(argv=None):
                         help="share of the negatives blurred as the positives' soft fringes are (Gaussian, "
                              "0.5-1.5 px; 30%% of the positives are), so that a soft picture is not taken for an "
                              "aberrated one; a `negative_blur` column gives the radius (default: 0)")
+    parser.add_argument("--upscaled", type=fraction, default=0.0, metavar="FRACTION",
+                        help="share of the finished images, clean and aberrated alike, enlarged by 1.25-2.5 "
+                             "(Lanczos or bicubic, at most 4096 px) before delivery, as collections hold upscaled "
+                             "pictures; one shrunk by --resized is not; an `upscaled` column gives the factor "
+                             "(default: 0)")
     parser.add_argument("--jpeg-quality", type=int, default=70, metavar="Q",
                         help="with --delivered, the lowest JPEG quality (default: 70; up to 95)")
     parser.add_argument("--keep-invisible", action="store_true",
@@ -332,8 +360,8 @@ def main(argv=None):
             chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
                       else [(None, None)] * len(planned))
             backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
-            options = {k: getattr(args, k) for k in ("keep_invisible", "blurred_negatives", "resized", "delivered",
-                                                     "jpeg_quality")}
+            options = {k: getattr(args, k) for k in ("keep_invisible", "blurred_negatives", "resized", "upscaled",
+                                                     "delivered", "jpeg_quality")}
             pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
             for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
                 label = 1 if effect in LABEL_1 else 0
@@ -344,7 +372,7 @@ def main(argv=None):
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
                 optional = [("delivery", args.delivered > 0), ("resized", args.resized > 0),
-                            ("negative_blur", args.blurred_negatives > 0)]
+                            ("negative_blur", args.blurred_negatives > 0), ("upscaled", args.upscaled > 0)]
                 writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
                                  "height", *(name for name, on in optional if on)])
                 for path, effect, strength, source, size, family, width, height, *steps in rows:
