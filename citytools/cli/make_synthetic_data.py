@@ -89,13 +89,13 @@ def make_example(seed, effect, photos, picture=None, backgrounds=(), keep_invisi
     the same picture with another seed, and after VISIBLE_ATTEMPTS a drawn illustration (with its own
     source) takes its place. `keep_invisible` keeps the first draw whatever it shows, as datasets
     were made before this check (the first draw is the same either way)."""
-    for attempt in range(VISIBLE_ATTEMPTS + 1):
+    for attempt in range(VISIBLE_ATTEMPTS + 1):  # the last draw is a drawn illustration's, kept whatever it shows
         rng = np.random.default_rng(seed if attempt == 0 else [seed, 19, attempt])
         image, strength, source, fringe = draw_example(
             rng, effect, photos, picture if attempt < VISIBLE_ATTEMPTS else None, backgrounds)
-        if keep_invisible or fringe is None or (fringe > VISIBLE_LEVEL).sum() >= VISIBLE_PIXELS:
+        visible = fringe is None or (fringe > VISIBLE_LEVEL).sum() >= VISIBLE_PIXELS
+        if keep_invisible or visible or attempt == VISIBLE_ATTEMPTS:
             return image, strength, source
-    return image, strength, source  # a drawn illustration with too faint a fringe: kept, as before the check
 
 
 def draw_example(rng, effect, photos, picture, backgrounds):
@@ -218,20 +218,20 @@ def write_one(job):
     image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"])
     if picture is not None and source != str(picture):
         family = None  # an invisible fringe's stand-in: a drawn illustration
-    factor = delivery = blur = enlarged = None
+    shrunk = delivery = blur = enlarged = None
     if options["blurred_negatives"] > 0:
         image, blur = blur_negative(image, seed, effect, options["blurred_negatives"])
     if options["resized"] > 0:
-        image, factor = resize_after(image, seed, options["resized"])
-    if options["upscaled"] > 0:
-        image, enlarged = upscale_after(image, seed, options["upscaled"] if factor in (None, 1.0) else 0.0)
+        image, shrunk = resize_after(image, seed, options["resized"])
+    if options["upscaled"] > 0:  # a shrunk picture is not enlarged (its stream is drawn all the same)
+        image, enlarged = upscale_after(image, seed, options["upscaled"] if shrunk in (None, 1.0) else 0.0)
     if options["delivered"] > 0:
         image, delivery = deliver(image, seed, effect, options["delivered"], options["jpeg_quality"])
     if family is None:
         family = "sketch" if effect == "sketch" else "photo" if source.startswith("photo:") else "drawn"
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
-    return (path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, factor,
+    return (path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, shrunk,
             blur, enlarged)
 
 
