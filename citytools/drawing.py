@@ -175,3 +175,74 @@ def load_picture(rng, path, backgrounds):
         background.paste(image, mask=image.getchannel("A"))
         image = background
     return image
+
+
+def coloured_line_art(rng, w, h):
+    """Cel art of two anime conventions that look like a one-sided fringe but are drawn: coloured
+    lines (colour trace: each outline a dark, saturated shade of its own fill, not black) and rim light
+    (a thin band of one bright colour along one side of every shape, the side the scene's light comes
+    from, so a picture's bands share a direction as a lateral shift's fringes do)."""
+    image = gradient_background(rng, w, h)
+    draw = ImageDraw.Draw(image)
+    scale = max(w, h) / 512
+    rim = random_color(rng)
+    light = rng.uniform(0, 2 * math.pi)
+    for _ in range(int(rng.integers(3, 10))):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.08, 0.35) * min(w, h)
+        fill = random_color(rng)
+        shape = blob(rng, cx, cy, r, int(rng.integers(5, 12)))
+        trace = tuple(int(c * rng.uniform(0.35, 0.6)) for c in fill)
+        if rng.random() < 0.7:  # rim light: the shape, moved 1-4 px towards the light, drawn first in its colour
+            angle, offset = light + rng.normal(0, 0.2), rng.uniform(1, 4) * scale
+            dx, dy = math.cos(angle) * offset, math.sin(angle) * offset
+            draw.polygon([(x + dx, y + dy) for x, y in shape], fill=rim)
+        draw.polygon(shape, fill=fill, outline=trace, width=max(1, int(rng.uniform(1, 3) * scale)))
+        if rng.random() < 0.5:  # an inner rim: a lighter sliver inside the shape, on the lit side
+            inner = [(cx + (x - cx) * 0.92, cy + (y - cy) * 0.92) for x, y in shape]
+            dx, dy = math.cos(light) * 2 * scale, math.sin(light) * 2 * scale
+            draw.polygon([(x + dx, y + dy) for x, y in inner], fill=tuple(min(255, int(c * 1.25) + 30) for c in fill))
+            draw.polygon(inner, fill=fill)
+    for _ in range(int(rng.integers(4, 16))):  # strands of hair, traced in a shade of their colour
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        angle, colour = rng.uniform(0, 2 * math.pi), random_color(rng)
+        trace = tuple(int(c * 0.5) for c in colour)
+        width = max(2, int(rng.uniform(2, 8) * scale))
+        points = [(x, y)]
+        for _ in range(int(rng.integers(8, 24))):
+            angle += rng.normal(0, 0.15)
+            x, y = x + math.cos(angle) * 12 * scale, y + math.sin(angle) * 12 * scale
+            points.append((x, y))
+        draw.line(points, fill=trace, width=width + 2)
+        draw.line(points, fill=colour, width=width)
+    return image
+
+
+def outlined_shapes(rng, w, h):
+    """Game and sticker art's bright outlines: dark or flat shapes and thick strokes (maze walls,
+    sprites) edged on every side with a thin line of one saturated colour, on a flat or graded
+    background, drawn without anti-aliasing and often at a low resolution shown 2-3x by nearest
+    neighbour, as pixel art is. An outline on both sides of an edge has no direction: no fringe."""
+    pixel = int(rng.choice([1, 1, 2, 3]))
+    sw, sh = max(32, w // pixel), max(32, h // pixel)
+    image = Image.new("RGB", (sw, sh), random_color(rng)) if rng.random() < 0.6 else gradient_background(rng, sw, sh)
+    draw = ImageDraw.Draw(image)
+    scale = max(sw, sh) / 512
+    edge = random_color(rng)
+    if rng.random() < 0.6:  # most often fully saturated: a pure blue, magenta or yellow line
+        edge = Image.new("HSV", (1, 1), (int(rng.random() * 255), 255, 255)).convert("RGB").getpixel((0, 0))
+    fill = random_color(rng, dark=True) if rng.random() < 0.7 else random_color(rng)
+    rim = max(1, int(rng.uniform(1, 3) * scale))
+    for _ in range(int(rng.integers(6, 24))):  # walls: straight thick strokes, edged on both sides
+        x, y = rng.uniform(0, sw), rng.uniform(0, sh)
+        length, width = rng.uniform(0.05, 0.4) * max(sw, sh), max(2, int(rng.uniform(3, 16) * scale))
+        end = (x + length, y) if rng.random() < 0.5 else (x, y + length)
+        draw.line([(x, y), end], fill=edge, width=width + 2 * rim)
+        draw.line([(x, y), end], fill=fill, width=width)
+    for _ in range(int(rng.integers(2, 8))):  # sprites: blobs and boxes with an outline all round
+        cx, cy, r = rng.uniform(0, sw), rng.uniform(0, sh), rng.uniform(0.04, 0.2) * min(sw, sh)
+        colour = random_color(rng, dark=rng.random() < 0.5)
+        if rng.random() < 0.5:
+            draw.rectangle([cx - r, cy - r * 0.6, cx + r, cy + r * 0.6], fill=colour, outline=edge, width=rim)
+        else:
+            draw.polygon(blob(rng, cx, cy, r, int(rng.integers(5, 12))), fill=colour, outline=edge, width=rim)
+    return image if pixel == 1 else image.resize((sw * pixel, sh * pixel), Image.NEAREST)

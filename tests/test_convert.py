@@ -108,7 +108,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, tiny_clip, capsys)
 # -------------------------------------------------------------------------------- average_models.py
 
 
-def test_average_models_interpolates_every_weight_and_refuses_another_architecture(converted, tmp_path):
+def test_average_models_interpolates_every_weight_and_refuses_another_architecture(converted, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from citytools.cli import average_models
@@ -139,6 +139,12 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
         (converted["ca"] / "preprocessor_config.json").read_text())
     with pytest.raises(UsageError, match="differ in fringe_features"):
         average_models.main([str(converted["ca"]), str(tmp_path / "fringe"), "--out", str(tmp_path / "x")])
+    # calibrated at another temperature: averaged all the same (SECOND's kept), with a warning to calibrate again
+    moved.config.score_temperature = 3.0
+    moved.save_pretrained(tmp_path / "moved")
+    assert average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--out", str(tmp_path / "warm")]) == 0
+    assert "calibrate it again" in capsys.readouterr().err
+    assert CityClassifierForImageClassification.from_pretrained(tmp_path / "warm").config.score_temperature == 3.0
     with pytest.raises(UsageError, match="not between 0 and 1"):
         average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--weight", "2",
                              "--out", str(tmp_path / "x")])

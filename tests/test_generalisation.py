@@ -1,6 +1,7 @@
 """Issue #14's tools: scoring and classify.py with fringe models and grid tiling, real pictures in
 the generator (split by source), and the benchmark's per-family breakdowns and passes."""
 
+import argparse
 import csv
 import json
 
@@ -180,6 +181,75 @@ def test_blurred_negatives_and_upscaled_pictures_change_nothing_else(tmp_path):
         assert abs(b.width - a.width * factor) <= 1 and abs(b.height - a.height * factor) <= 1, name
         assert (int(row["width"]), int(row["height"])) == b.size
     assert enlarged == {"0", "1"}
+
+
+def test_line_art_and_outline_negatives_are_drawn_and_opt_in(tmp_path):
+    from citytools.cli import make_synthetic_data as m
+
+    args = ["--train", "0", "--validation", "0", "--test", "60", "--seed", "2", "--workers", "1", "--no-photos",
+            "--positive-fraction", "0.2"]
+    assert m.main(["--out", str(tmp_path / "plain"), *args]) == 0
+    assert m.main(["--out", str(tmp_path / "lines"), *args, "--line-art", "--outlined"]) == 0
+    plain = list(csv.DictReader(open(tmp_path / "plain" / "test" / "metadata.csv")))
+    lines = list(csv.DictReader(open(tmp_path / "lines" / "test" / "metadata.csv")))
+    assert not any(r["effect"] in ("lineart", "outlined") for r in plain)
+    assert [r["label"] for r in plain] == [r["label"] for r in lines]  # the same plan, some negatives' kinds differ
+    for kind in ("lineart", "outlined"):
+        drawn = [r for r in lines if r["effect"] == kind]
+        assert drawn and all(r["label"] == "0" and r["file_name"].startswith(f"0_{kind}/") for r in drawn)
+        for row in drawn:
+            image = np.asarray(Image.open(tmp_path / "lines" / "test" / row["file_name"]), np.int16)
+            assert np.abs(np.diff(image, axis=1)).max() > 100  # hard, coloured edges
+    with pytest.raises(SystemExit):
+        m.parse_args(["--out", "x", "--hard-negatives", "lineart,nonsense"])
+    assert m.parse_args(["--out", "x", "--hard-negatives", "lineart"]).hard_negatives == ("lineart",)
+
+
+def test_family_weights_draw_families_as_asked_and_refuse_unknown_ones():
+    from citytools.cli import make_synthetic_data as m
+
+    pictures = {family: [(f"/p/{family}/{i}.png", f"/p/{family}") for i in range(5)]
+                for family in ("photo", "pixel art", "3D render")}
+    planned = [(i, "clean") for i in range(3000)]
+    for weights, expected in ((None, {"photo": 1 / 3, "pixel art": 1 / 3, "3D render": 1 / 3}),
+                              ({"pixel art": 4}, {"photo": 1 / 6, "pixel art": 4 / 6, "3D render": 1 / 6})):
+        chosen = m.pick_pictures(planned, "train", 0, pictures, 1.0, weights)
+        families = [family for _, family in chosen]
+        for family, share in expected.items():
+            assert abs(families.count(family) / len(families) - share) < 0.03, (weights, family)
+    assert m.pick_pictures([(0, "lineart")], "train", 0, pictures, 1.0) == [(None, None)]  # drawn only
+    assert m.family_weights("pixel art=2, 3D render=1.5") == {"pixel art": 2.0, "3D render": 1.5}
+    for bad in ("pixel=2", "pixel art=0", "pixel art=x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            m.family_weights(bad)
+
+
+def test_pixel_art_is_enlarged_by_whole_factors_before_the_effect(tmp_path):
+    from citytools.cli import make_synthetic_data as m
+
+    tile = np.random.default_rng(0).integers(0, 4, (150, 200)) * 80  # 4 flat colours, hard edges
+    path = tmp_path / "tiles.png"
+    Image.fromarray(np.stack([tile, 255 - tile, tile // 2], -1).astype(np.uint8)).save(path)
+    scales = {m.draw_pixel_scale(path, "pixel art", seed, 1.0) for seed in range(40)}
+    assert scales == {2, 3, 4}
+    assert {m.draw_pixel_scale(path, "photo", seed, 1.0) for seed in range(10)} == {1}  # pixel art only
+    assert {m.draw_pixel_scale(path, "pixel art", seed, 0.0) for seed in range(10)} == {1}
+    big = tmp_path / "big.png"
+    Image.new("RGB", (900, 300)).save(big)
+    assert {m.draw_pixel_scale(big, "pixel art", seed, 1.0) for seed in range(20)} == {2}  # at most 2048 px
+    for seed in range(6):  # a clean picture: every 3x3 block one colour; an aberrated one keeps its size
+        clean, _, _ = m.make_example(seed, "clean", [], picture=path, pixel_scale=3)
+        a = np.asarray(clean)
+        assert a.shape[0] % 3 == 0 and a.shape[1] % 3 == 0
+        assert np.array_equal(a, np.repeat(np.repeat(a[::3, ::3], 3, 0), 3, 1))
+        shifted, strength, _ = m.make_example(seed, "shift", [], picture=path, pixel_scale=3)
+        assert shifted.size == clean.size and strength > 0
+    options = {"keep_invisible": False, "pixel_scaled": 1.0, "blurred_negatives": 0.0, "resized": 0.0,
+               "upscaled": 0.0, "delivered": 0.0, "jpeg_quality": 70}
+    row = m.write_one((1, "clean", tmp_path / "out" / "0_clean" / "0.png", [], path, "pixel art", (), options))
+    assert row[-1] in (2, 3, 4) and row[5] == "pixel art"
+    row = m.write_one((1, "clean", tmp_path / "out" / "0_clean" / "1.png", [], None, None, (), options))
+    assert row[-1] == 1  # a drawn image is never pixel-scaled
 
 
 # -------------------------------------------------------------------------------------- benchmark

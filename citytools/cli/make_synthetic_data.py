@@ -22,8 +22,12 @@ and stored as the decoded result: so that compression is not a sign of a clean p
 are learnt as they look after chroma subsampling. With --resized, a share is shrunk first, clean and
 aberrated alike (aberrated, then halved). With --blurred-negatives, a share of the negatives is
 blurred as 30% of the positives' fringes are, so that softness is no sign of aberration; with
---upscaled, a share of the finished images is enlarged, clean and aberrated alike. Each option
-draws from its own random stream: a seed without it makes the dataset it always made.
+--upscaled, a share of the finished images is enlarged, clean and aberrated alike. --line-art adds
+hard negatives of coloured line art (outlines in a shade of their fill, one-sided rim light),
+--outlined of bright outlines (shapes edged on both sides with a thin saturated line);
+--family-weights draws some picture families more often than others; --pixel-scaled shows a share
+of the pixel art enlarged 2-4x by nearest neighbour, as games do. Each option draws from its own
+random stream: a seed without it makes the dataset it always made.
 
 Every positive shows its fringe: one whose aberration changed (almost) no pixel, on a blank picture
 or over flat colour, is drawn again (`make_example`); --keep-invisible keeps it, as older datasets
@@ -33,7 +37,7 @@ Layout (what `load_dataset("imagefolder", data_dir=OUT)` reads):
     OUT/{train,validation,test}/<label>_<effect>/<id>.png   e.g. train/1_shift/000123.png
     OUT/{train,validation,test}/metadata.csv                file_name, label, effect, strength, source, size,
                                                             family, width, height (, delivery, resized,
-                                                            negative_blur, upscaled)
+                                                            negative_blur, upscaled, pixel_scale)
 Folder names follow the original's convention: the number before the first underscore is the label.
 Everything is deterministic from --seed (and, with --real-pictures, the installed packages' files).
 """
@@ -51,17 +55,19 @@ from PIL import Image, ImageFilter
 
 from citytools.aberrations import channel_shift, green_shift, one_channel_shift, radial_aberration
 from citytools.drawing import (
+    coloured_line_art,
     complementary_edges,
     crop_photo,
     draw_illustration,
     halftone,
     hsv_noise,
     load_picture,
+    outlined_shapes,
     recompress,
     rough_sketch,
     soft_mask,
 )
-from citytools.pictures import photo_sources, real_pictures, split_pictures
+from citytools.pictures import FAMILIES, photo_sources, real_pictures, split_pictures
 from citytools.toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
@@ -69,6 +75,8 @@ MORE_GEOMETRIES = ("one_channel", "green")  # --more-geometries: drawn only then
 LABEL_1 = POSITIVES + MORE_GEOMETRIES
 NEGATIVES = ("clean", "hsv_noise", "sketch", "jpeg", "webp", "grayscale", "complementary", "halftone")
 HARD_NEGATIVES = NEGATIVES[1:]
+MORE_NEGATIVES = ("lineart", "outlined")  # --line-art, --outlined: drawn only then (older seeds stay as they were)
+DRAWN_ONLY = ("sketch", "complementary", "lineart", "outlined")  # effects that draw their own image, no real picture
 LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
 
@@ -79,7 +87,7 @@ VISIBLE_PIXELS = 32  # ... and a positive has at least this many of them
 VISIBLE_ATTEMPTS = 4  # draws of the same picture (other crops, strengths) before a drawn illustration
 
 
-def make_example(seed, effect, photos, picture=None, backgrounds=(), keep_invisible=False):
+def make_example(seed, effect, photos, picture=None, backgrounds=(), keep_invisible=False, pixel_scale=1):
     """One (image, strength, source) for an effect, fully determined by `seed`: a drawn
     illustration, a packaged photo's crop, or `picture` (a real picture's path) when given.
 
@@ -88,17 +96,18 @@ def make_example(seed, effect, photos, picture=None, backgrounds=(), keep_invisi
     fringe that fell on flat colour, would be a positive no one could see: it is drawn again from
     the same picture with another seed, and after VISIBLE_ATTEMPTS a drawn illustration (with its own
     source) takes its place. `keep_invisible` keeps the first draw whatever it shows, as datasets
-    were made before this check (the first draw is the same either way)."""
+    were made before this check (the first draw is the same either way). `pixel_scale` enlarges
+    `picture` by that whole factor (nearest neighbour) before the effect, as games show pixel art."""
     for attempt in range(VISIBLE_ATTEMPTS + 1):  # the last draw is a drawn illustration's, kept whatever it shows
         rng = np.random.default_rng(seed if attempt == 0 else [seed, 19, attempt])
         image, strength, source, fringe = draw_example(
-            rng, effect, photos, picture if attempt < VISIBLE_ATTEMPTS else None, backgrounds)
+            rng, effect, photos, picture if attempt < VISIBLE_ATTEMPTS else None, backgrounds, pixel_scale)
         visible = fringe is None or (fringe > VISIBLE_LEVEL).sum() >= VISIBLE_PIXELS
         if keep_invisible or visible or attempt == VISIBLE_ATTEMPTS:
             return image, strength, source
 
 
-def draw_example(rng, effect, photos, picture, backgrounds):
+def draw_example(rng, effect, photos, picture, backgrounds, pixel_scale=1):
     """make_example's one draw -> (image, strength, source, per-pixel largest channel change of the
     fringe (H, W), None for label-0 effects)."""
     long = int(rng.choice(LONG_EDGES))
@@ -112,8 +121,14 @@ def draw_example(rng, effect, photos, picture, backgrounds):
         return rough_sketch(rng, w, h), strength, "sketch", fringe
     if effect == "complementary":
         return complementary_edges(rng, w, h), strength, "drawn", fringe
+    if effect == "lineart":
+        return coloured_line_art(rng, w, h), strength, "drawn", fringe
+    if effect == "outlined":
+        return outlined_shapes(rng, w, h), strength, "drawn", fringe
     if picture is not None:
         image, source = load_picture(rng, picture, backgrounds), str(picture)
+        if pixel_scale > 1:
+            image = image.resize((image.width * pixel_scale, image.height * pixel_scale), Image.NEAREST)
         w, h = image.size
     else:
         image = crop_photo(rng, photo, w, h) if photo else draw_illustration(rng, w, h)
@@ -197,6 +212,23 @@ def upscale_after(image, seed, fraction):
     return image.resize(size, Image.LANCZOS if rng.random() < 0.5 else Image.BICUBIC), round(factor, 3)
 
 
+PIXEL_SCALES = (2, 3, 4)  # --pixel-scaled: the whole factors drawn
+PIXEL_SCALED_MAX_SIDE = 2048  # never past this long side
+
+
+def draw_pixel_scale(picture, family, seed, fraction):
+    """The whole factor (2-4, nearest neighbour) a pixel-art picture is shown at, with probability
+    `fraction`, as games and screenshots show pixel art; never past PIXEL_SCALED_MAX_SIDE px; 1 for
+    the rest. Its own random stream: datasets made without it are unchanged."""
+    rng = np.random.default_rng([seed, 31])
+    if family != "pixel art" or rng.random() >= fraction:
+        return 1
+    factor = int(rng.choice(PIXEL_SCALES))
+    with Image.open(picture) as image:
+        long_side = max(image.size)
+    return max(1, min(factor, PIXEL_SCALED_MAX_SIDE // long_side))
+
+
 def blur_negative(image, seed, effect, fraction):
     """(image, radius): with probability `fraction`, a negative blurred as the positives' soft fringes
     are (Gaussian, BLUR_RADIUS px), so that softness is no sign of aberration; else (image, 0.0).
@@ -211,13 +243,18 @@ def blur_negative(image, seed, effect, fraction):
 def write_one(job):
     """(seed, effect, path, photos, picture, family, backgrounds, options) -> the image's metadata row
     (path, effect, strength, source, size, family, width, height, delivery, resized factor, negative
-    blur, upscaled factor), the image written to `path`. `options`: main's {keep_invisible,
-    blurred_negatives, resized, upscaled, delivered, jpeg_quality}: its optional steps, in that order
-    after the effect (a picture shrunk by --resized is not enlarged)."""
+    blur, upscaled factor, pixel scale), the image written to `path`. `options`: main's {keep_invisible,
+    pixel_scaled (before the effect), blurred_negatives, resized, upscaled, delivered, jpeg_quality}: its
+    optional steps, in that order after the effect (a picture shrunk by --resized is not enlarged)."""
     seed, effect, path, photos, picture, family, backgrounds, options = job
-    image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"])
+    scale = None
+    if options.get("pixel_scaled", 0) > 0:
+        scale = draw_pixel_scale(picture, family, seed, options["pixel_scaled"]) if picture is not None else 1
+    image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"],
+                                           scale or 1)
     if picture is not None and source != str(picture):
         family = None  # an invisible fringe's stand-in: a drawn illustration
+        scale = None if scale is None else 1
     shrunk = delivery = blur = enlarged = None
     if options["blurred_negatives"] > 0:
         image, blur = blur_negative(image, seed, effect, options["blurred_negatives"])
@@ -232,19 +269,27 @@ def write_one(job):
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
     return (path, effect, strength, source, max(image.size), family, image.width, image.height, delivery, shrunk,
-            blur, enlarged)
+            blur, enlarged, scale)
 
 
-def pick_pictures(planned, split, seed, pictures, real_fraction):
+def pick_pictures(planned, split, seed, pictures, real_fraction, family_weights=None):
     """Per planned (seed, effect): (picture path, family) or (None, None) for a generated image. A
-    real picture is taken with probability `real_fraction` (never for sketches and red/cyan edges,
-    which are drawn): first a family, uniformly, then one of its pictures in this split."""
+    real picture is taken with probability `real_fraction` (never for the effects that draw their own
+    image): first a family, uniformly or by `family_weights` ({family: weight}, 1 for those not named),
+    then one of its pictures in this split."""
     rng = np.random.default_rng([seed, SPLIT_INDEX[split], 7])
     families = sorted(pictures)
+    weights = None
+    if family_weights:
+        weights = np.array([family_weights.get(f, 1.0) for f in families], np.float64)
+        weights /= weights.sum()
     chosen = []
     for _, effect in planned:
-        if families and effect not in ("sketch", "complementary") and rng.random() < real_fraction:
-            family = families[int(rng.integers(0, len(families)))]
+        if families and effect not in DRAWN_ONLY and rng.random() < real_fraction:
+            if weights is None:
+                family = families[int(rng.integers(0, len(families)))]
+            else:
+                family = families[int(rng.choice(len(families), p=weights))]
             path, _ = pictures[family][int(rng.integers(0, len(pictures[family])))]
             chosen.append((path, family))
         else:
@@ -315,6 +360,22 @@ def parse_args(argv=None):
                              "(default: 0)")
     parser.add_argument("--jpeg-quality", type=int, default=70, metavar="Q",
                         help="with --delivered, the lowest JPEG quality (default: 70; up to 95)")
+    parser.add_argument("--line-art", action="store_true",
+                        help="hard negatives of coloured line art too (drawn: outlines in a shade of their fill, "
+                             "one-sided rim light), two anime conventions that look like a one-sided fringe; a "
+                             "`0_lineart` folder (default: off, so a seed makes the dataset it always made)")
+    parser.add_argument("--outlined", action="store_true",
+                        help="hard negatives of bright outlines too (drawn: maze walls, sprites and boxes edged on "
+                             "both sides with a thin saturated line, often as low-resolution pixel art), common in "
+                             "game art and stickers; a `0_outlined` folder (default: off)")
+    parser.add_argument("--family-weights", type=family_weights, default=None, metavar="FAMILY=W,...",
+                        help="with --real-pictures, how often each picture family is drawn, e.g. "
+                             "'pixel art=2,3D render=1.5' (clean and aberrated alike; 1 for families not named; "
+                             f"families: {', '.join(FAMILIES)}) (default: all alike)")
+    parser.add_argument("--pixel-scaled", type=fraction, default=0.0, metavar="FRACTION",
+                        help="with --real-pictures, share of the pixel-art pictures enlarged 2-4x by nearest "
+                             "neighbour before the effect, as games show them (at most 2048 px); a `pixel_scale` "
+                             "column gives the factor (default: 0)")
     parser.add_argument("--keep-invisible", action="store_true",
                         help="keep positives whose fringe changed (almost) no pixel, e.g. on a blank picture, as "
                              "datasets were made before 2026-12-04 (default: such a positive is drawn again, then "
@@ -325,11 +386,33 @@ def parse_args(argv=None):
 def hard_negative_kinds(text):
     """--hard-negatives "jpeg, webp" -> ("jpeg", "webp"); unknown kinds are a usage error."""
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = sorted(set(kinds) - set(HARD_NEGATIVES))
+    known = HARD_NEGATIVES + MORE_NEGATIVES
+    unknown = sorted(set(kinds) - set(known))
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(
-            f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(HARD_NEGATIVES)}")
+            f"unknown kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return kinds
+
+
+def family_weights(text):
+    """--family-weights "pixel art=2, 3D render=1.5" -> {"pixel art": 2.0, "3D render": 1.5}; an
+    unknown family or a weight that is not a positive number is a usage error."""
+    weights = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        family, _, weight = item.rpartition("=")
+        family = family.strip()
+        if family not in FAMILIES:
+            raise argparse.ArgumentTypeError(
+                f"unknown family {family!r} in {item!r}; choose from {', '.join(FAMILIES)}")
+        try:
+            weights[family] = float(weight)
+        except ValueError:
+            weights[family] = -1.0
+        if not weights[family] > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a positive number, e.g. '{family}=2'")
+    if not weights:
+        raise argparse.ArgumentTypeError("no family given, e.g. 'pixel art=2'")
+    return weights
 
 
 def main(argv=None):
@@ -355,13 +438,15 @@ def main(argv=None):
                 continue
             folder = args.out / split
             jobs = []
-            planned = plan(split, count, args.seed, args.positive_fraction, args.hard_negatives,
+            hard_negatives = (args.hard_negatives + (("lineart",) if args.line_art else ())
+                              + (("outlined",) if args.outlined else ()))
+            planned = plan(split, count, args.seed, args.positive_fraction, tuple(dict.fromkeys(hard_negatives)),
                            LABEL_1 if args.more_geometries else POSITIVES)
-            chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures) if pictures
-                      else [(None, None)] * len(planned))
+            chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures,
+                                    args.family_weights) if pictures else [(None, None)] * len(planned))
             backgrounds = [path for family in (pictures or {}).get(split, {}).values() for path, _ in family]
-            options = {k: getattr(args, k) for k in ("keep_invisible", "blurred_negatives", "resized", "upscaled",
-                                                     "delivered", "jpeg_quality")}
+            options = {k: getattr(args, k) for k in ("keep_invisible", "pixel_scaled", "blurred_negatives", "resized",
+                                                     "upscaled", "delivered", "jpeg_quality")}
             pick = np.random.default_rng([args.seed, 0, 11])  # backgrounds: the same stream in every split
             for i, ((seed, effect), (picture, family)) in enumerate(zip(planned, chosen)):
                 label = 1 if effect in LABEL_1 else 0
@@ -372,7 +457,8 @@ def main(argv=None):
             with open(folder / "metadata.csv", "w", newline="") as f:
                 writer = csv.writer(f)
                 optional = [("delivery", args.delivered > 0), ("resized", args.resized > 0),
-                            ("negative_blur", args.blurred_negatives > 0), ("upscaled", args.upscaled > 0)]
+                            ("negative_blur", args.blurred_negatives > 0), ("upscaled", args.upscaled > 0),
+                            ("pixel_scale", args.pixel_scaled > 0)]
                 writer.writerow(["file_name", "label", "effect", "strength", "source", "size", "family", "width",
                                  "height", *(name for name, on in optional if on)])
                 for path, effect, strength, source, size, family, width, height, *steps in rows:
