@@ -219,7 +219,7 @@ def test_family_weights_draw_families_as_asked_and_refuse_unknown_ones():
             assert abs(families.count(family) / len(families) - share) < 0.03, (weights, family)
     assert m.pick_pictures([(0, "lineart")], "train", 0, pictures, 1.0) == [(None, None)]  # drawn only
     assert m.family_weights("pixel art=2, 3D render=1.5") == {"pixel art": 2.0, "3D render": 1.5}
-    for bad in ("pixel=2", "pixel art=0", "pixel art=x", ""):
+    for bad in ("pixel=2", "sketch=2", "pixel art=0", "pixel art=x", "pixel art=inf", "pixel art=nan", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             m.family_weights(bad)
 

@@ -45,6 +45,7 @@ Everything is deterministic from --seed (and, with --real-pictures, the installe
 import argparse
 import csv
 import io
+import math
 import os
 import sys
 from multiprocessing import Pool
@@ -67,7 +68,7 @@ from citytools.drawing import (
     rough_sketch,
     soft_mask,
 )
-from citytools.pictures import FAMILIES, photo_sources, real_pictures, split_pictures
+from citytools.pictures import DEBIAN_RULES, MORE_RULES, photo_sources, real_pictures, split_pictures
 from citytools.toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
@@ -79,6 +80,7 @@ MORE_NEGATIVES = ("lineart", "outlined")  # --line-art, --outlined: drawn only t
 DRAWN_ONLY = ("sketch", "complementary", "lineart", "outlined")  # effects that draw their own image, no real picture
 LONG_EDGES = (256, 512, 768, 1024, 1536, 2048)
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}  # in every random stream's seed
+REAL_FAMILIES = tuple(dict.fromkeys(family for _, _, family in DEBIAN_RULES + MORE_RULES))  # --family-weights'
 
 
 BLUR_RADIUS = (0.5, 1.5)  # px: 30% of the positives' fringes bleed; --blurred-negatives blurs negatives alike
@@ -371,7 +373,7 @@ def parse_args(argv=None):
     parser.add_argument("--family-weights", type=family_weights, default=None, metavar="FAMILY=W,...",
                         help="with --real-pictures, how often each picture family is drawn, e.g. "
                              "'pixel art=2,3D render=1.5' (clean and aberrated alike; 1 for families not named; "
-                             f"families: {', '.join(FAMILIES)}) (default: all alike)")
+                             f"families: {', '.join(REAL_FAMILIES)}) (default: all alike)")
     parser.add_argument("--pixel-scaled", type=fraction, default=0.0, metavar="FRACTION",
                         help="with --real-pictures, share of the pixel-art pictures enlarged 2-4x by nearest "
                              "neighbour before the effect, as games show them (at most 2048 px); a `pixel_scale` "
@@ -401,14 +403,14 @@ def family_weights(text):
     for item in (i.strip() for i in text.split(",") if i.strip()):
         family, _, weight = item.rpartition("=")
         family = family.strip()
-        if family not in FAMILIES:
+        if family not in REAL_FAMILIES:
             raise argparse.ArgumentTypeError(
-                f"unknown family {family!r} in {item!r}; choose from {', '.join(FAMILIES)}")
+                f"unknown family {family!r} in {item!r}; choose from {', '.join(REAL_FAMILIES)}")
         try:
             weights[family] = float(weight)
         except ValueError:
-            weights[family] = -1.0
-        if not weights[family] > 0:
+            weights[family] = math.nan
+        if not (math.isfinite(weights[family]) and weights[family] > 0):
             raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a positive number, e.g. '{family}=2'")
     if not weights:
         raise argparse.ArgumentTypeError("no family given, e.g. 'pixel art=2'")
