@@ -95,14 +95,17 @@ def work_image(image, work_side):
 def block_edges(channel, rows, cols, b):
     """(rows * b, cols * b) uint8 channel -> (rows, cols) mean L1 gradient magnitude per block, in
     [0, 1] units (central differences, 0 on the border), summed in integers: the whole picture's
-    pass, kept light."""
-    values = channel.astype(np.int16)
-    total = np.zeros((rows, cols), dtype=np.int64)
-    across = np.zeros(values.shape, dtype=np.int16)
-    across[:, 1:-1] = np.abs(values[:, 2:] - values[:, :-2])
-    across[1:-1, :] += np.abs(values[2:, :] - values[:-2, :])
-    total += across.reshape(rows, b, cols, b).sum(3, dtype=np.int32).sum(1)  # the contiguous axis first
-    return total / (b * b * 255.0)
+    pass, kept light (|a - c| as max - min in uint8, a block's rows added in uint16 where they fit)."""
+    values = np.ascontiguousarray(channel)
+    height, width = values.shape
+    edges = np.zeros((height, width), dtype=np.uint16)
+    a, c = values[:, 2:], values[:, :-2]
+    np.subtract(np.maximum(a, c), np.minimum(a, c), out=edges[:, 1:-1])
+    a, c = values[2:], values[:-2]
+    edges[1:-1] += np.maximum(a, c) - np.minimum(a, c)
+    rows_dtype = np.uint16 if b * 510 <= np.iinfo(np.uint16).max else np.uint32  # each pixel adds at most 510
+    per_row = edges.reshape(rows, b, width).sum(1, dtype=rows_dtype)  # (rows, width): a block's rows
+    return per_row.reshape(rows, cols, b).sum(2, dtype=np.int64) / (b * b * 255.0)
 
 
 def block_gradients(region, block_rows, block_cols, b):
@@ -123,29 +126,30 @@ def block_gradients(region, block_rows, block_cols, b):
         windows = windows.astype(np.float32) * np.float32(1 / 255)
     across = np.abs(windows[:, 1:-1, 2:] - windows[:, 1:-1, :-2])  # (k, b, b, 3)
     down = np.abs(windows[:, 2:, 1:-1] - windows[:, :-2, 1:-1])
-    x = (block_cols * b)[:, None] + np.arange(b)[None, :]  # the blocks' own columns and rows
-    y = (block_rows * b)[:, None] + np.arange(b)[None, :]
-    across[((x == 0) | (x == width - 1))[:, None, :, None].repeat(b, 1).repeat(across.shape[3], 3)] = 0
-    down[((y == 0) | (y == height - 1))[:, :, None, None].repeat(b, 2).repeat(down.shape[3], 3)] = 0
+    for values, first, size, axis in ((across, block_cols * b, width, 2), (down, block_rows * b, height, 1)):
+        for edge in (0, size - 1):  # the region's first and last column (row): no neighbour on one side
+            hit = np.nonzero((first <= edge) & (edge < first + b))[0]
+            index = [hit, slice(None), slice(None)]
+            index[axis] = edge - first[hit]
+            values[tuple(index)] = 0
     return (across + down).transpose(0, 3, 1, 2)
 
 
 def pick_blocks(edge, grid, per_cell, min_edge):
     """(rows, cols) green edge strength per block -> the (row, col) indices of the `per_cell` strongest
-    blocks above `min_edge` in each cell of a grid x grid layout."""
+    blocks above `min_edge` in each cell of a grid x grid layout: cell by cell (row-major), strongest
+    first, ties in row-major order."""
     rows, cols = edge.shape
+    cell_cols = min(grid, cols)
     cell_row = np.arange(rows) * min(grid, rows) // rows
-    cell_col = np.arange(cols) * min(grid, cols) // cols
-    chosen_rows, chosen_cols = [], []
-    for r in range(min(grid, rows)):
-        for c in range(min(grid, cols)):
-            rr, cc = np.nonzero((cell_row[:, None] == r) & (cell_col[None, :] == c))
-            strength = edge[rr, cc]
-            order = np.argsort(-strength, kind="stable")[:per_cell]
-            order = order[strength[order] > min_edge]
-            chosen_rows += rr[order].tolist()
-            chosen_cols += cc[order].tolist()
-    return np.array(chosen_rows, dtype=np.int64), np.array(chosen_cols, dtype=np.int64)
+    cell_col = np.arange(cols) * cell_cols // cols
+    cell = (cell_row[:, None] * cell_cols + cell_col[None, :]).ravel()
+    strength = edge.ravel()
+    order = np.lexsort((-strength, cell))  # stable: equal strengths keep their row-major order
+    sorted_cell = cell[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_cell, sorted_cell)  # place within its cell
+    keep = order[(rank < per_cell) & (strength[order] > min_edge)]
+    return keep // cols, keep % cols
 
 
 def integer_peaks(corr, m):
@@ -190,8 +194,9 @@ def block_spectra(blocks):
     """(..., b, b) real blocks -> their rfft2 (..., b, b//2 + 1), as matrix products (numpy's FFT is
     slow on many small blocks)."""
     _, _, _, forward_y, forward_x = spectrum_axes(blocks.shape[-1])
-    along_x = apply_last(blocks, forward_x.real) + 1j * apply_last(blocks, forward_x.imag)
-    return apply_rows(forward_y, along_x)
+    half = forward_x.shape[1]
+    parts = apply_last(blocks, np.concatenate([forward_x.real, forward_x.imag], 1))  # one product: real, imaginary
+    return apply_rows(forward_y, parts[..., :half] + 1j * parts[..., half:])
 
 
 @functools.lru_cache(maxsize=16)
@@ -215,8 +220,8 @@ def correlation_at(cross, b, phases, offsets):
     """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at the
     shifts centre + offsets (a tuple, px, each axis), the centres given by their `centre_phases` ->
     (k, n, n): the band-limited interpolation of its whole-pixel values. The spectrum is moved by each
-    block's centre, then one pair of matrix products serves every block."""
-    moved = cross * phases[0][:, :, None] * phases[1][:, None, :]
+    block's centre (None: no move), then one pair of matrix products serves every block."""
+    moved = cross if phases is None else cross * phases[0][:, :, None] * phases[1][:, None, :]
     along_y, along_x = shift_matrices(b, offsets)
     return apply_rows(along_y, apply_last(moved, along_x)).real / (b * b)
 
@@ -286,16 +291,18 @@ def block_offsets(pixels, spec, grids=None):
     picked_rows, picked_cols = pick_blocks(edge, spec["grid"], spec["per_cell"], spec["min_edge"])
     if len(picked_rows) == 0:
         return (*empty, rows * cols)
-    chosen = block_gradients(region, picked_rows, picked_cols, b).astype(np.float64)  # (k, 3, b, b)
+    # (k, 3, b, b), contiguous: every pass below then reads memory in order
+    chosen = np.ascontiguousarray(block_gradients(region, picked_rows, picked_cols, b), dtype=np.float64)
     window = np.hanning(b)
-    centred = (chosen - chosen.mean((-1, -2), keepdims=True)) * (window[:, None] * window[None, :])
+    centred = chosen - chosen.mean((-1, -2), keepdims=True)
+    centred *= window[:, None] * window[None, :]
     spectra = block_spectra(centred)
     energy = np.square(centred).sum((-1, -2))  # (k, 3)
-    whole_shifts, no_shift = tuple(float(d) for d in range(-m, m + 1)), centre_phases(b, np.zeros((len(centred), 2)))
+    whole_shifts = tuple(float(d) for d in range(-m, m + 1))
     found = []
     for channel in (0, 2):  # c[d] = sum_x channel(x + d) green(x): channel's edges sit d from green's
         cross = spectra[:, channel] * np.conj(spectra[:, 1])
-        corr = correlation_at(cross, b, no_shift, whole_shifts)  # (k, 2m + 1, 2m + 1): shifts -m..m
+        corr = correlation_at(cross, b, None, whole_shifts)  # (k, 2m + 1, 2m + 1): shifts -m..m
         corr = corr / np.sqrt(energy[:, channel] * energy[:, 1]).clip(1e-12)[:, None, None]
         whole, peak, zero = integer_peaks(corr, m)
         inside = np.all(np.abs(whole) < m, axis=1)  # a peak on the search's border is no peak

@@ -12,6 +12,7 @@ timed. Writes JSON and prints a Markdown table.
   python bench/bench_classify.py --out bench/results.json # the README's figures
   python bench/bench_classify.py --profile 60              # adds where an image's time goes, stage by stage
   python bench/bench_classify.py --dtypes bfloat16         # adds classify.py --dtype bfloat16 on the same images
+  python bench/bench_classify.py --native-streams --compare .  # the architecture of stages 7-12 against stage 5
   python bench/bench_classify.py --compare runs/default_model_stage3 --large-images 12
       # also: classify.py with another model on the same images (the speed ratio of a new default
       # model), and 4000x3000 pictures scored with five crops and with grid tiling (crops per MP)
@@ -185,6 +186,26 @@ def vit_l_model(folder):
     return folder
 
 
+def with_native_streams(model, folder):
+    """`model` with the native-resolution measurement and the patch stream added (their new weights
+    random: the speed of that architecture, stage 7's and later, needs no trained copy of it)."""
+    import torch
+
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    torch.manual_seed(0)
+    network = CityClassifierForImageClassification.from_pretrained(model)
+    if not getattr(network.config, "native_patches", None):
+        if not getattr(network.config, "native_fringes", None):
+            network.add_native_fringes()
+        network.add_native_patches()
+    processor = CityClassifierImageProcessor.from_pretrained(model).with_options(
+        native_fringes=network.config.native_fringes, native_patches=network.config.native_patches)
+    network.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def profile(model, files, batch=8):
     """Where an image's time goes, in one process on one thread, stage by stage (ms per image): what
     classify.py's decoding workers do (decode, `views`: the tiling resize and crops, CLIP's resize
@@ -242,9 +263,11 @@ def profile(model, files, batch=8):
 
 def print_report(report, repeat):
     """The runs as a markdown table, then the ratios and the profile."""
-    runs, extras = report["runs"], {k: v for k, v in report.items() if k not in ("machine", "runs", "date")}
+    runs = report["runs"]
+    extras = {k: v for k, v in report.items() if k not in ("machine", "models", "runs", "date")}
     print(f"{report['machine']['processor']}, {report['machine']['cpus']} cores, "
           f"{' '.join(report['machine']['features']) or 'no AVX2'}; best of {repeat} runs each")
+    print("; ".join(f"{label}: {folder}" for label, folder in report["models"].items()))
     print("| model | images | baseline img/s | classify img/s | speed-up | baseline peak RSS | classify peak RSS |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
@@ -277,6 +300,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", help="another model folder run on the same images (e.g. the previous default "
                                           "model): classify.py's img/s with --model relative to it is reported")
+    parser.add_argument("--native-streams", action="store_true",
+                        help="score with --model plus the native-resolution measurement and the patch stream "
+                             "(random new weights: that architecture's speed without a trained copy), e.g. "
+                             "against --compare . (the shipped model)")
     parser.add_argument("--large-images", type=int, default=0,
                         help="large images scored with five crops and with --tiling-mode grid (0: skip)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -292,6 +319,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_images(tmp / "images", args.images, args.seed)
+        models = {"default": str(args.model) + (" with the native streams added" if args.native_streams else ""),
+                  **({"compare": str(args.compare)} if args.compare else {})}
+        if args.native_streams:
+            args.model = with_native_streams(args.model, tmp / "native-streams")
         runs = [bench(args.model, files, tmp, "default", repeat=args.repeat)]
         default_scores = scores_of(tmp / "default.jsonl")
         for dtype in filter(None, args.dtypes.split(",")):
@@ -316,7 +347,7 @@ def main():
         if args.vit_l_images:
             runs.append(bench(vit_l_model(tmp / "vit-l"), files[: args.vit_l_images], tmp, "vit-l-14-336",
                               repeat=args.repeat))
-    report = {"machine": machine(), "runs": runs, "date": time.strftime("%Y-%m-%d"), **extras}
+    report = {"machine": machine(), "models": models, "runs": runs, "date": time.strftime("%Y-%m-%d"), **extras}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_report(report, args.repeat)

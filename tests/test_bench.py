@@ -73,24 +73,17 @@ def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
 
 
 def test_cpu_benchmark_profiles_a_model_that_reads_native_inputs(converted, tmp_path):
-    """--profile on a model with native fringes and the patch stream (stage 7's kind) times the
-    processor's native measurements and the patch stream as stages of their own."""
-    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
-
-    model = CityClassifierForImageClassification.from_pretrained(converted["ca"])
-    model.add_native_fringes()
-    model.add_native_patches({"count": 4, "size": 16, "channels": 4})
-    processor = CityClassifierImageProcessor.from_pretrained(converted["ca"]).with_options(
-        native_fringes=True, native_patches=model.config.native_patches)
-    model.save_pretrained(tmp_path / "native")
-    processor.save_pretrained(tmp_path / "native")
+    """--native-streams: --model with the native measurement and the patch stream added (stage 7's
+    kind, no trained copy needed); --profile times the processor's native measurements and the patch
+    stream as stages of their own."""
     out = tmp_path / "cpu.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model",
-                           str(tmp_path / "native"), "--images", "2", "--repeat", "1", "--profile", "2",
-                           "--out", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(converted["ca"]),
+                           "--native-streams", "--images", "2", "--repeat", "1", "--profile", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    stages = json.loads(out.read_text())["profile"]["ms_per_image"]
+    report = json.loads(out.read_text())
+    assert report["models"]["default"] == f"{converted['ca']} with the native streams added"
+    stages = report["profile"]["ms_per_image"]
     assert {"native measurements", "patch stream", "CLIP tower", "head"} <= set(stages)
     assert all(ms > 0 for ms in stages.values())
 

@@ -306,3 +306,58 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
     if flag == "--native_patches":
         processor = json.loads((out / "preprocessor_config.json").read_text())
         assert config["native_patches"] == processor["native_patches"] == {"count": 32, "size": 32, "channels": 16}
+
+
+@pytest.mark.parametrize("size", [(320, 256), (97, 61), (1200, 900)])
+def test_the_fast_passes_equal_their_plain_statements(size):
+    """The measurement's whole-picture passes are written for speed (integer edge sums in uint8 and
+    uint16, blocks ranked in one sort, the border columns zeroed where they are): each equals a plain
+    statement of what it computes, written here with floats and loops."""
+    import importlib
+
+    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
+
+    fast = importlib.import_module("cityclassifier.native_fringes")
+    block_edges, block_gradients, pick_blocks = fast.block_edges, fast.block_gradients, fast.pick_blocks
+
+    rng = np.random.default_rng(size[0])
+    pixels = np.asarray(illustration(size[0], *size))
+    pixels = pixels.copy()
+    pixels[:8, :8] = rng.integers(0, 256, (8, 8, 3))  # a noisy corner: the largest differences, 255
+    pixels[0, 0], pixels[0, 2], pixels[2, 0] = (0, 0, 0), (255, 255, 255), (255, 255, 255)
+    b = 16
+    rows, cols = pixels.shape[0] // b, pixels.shape[1] // b
+    region = pixels[: rows * b, : cols * b]
+    green = region[..., 1].astype(float) / 255
+    across, down = np.zeros_like(green), np.zeros_like(green)
+    across[:, 1:-1] = np.abs(green[:, 2:] - green[:, :-2])
+    down[1:-1, :] = np.abs(green[2:, :] - green[:-2, :])
+    plain = (across + down).reshape(rows, b, cols, b).mean((1, 3))
+    edges = block_edges(region[..., 1], rows, cols, b)
+    np.testing.assert_allclose(edges, plain, rtol=1e-12, atol=1e-15)
+
+    grid, per_cell, min_edge = 3, 2, 0.01
+    expected = []
+    for r in range(min(grid, rows)):  # cell by cell, strongest first, ties in row-major order
+        for c in range(min(grid, cols)):
+            members = [(rr, cc) for rr in range(rows) for cc in range(cols)
+                       if rr * min(grid, rows) // rows == r and cc * min(grid, cols) // cols == c]
+            ranked = sorted(members, key=lambda key: -edges[key])[:per_cell]
+            expected += [key for key in ranked if edges[key] > min_edge]
+    picked_rows, picked_cols = pick_blocks(edges, grid, per_cell, min_edge)
+    assert list(zip(picked_rows.tolist(), picked_cols.tolist())) == expected
+    tied = np.ones((4, 4))  # all equal: row-major order within each cell
+    assert list(zip(*(a.tolist() for a in pick_blocks(tied, 2, 4, 0.5)))) == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3),
+        (2, 0), (2, 1), (3, 0), (3, 1), (2, 2), (2, 3), (3, 2), (3, 3)]
+
+    every_row, every_col = np.divmod(np.arange(rows * cols), cols)  # every block, the border ones included
+    gradients = block_gradients(region, every_row, every_col, b)
+    colour = region.astype(np.float32) * np.float32(1 / 255)
+    across = np.zeros_like(colour)
+    down = np.zeros_like(colour)
+    across[:, 1:-1] = np.abs(colour[:, 2:] - colour[:, :-2])
+    down[1:-1, :] = np.abs(colour[2:, :] - colour[:-2, :])
+    whole = (across + down).transpose(2, 0, 1)
+    for i, (r, c) in enumerate(zip(every_row, every_col)):
+        np.testing.assert_array_equal(gradients[i], whole[:, r * b : (r + 1) * b, c * b : (c + 1) * b])
