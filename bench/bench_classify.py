@@ -186,9 +186,10 @@ def vit_l_model(folder):
     return folder
 
 
-def with_native_streams(model, folder):
+def with_native_streams(model, folder, patch_channels=None):
     """`model` with the native-resolution measurement and the patch stream added (their new weights
-    random: the speed of that architecture, stage 7's and later, needs no trained copy of it)."""
+    random: the speed of that architecture, stage 7's and later, needs no trained copy of it), the
+    stream `patch_channels` wide (None: its default)."""
     import torch
 
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
@@ -198,7 +199,7 @@ def with_native_streams(model, folder):
     if not getattr(network.config, "native_patches", None):
         if not getattr(network.config, "native_fringes", None):
             network.add_native_fringes()
-        network.add_native_patches()
+        network.add_native_patches({"channels": patch_channels} if patch_channels else None)
     processor = CityClassifierImageProcessor.from_pretrained(model).with_options(
         native_fringes=network.config.native_fringes, native_patches=network.config.native_patches)
     network.save_pretrained(folder)
@@ -304,6 +305,8 @@ def main():
                         help="score with --model plus the native-resolution measurement and the patch stream "
                              "(random new weights: that architecture's speed without a trained copy), e.g. "
                              "against --compare . (the shipped model)")
+    parser.add_argument("--patch-channels", type=int, default=None,
+                        help="with --native-streams: the patch stream's width (default: its default, 16)")
     parser.add_argument("--large-images", type=int, default=0,
                         help="large images scored with five crops and with --tiling-mode grid (0: skip)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -315,14 +318,18 @@ def main():
     parser.add_argument("--large-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=(4000, 3000),
                         help="their size, WxH (default: 4000x3000)")
     args = parser.parse_args()
+    if args.patch_channels and not args.native_streams:
+        parser.error("--patch-channels needs --native-streams")
     extras = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_images(tmp / "images", args.images, args.seed)
-        models = {"default": str(args.model) + (" with the native streams added" if args.native_streams else ""),
+        streams = " with the native streams added" + (f", {args.patch_channels} patch channels" if args.patch_channels
+                                                       else "")
+        models = {"default": str(args.model) + (streams if args.native_streams else ""),
                   **({"compare": str(args.compare)} if args.compare else {})}
         if args.native_streams:
-            args.model = with_native_streams(args.model, tmp / "native-streams")
+            args.model = with_native_streams(args.model, tmp / "native-streams", args.patch_channels)
         runs = [bench(args.model, files, tmp, "default", repeat=args.repeat)]
         default_scores = scores_of(tmp / "default.jsonl")
         for dtype in filter(None, args.dtypes.split(",")):

@@ -291,7 +291,13 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
               "--learning_rate", "0.05", "--report_to", "none", "--head_hidden_size", "64"]
     with pytest.raises(UsageError, match=f"{flag} needs full-mode training"):
         train_hf.main([*common, "--output_dir", str(tmp_path / "refused")])
-    assert train_hf.main([*common, "--output_dir", str(out), "--train_backbone", "true", "--cache_views", "1"]) == 0
+    narrower = ["--native_patch_channels", "8", "--native_patch_count", "8"]  # a cheaper patch stream
+    if flag != "--native_patches":
+        with pytest.raises(UsageError, match="need --native_patches"):
+            train_hf.main([*common, *narrower, "--output_dir", str(tmp_path / "refused"), "--train_backbone", "true"])
+        narrower = []
+    assert train_hf.main([*common, *narrower, "--output_dir", str(out), "--train_backbone", "true",
+                          "--cache_views", "1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["native_fringes"] and json.loads((out / "preprocessor_config.json").read_text())[
         "native_fringes"] == config["native_fringes"]
@@ -300,12 +306,12 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
     with pytest.raises(UsageError, match="reads native-resolution inputs: it needs full-mode training"):
         train_hf.main([*again, "--output_dir", str(tmp_path / "head-only")])
     model = CityClassifierForImageClassification.from_pretrained(out)
-    native = 13 + (128 if flag == "--native_patches" else 0)  # the default stream: 16 channels, 8 x 16 features
+    native = 13 + (64 if flag == "--native_patches" else 0)  # a stream 8 channels wide: 8 x 8 features
     assert model.head.up[0].weight[:, -native:].abs().sum(0).gt(0).all()  # trained away from the zero start
     assert torch.isfinite(model.head.up[0].weight).all()
     if flag == "--native_patches":
         processor = json.loads((out / "preprocessor_config.json").read_text())
-        assert config["native_patches"] == processor["native_patches"] == {"count": 32, "size": 32, "channels": 16}
+        assert config["native_patches"] == processor["native_patches"] == {"count": 8, "size": 32, "channels": 8}
 
 
 @pytest.mark.parametrize("size", [(320, 256), (97, 61), (1200, 900)])

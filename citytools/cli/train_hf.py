@@ -20,6 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -137,6 +138,14 @@ class ModelArguments:
                           "picture's most edge-rich patches, unresized (config.native_patches, the processor's "
                           "fringe_patches). Implies --native_fringes; full mode only. A CityClassifier without it "
                           "gets it with zero head weights, so training starts from its exact scores."})
+    native_patch_count: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --native_patches: patches per picture (default 32). Its cost on a CPU grows with "
+                          "count x channels^2 (bench/bench_classify.py --native-streams --patch-channels)."})
+    native_patch_channels: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 costs about a quarter "
+                          "as much in its two widest convolutions)."})
 
 
 def parse_args(argv=None):
@@ -270,9 +279,19 @@ def build_model(model_args, label_ids, label_names):
     return with_native_fringes(model, processor, bool(model_args.train_backbone), model_args)
 
 
+def patch_options(model_args):
+    """--native_patch_count and --native_patch_channels as a `native_patches` spec (True: defaults)."""
+    options = {name: value for name, value in (("count", model_args.native_patch_count),
+                                               ("channels", model_args.native_patch_channels)) if value is not None}
+    if options and not model_args.native_patches:
+        raise UsageError("--native_patch_count and --native_patch_channels need --native_patches")
+    return options or True
+
+
 def with_native_fringes(model, processor, train_backbone, model_args):
     """--native_fringes (--native_patches): the model reads the picture's native-resolution fringes (and
     patches: new head inputs with zero weights) and its processor makes them, with the same settings."""
+    patches = patch_options(model_args)
     native = getattr(model.config, "native_fringes", None)
     if (model_args.native_fringes or model_args.native_patches or native) and not train_backbone:
         flag = ("--native_patches" if model_args.native_patches else "--native_fringes" if model_args.native_fringes
@@ -282,7 +301,7 @@ def with_native_fringes(model, processor, train_backbone, model_args):
     if model_args.native_fringes or model_args.native_patches:
         model.add_native_fringes()
         if model_args.native_patches:
-            model.add_native_patches()
+            model.add_native_patches(patches)
     if getattr(model.config, "native_fringes", None):
         processor = processor.with_options(native_fringes=model.config.native_fringes,
                                            native_patches=getattr(model.config, "native_patches", None))
