@@ -140,12 +140,13 @@ class ModelArguments:
                           "gets it with zero head weights, so training starts from its exact scores."})
     native_patch_count: Optional[int] = field(
         default=None,
-        metadata={"help": "With --native_patches: patches per picture (default 32). Its cost on a CPU grows with "
-                          "count x channels^2 (bench/bench_classify.py --native-streams --patch-channels)."})
+        metadata={"help": "With --native_patches: patches per picture (default 32). The stream's work grows "
+                          "with it (bench/bench_classify.py --native-streams --patch-channels measures the width)."})
     native_patch_channels: Optional[int] = field(
         default=None,
-        metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 costs about a quarter "
-                          "as much in its two widest convolutions)."})
+        metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 has a quarter of the "
+                          "arithmetic in its two widest convolutions, but ran only a fifth faster on a CPU: "
+                          "docs/speed.md)."})
 
 
 def parse_args(argv=None):
