@@ -3,9 +3,10 @@
 
 The baseline reproduces the original: one image at a time, opened and converted to RGB, through
 the processor, then the model, in float32. classify.py runs with its defaults (batched, parallel
-decoding, bf16 where the CPU has it). Both score the same images with the same model; each runs in
-its own subprocess, so peak RSS (ru_maxrss, largest process) is comparable. Model loading is not
-timed. Writes JSON and prints a Markdown table.
+decoding, float32 on a CPU). Both score the same images with the same model; each runs in its own
+subprocess, so peak RSS (ru_maxrss, largest process) is comparable. Model loading is not timed. Runs
+go in rounds: every model and dtype on the same images once a round (baseline, then classify.py), so
+a ratio between them is measured under the same conditions. Writes JSON and prints a Markdown table.
 
   python bench/bench_classify.py                          # writes bench/results.local.json
   python bench/bench_classify.py --vit-l-images 8         # adds a ViT-L/14-336-sized random backbone
@@ -116,31 +117,43 @@ def run_measured(command):
 
 
 def bench(model, files, workdir, label, extra=(), repeat=3):
-    """Runs the baseline and classify.py `repeat` times each, alternating, so that a noisy neighbour
-    hits both alike; the headline is each one's best run (all runs are in the JSON)."""
-    code = BASELINE.format(root=str(ROOT), model=str(model), files=files)
-    listing = workdir / f"{label}.txt"
-    listing.write_text("\n".join(files) + "\n")
-    results = workdir / f"{label}.jsonl"
-    base_runs, ours_runs, base_rss, ours_rss = [], [], 0.0, 0.0
+    """One model's `bench_rounds`."""
+    return bench_rounds([(model, files, label, extra)], workdir, repeat)[0]
+
+
+def bench_rounds(jobs, workdir, repeat=3):
+    """jobs: [(model, files, label, classify.py's extra arguments)]. Runs each job's baseline and its
+    classify.py `repeat` times, in rounds (every job once a round, the baseline then classify.py), so
+    that a noisy neighbour, or a machine getting quieter, hits every job and both sides alike; the
+    headline is each one's best run (all runs are in the JSON)."""
+    state = []
+    for model, files, label, _extra in jobs:
+        listing = workdir / f"{label}.txt"
+        listing.write_text("\n".join(files) + "\n")
+        state.append({"code": BASELINE.format(root=str(ROOT), model=str(model), files=files), "listing": listing,
+                      "base_runs": [], "ours_runs": [], "base_rss": 0.0, "ours_rss": 0.0})
     for _ in range(repeat):
-        out, _, rss = run_measured([sys.executable, "-c", code])
-        base_runs.append(json.loads(out.strip().splitlines()[-1])["seconds"])
-        base_rss = max(base_rss, rss)
-        _, err, rss = run_measured([sys.executable, str(ROOT / "classify.py"), f"@{listing}", "--model", str(model),
-                                    "--out", str(results), "--no-resume", *extra])
-        summary = [line for line in err.splitlines() if " scored, " in line][-1]
-        ours_runs.append(float(summary.split(" in ")[1].split("s ")[0]))
-        ours_rss = max(ours_rss, rss)
-    n, base_seconds, ours_seconds = len(files), min(base_runs), min(ours_runs)
-    return {
-        "model": label, "images": n, "repeat": repeat,
-        "baseline": {"images_per_s": n / base_seconds, "s_per_image": base_seconds / n, "peak_rss_mb": base_rss,
-                     "runs_s": base_runs},
-        "classify": {"images_per_s": n / ours_seconds, "s_per_image": ours_seconds / n, "peak_rss_mb": ours_rss,
-                     "args": list(extra), "runs_s": ours_runs},
-        "speedup": base_seconds / ours_seconds,
-    }
+        for (model, _files, label, extra), job in zip(jobs, state):
+            out, _, rss = run_measured([sys.executable, "-c", job["code"]])
+            job["base_runs"].append(json.loads(out.strip().splitlines()[-1])["seconds"])
+            job["base_rss"] = max(job["base_rss"], rss)
+            _, err, rss = run_measured([sys.executable, str(ROOT / "classify.py"), f"@{job['listing']}", "--model",
+                                        str(model), "--out", str(workdir / f"{label}.jsonl"), "--no-resume", *extra])
+            summary = [line for line in err.splitlines() if " scored, " in line][-1]
+            job["ours_runs"].append(float(summary.split(" in ")[1].split("s ")[0]))
+            job["ours_rss"] = max(job["ours_rss"], rss)
+    reports = []
+    for (_model, files, label, extra), job in zip(jobs, state):
+        n, base_seconds, ours_seconds = len(files), min(job["base_runs"]), min(job["ours_runs"])
+        reports.append({
+            "model": label, "images": n, "repeat": repeat,
+            "baseline": {"images_per_s": n / base_seconds, "s_per_image": base_seconds / n,
+                         "peak_rss_mb": job["base_rss"], "runs_s": job["base_runs"]},
+            "classify": {"images_per_s": n / ours_seconds, "s_per_image": ours_seconds / n,
+                         "peak_rss_mb": job["ours_rss"], "args": list(extra), "runs_s": job["ours_runs"]},
+            "speedup": base_seconds / ours_seconds,
+        })
+    return reports
 
 
 def scores_of(results):
@@ -294,7 +307,8 @@ def main():
     parser.add_argument("--model", default=str(ROOT), help="model folder (default: the shipped model)")
     parser.add_argument("--images", type=int, default=240, help="images for the default model (default: 240)")
     parser.add_argument("--vit-l-images", type=int, default=0, help="images for a ViT-L-sized model (0: skip)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; the best counts (default: 3)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds: each run once a round, the best counts (default: 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.local.json",
                         help="JSON to write (default: bench/results.local.json, not committed; the README's "
                              "figures are in bench/results.json)")
@@ -330,21 +344,25 @@ def main():
                   **({"compare": str(args.compare)} if args.compare else {})}
         if args.native_streams:
             args.model = with_native_streams(args.model, tmp / "native-streams", args.patch_channels)
-        runs = [bench(args.model, files, tmp, "default", repeat=args.repeat)]
+        dtypes = list(filter(None, args.dtypes.split(",")))
+        jobs = [(args.model, files, "default", ())]  # every model on these images runs in the same rounds
+        jobs += [(args.model, files, f"default-{dtype}", ("--dtype", dtype)) for dtype in dtypes]
+        jobs += [(args.compare, files, "compare", ())] if args.compare else []
+        runs = bench_rounds(jobs, tmp, repeat=args.repeat)
         default_scores = scores_of(tmp / "default.jsonl")
-        for dtype in filter(None, args.dtypes.split(",")):
-            runs.append(bench(args.model, files, tmp, f"default-{dtype}", ("--dtype", dtype), repeat=args.repeat))
+        for dtype, run in zip(dtypes, runs[1:]):
             changes = [abs(a - default_scores[path]) for path, a in scores_of(tmp / f"default-{dtype}.jsonl").items()]
-            runs[-1]["max_score_change_vs_default"] = max(changes)
-            extras[f"{dtype}_vs_default_img_per_s"] = runs[-1]["classify"]["images_per_s"] / runs[0]["classify"][
+            run["max_score_change_vs_default"] = max(changes)
+            extras[f"{dtype}_vs_default_img_per_s"] = run["classify"]["images_per_s"] / runs[0]["classify"][
                 "images_per_s"]
         if args.compare:
-            runs.append(bench(args.compare, files, tmp, "compare", repeat=args.repeat))
             extras["classify_vs_compare"] = runs[0]["classify"]["images_per_s"] / runs[-1]["classify"]["images_per_s"]
         if args.large_images:
             large = make_large_images(tmp / "large", args.large_images, args.seed, args.large_size)
-            for mode in ("five", "grid"):
-                run = bench(args.model, large, tmp, f"large-{mode}", ("--tiling-mode", mode), repeat=args.repeat)
+            modes = ("five", "grid")
+            tiled = bench_rounds([(args.model, large, f"large-{mode}", ("--tiling-mode", mode)) for mode in modes],
+                                 tmp, repeat=args.repeat)
+            for mode, run in zip(modes, tiled):
                 run["crops_per_megapixel"] = crops_per_megapixel(args.model, large, mode)
                 runs.append(run)
             five, grid = runs[-2]["classify"]["images_per_s"], runs[-1]["classify"]["images_per_s"]

@@ -47,17 +47,22 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
 
 
 def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
-    """bench/bench_classify.py, tiny: a second model on the same images, and large pictures scored
-    with five crops and with grid tiling, whose crops per megapixel follow from their size."""
+    """bench/bench_classify.py, tiny: a second model and a second dtype on the same images (in the same
+    rounds), and large pictures scored with five crops and with grid tiling, whose crops per megapixel
+    follow from their size."""
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(converted["ca"]),
-                           "--compare", str(converted["compression"]), "--images", "4", "--repeat", "1",
+                           "--compare", str(converted["compression"]), "--dtypes", "bfloat16", "--images", "4",
+                           "--repeat", "1",
                            "--large-images", "2", "--large-size", "300x200", "--profile", "3", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = {run["model"]: run for run in report["runs"]}
-    assert set(runs) == {"default", "compare", "large-five", "large-grid"}
+    assert set(runs) == {"default", "default-bfloat16", "compare", "large-five", "large-grid"}
+    assert runs["default-bfloat16"]["classify"]["args"] == ["--dtype", "bfloat16"]
+    assert 0 <= runs["default-bfloat16"]["max_score_change_vs_default"] < 0.1  # the same model, another dtype
+    assert runs["compare"]["classify"]["args"] == [] and report["bfloat16_vs_default_img_per_s"] > 0
     assert runs["large-grid"]["classify"]["args"] == ["--tiling-mode", "grid"]
     megapixels = 300 * 200 / 1e6  # the tiny model's tiles are 60 px: 5 x 4 grid tiles, or 5 crops
     assert abs(runs["large-grid"]["crops_per_megapixel"] - 20 / megapixels) < 1e-6
