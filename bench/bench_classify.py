@@ -199,10 +199,10 @@ def vit_l_model(folder):
     return folder
 
 
-def with_native_streams(model, folder, patch_channels=None):
+def with_native_streams(model, folder, patch_channels=None, patch_count=None):
     """`model` with the native-resolution measurement and the patch stream added (their new weights
     random: the speed of that architecture, stage 7's and later, needs no trained copy of it), the
-    stream `patch_channels` wide (None: its default)."""
+    stream `patch_channels` wide over `patch_count` patches (None: its defaults)."""
     import torch
 
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
@@ -212,7 +212,8 @@ def with_native_streams(model, folder, patch_channels=None):
     if not getattr(network.config, "native_patches", None):
         if not getattr(network.config, "native_fringes", None):
             network.add_native_fringes()
-        network.add_native_patches({"channels": patch_channels} if patch_channels else None)
+        options = {name: value for name, value in (("channels", patch_channels), ("count", patch_count)) if value}
+        network.add_native_patches(options or None)
     processor = CityClassifierImageProcessor.from_pretrained(model).with_options(
         native_fringes=network.config.native_fringes, native_patches=network.config.native_patches)
     network.save_pretrained(folder)
@@ -321,6 +322,8 @@ def main():
                              "against --compare . (the shipped model)")
     parser.add_argument("--patch-channels", type=int, default=None,
                         help="with --native-streams: the patch stream's width (default: its default, 16)")
+    parser.add_argument("--patch-count", type=int, default=None,
+                        help="with --native-streams: patches per picture (default: its default, 32)")
     parser.add_argument("--large-images", type=int, default=0,
                         help="large images scored with five crops and with --tiling-mode grid (0: skip)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -332,18 +335,19 @@ def main():
     parser.add_argument("--large-size", type=lambda t: tuple(int(v) for v in t.split("x")), default=(4000, 3000),
                         help="their size, WxH (default: 4000x3000)")
     args = parser.parse_args()
-    if args.patch_channels and not args.native_streams:
-        parser.error("--patch-channels needs --native-streams")
+    if (args.patch_channels or args.patch_count) and not args.native_streams:
+        parser.error("--patch-channels and --patch-count need --native-streams")
     extras = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_images(tmp / "images", args.images, args.seed)
-        streams = " with the native streams added" + (f", {args.patch_channels} patch channels" if args.patch_channels
-                                                       else "")
+        streams = " with the native streams added" + "".join(
+            f", {value} {name}" for name, value in (("patch channels", args.patch_channels),
+                                                   ("patches", args.patch_count)) if value)
         models = {"default": str(args.model) + (streams if args.native_streams else ""),
                   **({"compare": str(args.compare)} if args.compare else {})}
         if args.native_streams:
-            args.model = with_native_streams(args.model, tmp / "native-streams", args.patch_channels)
+            args.model = with_native_streams(args.model, tmp / "native-streams", args.patch_channels, args.patch_count)
         dtypes = list(filter(None, args.dtypes.split(",")))
         jobs = [(args.model, files, "default", ())]  # every model on these images runs in the same rounds
         jobs += [(args.model, files, f"default-{dtype}", ("--dtype", dtype)) for dtype in dtypes]
