@@ -83,13 +83,24 @@ def test_cpu_benchmark_profiles_a_model_that_reads_native_inputs(converted, tmp_
     stream as stages of their own."""
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_classify.py"), "--model", str(converted["ca"]),
-                           "--native-streams", "--images", "2", "--repeat", "1", "--profile", "2", "--out", str(out)],
+                           "--native-streams", "--patch-channels", "4", "--patch-count", "8", "--images", "2",
+                           "--repeat", "1", "--profile", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["models"]["default"] == f"{converted['ca']} with the native streams added"
+    assert report["models"]["default"] == (f"{converted['ca']} with the native streams added, "
+                                           "4 patch channels, 8 patches")
     stages = report["profile"]["ms_per_image"]
     assert {"native measurements", "patch stream", "CLIP tower", "head"} <= set(stages)
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from bench_classify import with_native_streams
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    built = with_native_streams(converted["ca"], tmp_path / "built", patch_channels=4, patch_count=8)
+    config, processor = (json.loads((built / name).read_text()) for name in ("config.json", "preprocessor_config.json"))
+    assert config["native_patches"] == processor["native_patches"] == {"count": 8, "size": 32, "channels": 4}
+    assert config["native_fringes"] == processor["native_fringes"]
     assert all(ms > 0 for ms in stages.values())
 
 
