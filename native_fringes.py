@@ -13,10 +13,16 @@ pixels (from its spectrum), is where red's and blue's edges sit against green's.
 NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
 """
 
+import contextlib
 import functools
 
 import numpy as np
 import PIL.Image
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # without it numpy's BLAS keeps its own threads
+    ThreadpoolController = None
 
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
                           "min_edge": 0.01, "min_peak": 0.5}
@@ -358,13 +364,27 @@ def edge_patches(pixels, spec, patch_spec, grids=None):
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def blas_controller():
+    return ThreadpoolController() if ThreadpoolController is not None else None
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread. The measurement's products are small: more
+    threads only spin, and in one process beside a model (the pipeline, the original's loop) they take
+    the cores from torch's threads (docs/speed.md). classify.py's decoding workers run on one already."""
+    controller = blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
+
+
 def measure_native(image, spec=None, patch_spec=None):
     """One picture (PIL, any mode) -> (its `measure_fringes` values, its `edge_patches` or None when
     `patch_spec` is None), from one work-size copy of it and, where their block sizes agree, one pass
     over its green edges."""
     spec, grids = native_fringe_spec(True if spec is None else spec), {}
     pixels, scale = work_image(image, spec["work_side"])
-    *offsets, blocks = block_offsets(pixels, spec, grids)
+    with one_blas_thread():
+        *offsets, blocks = block_offsets(pixels, spec, grids)
     values = summarise(*offsets, blocks, pixels.shape[:2], scale)
     return values, (edge_patches(pixels, spec, native_patch_spec(patch_spec), grids) if patch_spec else None)
 
@@ -374,5 +394,6 @@ def measure_fringes(image, spec=None):
     px at the work size (`scale` of the picture's). `spec`: see native_fringe_spec (None: defaults)."""
     spec = native_fringe_spec(True if spec is None else spec)
     pixels, scale = work_image(image, spec["work_side"])
-    *offsets, blocks = block_offsets(pixels, spec)
+    with one_blas_thread():
+        *offsets, blocks = block_offsets(pixels, spec)
     return summarise(*offsets, blocks, pixels.shape[:2], scale)

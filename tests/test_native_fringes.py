@@ -367,3 +367,32 @@ def test_the_fast_passes_equal_their_plain_statements(size):
     whole = (across + down).transpose(2, 0, 1)
     for i, (r, c) in enumerate(zip(every_row, every_col)):
         np.testing.assert_array_equal(gradients[i], whole[:, r * b : (r + 1) * b, c * b : (c + 1) * b])
+
+
+def test_the_measurement_runs_numpys_blas_on_one_thread(monkeypatch):
+    """In one process beside a model (the pipeline), numpy's BLAS threads only spin on the measurement's
+    small products and take the cores from torch's: the measurement runs them on one thread, whatever
+    numpy is set to, and leaves numpy's setting as it was."""
+    import importlib
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
+
+    native = importlib.import_module("cityclassifier.native_fringes")
+    seen = []
+    measured = native.block_offsets
+
+    def watched(*args, **kwargs):
+        seen.append({info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"})
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(native, "block_offsets", watched)
+    picture = illustration(50, 320, 256)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if not any(info["user_api"] == "blas" for info in threadpoolctl.threadpool_info()):
+            pytest.skip("no BLAS that threadpoolctl can see")
+        native.measure_native(picture, None, True)
+        native.measure_fringes(picture)
+        after = {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+    assert seen == [{1}, {1}]
+    assert after == {2}  # numpy's own setting back after each measurement
