@@ -312,6 +312,12 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
     if flag == "--native_patches":
         processor = json.loads((out / "preprocessor_config.json").read_text())
         assert config["native_patches"] == processor["native_patches"] == {"count": 8, "size": 32, "channels": 8}
+        fine_tune = [str(out) if a == str(converted["ca"]) else a for a in common] + ["--train_backbone", "true"]
+        with pytest.raises(UsageError, match="already has a patch stream .* cannot change it"):  # never ignored
+            train_hf.main([*fine_tune, "--native_patch_channels", "4", "--output_dir", str(tmp_path / "refused")])
+        with pytest.raises(UsageError, match="count must be a positive integer"):
+            train_hf.main([*common, "--native_patch_count", "0", "--output_dir", str(tmp_path / "refused"),
+                           "--train_backbone", "true"])
 
 
 @pytest.mark.parametrize("size", [(320, 256), (97, 61), (1200, 900)])

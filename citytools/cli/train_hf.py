@@ -32,6 +32,7 @@ from citytools.remote import (
     CityClassifierConfig,
     CityClassifierForImageClassification,
     CityClassifierImageProcessor,
+    native_patch_spec,
 )
 from citytools.toolkit import (
     EXIT_OK,
@@ -141,7 +142,7 @@ class ModelArguments:
     native_patch_count: Optional[int] = field(
         default=None,
         metadata={"help": "With --native_patches: patches per picture (default 32). The stream's work grows "
-                          "with it (bench/bench_classify.py --native-streams --patch-channels measures the width)."})
+                          "with it (bench/bench_classify.py --native-streams --patch-count measures it untrained)."})
     native_patch_channels: Optional[int] = field(
         default=None,
         metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 has a quarter of the "
@@ -286,6 +287,10 @@ def patch_options(model_args):
                                                ("channels", model_args.native_patch_channels)) if value is not None}
     if options and not model_args.native_patches:
         raise UsageError("--native_patch_count and --native_patch_channels need --native_patches")
+    try:
+        native_patch_spec(options or True)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return options or True
 
 
@@ -299,6 +304,10 @@ def with_native_fringes(model, processor, train_backbone, model_args):
                 else f"{model_args.model_name_or_path} reads native-resolution inputs: it")
         raise UsageError(f"{flag} needs full-mode training (--train_backbone, or --vision_config): "
                          "head-only training's cached embeddings carry no native-resolution inputs")
+    existing = getattr(model.config, "native_patches", None)
+    if existing and isinstance(patches, dict) and any(existing[name] != value for name, value in patches.items()):
+        raise UsageError(f"{model_args.model_name_or_path} already has a patch stream {existing}: "
+                         "--native_patch_count and --native_patch_channels cannot change it")
     if model_args.native_fringes or model_args.native_patches:
         model.add_native_fringes()
         if model_args.native_patches:
