@@ -381,7 +381,10 @@ def loader_batches(dataset, batch_size, workers, device, in_order=None, idle=Non
 def one_blas_thread(_worker_id=None):
     """A decoding worker's numpy BLAS on one thread (DataLoader's worker_init_fn): torch already runs
     one thread there, but numpy's BLAS (the native fringe measurement's small matrix products) starts
-    one per core, which then fight the model's threads and the other workers for the cores (docs/speed.md)."""
+    one per core, which then fight the model's threads and the other workers for the cores (docs/speed.md).
+    The measurement limits itself too (`native_fringes.one_blas_thread`), but gives numpy its setting
+    back after each picture; a worker never needs more than one, so it keeps one throughout (without
+    this, classify.py waited longer for decoded pictures in a check on the 2-core EPYC)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # a BLAS without threadpoolctl runs as it is

@@ -249,14 +249,13 @@ def write_one(job):
     pixel_scaled (before the effect), blurred_negatives, resized, upscaled, delivered, jpeg_quality}: its
     optional steps, in that order after the effect (a picture shrunk by --resized is not enlarged)."""
     seed, effect, path, photos, picture, family, backgrounds, options = job
-    scale = None
-    if options.get("pixel_scaled", 0) > 0:
-        scale = draw_pixel_scale(picture, family, seed, options["pixel_scaled"]) if picture is not None else 1
+    scale = 1
+    if picture is not None and options.get("pixel_scaled", 0) > 0:
+        scale = draw_pixel_scale(picture, family, seed, options["pixel_scaled"])
     image, strength, source = make_example(seed, effect, photos, picture, backgrounds, options["keep_invisible"],
-                                           scale or 1)
+                                           scale)
     if picture is not None and source != str(picture):
-        family = None  # an invisible fringe's stand-in: a drawn illustration
-        scale = None if scale is None else 1
+        family, scale = None, 1  # an invisible fringe's stand-in: a drawn illustration
     shrunk = delivery = blur = enlarged = None
     if options["blurred_negatives"] > 0:
         image, blur = blur_negative(image, seed, effect, options["blurred_negatives"])
@@ -433,6 +432,8 @@ def main(argv=None):
         return 2
     from tqdm import tqdm
 
+    hard_negatives = tuple(dict.fromkeys(args.hard_negatives + (("lineart",) if args.line_art else ())
+                                         + (("outlined",) if args.outlined else ())))
     with Pool(args.workers) as pool:
         for split in ("train", "validation", "test"):
             count = getattr(args, split)
@@ -440,9 +441,7 @@ def main(argv=None):
                 continue
             folder = args.out / split
             jobs = []
-            hard_negatives = (args.hard_negatives + (("lineart",) if args.line_art else ())
-                              + (("outlined",) if args.outlined else ()))
-            planned = plan(split, count, args.seed, args.positive_fraction, tuple(dict.fromkeys(hard_negatives)),
+            planned = plan(split, count, args.seed, args.positive_fraction, hard_negatives,
                            LABEL_1 if args.more_geometries else POSITIVES)
             chosen = (pick_pictures(planned, split, args.seed, pictures[split], args.real_pictures,
                                     args.family_weights) if pictures else [(None, None)] * len(planned))
