@@ -402,3 +402,35 @@ def test_the_measurement_runs_numpys_blas_on_one_thread(monkeypatch):
         after = {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
     assert seen == [{1}, {1}]
     assert after == {2}  # numpy's own setting back after each measurement
+
+
+def test_wide_blocks_sum_their_rows_without_overflow_and_no_threadpoolctl_still_measures(monkeypatch):
+    """Both sides of the measurement's two branches: blocks wider than 128 px (a block's rows no longer
+    fit uint16: summed in uint32) against a plain float statement, and a Python without threadpoolctl,
+    where the measurement runs with numpy's BLAS as it is and gives the same numbers."""
+    import importlib
+
+    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
+
+    native = importlib.import_module("cityclassifier.native_fringes")
+    b = 160
+    y, x = np.mgrid[: 2 * b, : 2 * b]
+    green = (255 * ((x // 2 + y // 2) % 2)).astype(np.uint8)  # 2 px squares: every inner pixel adds 510
+    plain = green.astype(float) / 255
+    across, down = np.zeros_like(plain), np.zeros_like(plain)
+    across[:, 1:-1] = np.abs(plain[:, 2:] - plain[:, :-2])
+    down[1:-1, :] = np.abs(plain[2:, :] - plain[:-2, :])
+    expected = (across + down).reshape(2, b, 2, b).mean((1, 3))
+    np.testing.assert_allclose(native.block_edges(green, 2, 2, b), expected, rtol=1e-12)
+
+    picture = illustration(51, 320, 256)
+    with_limit = native.measure_native(picture, None, True)
+    monkeypatch.setattr(native, "ThreadpoolController", None)
+    native.blas_controller.cache_clear()
+    try:
+        without = native.measure_native(picture, None, True)
+        assert native.blas_controller() is None
+    finally:
+        native.blas_controller.cache_clear()
+    np.testing.assert_array_equal(with_limit[0], without[0])
+    np.testing.assert_array_equal(with_limit[1], without[1])
