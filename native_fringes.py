@@ -27,10 +27,6 @@ except ImportError:  # without it numpy's BLAS keeps its own threads
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
                           "min_edge": 0.01, "min_peak": 0.5}
 NATIVE_PATCH_DEFAULTS = {"count": 32, "size": 32, "channels": 16}
-# The blocks' spectra and correlations are computed in single precision (complex64): twice as fast as
-# double, and the offsets it finds are the same but for sub-pixel near-ties (a block's peak a twentieth
-# of a pixel apart); tests/test_native_fringes.py checks that no model decision moves.
-MEASURE_DTYPE, SPECTRUM_DTYPE = np.float32, np.complex64
 NATIVE_FRINGE_FEATURES = (
     "fringe_px",  # mean over measured blocks of the largest of |red|, |blue|, |red - blue| offsets, px
     "fringe_median",  # its median over the blocks
@@ -186,8 +182,7 @@ def spectrum_axes(b):
     weight[0] = 1.0
     if b % 2 == 0:
         weight[-1] = 1.0
-    forward_y, forward_x = np.exp(-2j * np.pi * np.outer(freq_y, n)), np.exp(-2j * np.pi * np.outer(n, freq_x))
-    return freq_y, freq_x, weight, forward_y.astype(SPECTRUM_DTYPE), forward_x.astype(SPECTRUM_DTYPE)
+    return freq_y, freq_x, weight, np.exp(-2j * np.pi * np.outer(freq_y, n)), np.exp(-2j * np.pi * np.outer(n, freq_x))
 
 
 def apply_last(values, matrix):
@@ -217,15 +212,14 @@ def shift_matrices(b, offsets):
     freq_y, freq_x, weight, _, _ = spectrum_axes(b)
     shifts = np.array(offsets)
     along_x = weight[:, None] * np.exp(2j * np.pi * np.outer(freq_x, shifts))
-    return np.exp(2j * np.pi * np.outer(shifts, freq_y)).astype(SPECTRUM_DTYPE), along_x.astype(SPECTRUM_DTYPE)
+    return np.exp(2j * np.pi * np.outer(shifts, freq_y)), along_x
 
 
 def centre_phases(b, centre):
     """The phases that move a spectrum by each block's centre (k, 2) (dy, dx): along y (k, b), along x
     (k, b//2 + 1)."""
     freq_y, freq_x, _, _, _ = spectrum_axes(b)
-    along_y, along_x = np.exp(2j * np.pi * centre[:, 0:1] * freq_y), np.exp(2j * np.pi * centre[:, 1:2] * freq_x)
-    return along_y.astype(SPECTRUM_DTYPE), along_x.astype(SPECTRUM_DTYPE)
+    return np.exp(2j * np.pi * centre[:, 0:1] * freq_y), np.exp(2j * np.pi * centre[:, 1:2] * freq_x)
 
 
 def correlation_at(cross, b, phases, offsets):
@@ -304,8 +298,8 @@ def block_offsets(pixels, spec, grids=None):
     if len(picked_rows) == 0:
         return (*empty, rows * cols)
     # (k, 3, b, b), contiguous: every pass below then reads memory in order
-    chosen = np.ascontiguousarray(block_gradients(region, picked_rows, picked_cols, b), dtype=MEASURE_DTYPE)
-    window = np.hanning(b).astype(MEASURE_DTYPE)
+    chosen = np.ascontiguousarray(block_gradients(region, picked_rows, picked_cols, b), dtype=np.float64)
+    window = np.hanning(b)
     centred = chosen - chosen.mean((-1, -2), keepdims=True)
     centred *= window[:, None] * window[None, :]
     spectra = block_spectra(centred)

@@ -2,6 +2,9 @@
 every image decoded once before training (the unreadable ones left out, one line each), and the
 views each step trains on."""
 
+import hashlib
+import inspect
+import json
 import os
 import sys
 from pathlib import Path
@@ -221,7 +224,21 @@ def cache_random_views(ds, processor, data_args, seed):
         return out
 
     return ds.map(crops, batched=True, batch_size=16, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=min(2, os.cpu_count() or 1), desc=f"Caching {data_args.cache_views} random views per image")
+                  num_proc=min(2, os.cpu_count() or 1), desc=f"Caching {data_args.cache_views} random views per image",
+                  new_fingerprint=views_cache_fingerprint(ds, processor, data_args.cache_views, seed))
+
+
+def views_cache_fingerprint(ds, processor, cache_views, seed):
+    """The key of `cache_random_views`' cache: the dataset, the processor's settings, the views and
+    seed, and the source of the processor's module and of the native measurement it calls. datasets'
+    own key hashes the mapped function and its closure but not the code it calls, so a changed
+    measurement would otherwise be served the views and measurements cached before the change."""
+    module = sys.modules[type(processor).__module__]
+    sources = [inspect.getsource(module)]
+    if hasattr(module, "measure_native"):
+        sources.append(inspect.getsource(sys.modules[module.measure_native.__module__]))
+    key = json.dumps([ds._fingerprint, processor.to_json_string(), cache_views, seed, sources])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def collate(rows):

@@ -436,49 +436,51 @@ def test_wide_blocks_sum_their_rows_without_overflow_and_no_threadpoolctl_still_
     np.testing.assert_array_equal(with_limit[1], without[1])
 
 
-def test_single_precision_spectra_move_no_offset_beyond_a_subpixel_step(monkeypatch):
-    """The blocks' spectra and correlations run in complex64 for speed (MEASURE_DTYPE, SPECTRUM_DTYPE):
-    against the same measurement forced to double precision, on clean and aberrated pictures of every
-    geometry and three sizes, no offset feature moves by more than one fine sub-pixel step (0.05 px,
-    a near-tie decided the other way), the mean-type features hardly at all, and the classical
-    yardstick's score (fringe_px) flags the same pictures."""
+def test_cached_training_views_are_keyed_by_the_measurements_code(monkeypatch, tmp_path):
+    """train_hf's cached views carry each picture's native measurements; datasets' own cache key hashes
+    the mapped function but not the measurement it calls, so a changed native_fringes.py was served
+    the old numbers. The key now holds the processor's and the measurement's source: the same inputs
+    give the same key (and the cache is reused), a changed measurement (or processor setting, or
+    seed) another, and the cache then holds the new code's numbers."""
+    import functools
     import importlib
+    import inspect
+    import sys
+    from types import SimpleNamespace
 
-    from citytools.aberrations import radial_aberration
-    from citytools.baseline import FringeBaseline
+    import datasets
+
+    from citytools.remote import CityClassifierImageProcessor
+    from citytools.training_data import cache_random_views, views_cache_fingerprint
 
     native = importlib.import_module("cityclassifier.native_fringes")
-    rng = np.random.default_rng(3)
-    pictures = []
-    for seed, (width, height) in zip(range(60, 66), [(1200, 900), (640, 480), (333, 250)] * 2):
-        clean = illustration(seed, width, height)
-        pictures += [clean, moved(clean, red=(1.5, 0.0)), moved(clean, red=(0.5, 0.5), blue=(-0.5, -0.5)),
-                     moved(clean, green=(0.0, 1.0)), radial_aberration(clean, rng, 3.0)]
+    processor = CityClassifierImageProcessor(native_fringes=True)
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": [illustration(70, 200, 150)], "label": [0]},
+                               features=features).save_to_disk(tmp_path / "ds")
+    ds = datasets.load_from_disk(tmp_path / "ds")  # on disk: datasets caches what is mapped from it
+    key = views_cache_fingerprint(ds, processor, 1, 0)
+    assert key == views_cache_fingerprint(ds, processor, 1, 0)
+    assert key != views_cache_fingerprint(ds, processor, 1, 1)
+    assert key != views_cache_fingerprint(ds, processor.with_options(native_fringes={"block": 48}), 1, 0)
 
-    def measured():
-        for cached in (native.spectrum_axes, native.shift_matrices, native.window_power):
-            cached.cache_clear()
-        return np.array([native.measure_fringes(p) for p in pictures])
+    args = SimpleNamespace(cache_views=1)
+    first = cache_random_views(ds, processor, args, 0)
+    assert first._fingerprint == key
+    processing = sys.modules[type(processor).__module__]
+    real = processing.measure_native
 
-    single = measured()
-    assert native.spectrum_axes(32)[3].dtype == np.complex64
-    monkeypatch.setattr(native, "MEASURE_DTYPE", np.float64)
-    monkeypatch.setattr(native, "SPECTRUM_DTYPE", np.complex128)
-    try:
-        double = measured()
-        assert native.spectrum_axes(32)[3].dtype == np.complex128
-    finally:
-        monkeypatch.undo()
-        measured()
-    names = list(native.NATIVE_FRINGE_FEATURES)
-    offsets = [names.index(n) for n in ("fringe_median", "fringe_p90", "red_px", "blue_px", "apart_px",
-                                         "together_px", "radial_px")]
-    means = [names.index(n) for n in ("fringe_px", "coherent_px")]
-    difference = np.abs(single - double)
-    assert difference[:, offsets].max() <= 0.05 + 1e-6, difference[:, offsets].max(0)
-    assert difference[:, means].max() <= 0.01, difference[:, means].max(0)
-    assert np.median(difference[:, offsets]) == 0  # a near-tie is rare
-    np.testing.assert_allclose(single[:, names.index("edge_share")], double[:, names.index("edge_share")])
-    fringe, midpoint = names.index("fringe_px"), FringeBaseline().midpoint  # the yardstick's 0.5
-    assert 0.1 < np.mean(double[:, fringe] > midpoint) < 0.9  # pictures on both sides of it
-    np.testing.assert_array_equal(single[:, fringe] > midpoint, double[:, fringe] > midpoint)
+    @functools.wraps(real)  # keeps __module__: the key finds the measurement's module through it
+    def measure_more(*args):
+        values, patches = real(*args)
+        return values + 1, patches
+
+    monkeypatch.setattr(processing, "measure_native", measure_more)
+    cached = cache_random_views(ds, processor, args, 0)  # the code's text unchanged: the cache is reused
+    source = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source(obj) + ("\n# changed" if obj is native else ""))
+    assert views_cache_fingerprint(ds, processor, 1, 0) != key
+    measured = cache_random_views(ds, processor, args, 0)
+    old, reused, new = (np.frombuffer(d[0]["fringe_values"], dtype=np.float32) for d in (first, cached, measured))
+    np.testing.assert_array_equal(reused, old)
+    np.testing.assert_allclose(new, old + 1)
