@@ -230,13 +230,14 @@ def cache_random_views(ds, processor, data_args, seed):
 
 def views_cache_fingerprint(ds, processor, cache_views, seed):
     """The key of `cache_random_views`' cache: the dataset, the processor's settings, the views and
-    seed, and the source of the processor's module and of the native measurement it calls. datasets'
-    own key hashes the mapped function and its closure but not the code it calls, so a changed
-    measurement would otherwise be served the views and measurements cached before the change."""
-    module = sys.modules[type(processor).__module__]
-    sources = [inspect.getsource(module)]
-    if hasattr(module, "measure_native"):
-        sources.append(inspect.getsource(sys.modules[module.measure_native.__module__]))
+    seed, and the source of this module and of every loaded module of the processor's package (the
+    processor, its tiling, the native measurement). datasets' own key hashes the mapped function and
+    its closure but not the code it calls, so a changed measurement would otherwise be served the
+    views and measurements cached before the change."""
+    name = type(processor).__module__
+    package = name.rpartition(".")[0]
+    names = sorted(n for n in list(sys.modules) if n == name or (package and n.startswith(package + ".")))
+    sources = [inspect.getsource(sys.modules[n]) for n in [__name__, *names]]
     key = json.dumps([ds._fingerprint, processor.to_json_string(), cache_views, seed, sources])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
