@@ -392,8 +392,4 @@ def measure_native(image, spec=None, patch_spec=None):
 def measure_fringes(image, spec=None):
     """One picture (PIL, any mode) -> (len(NATIVE_FRINGE_FEATURES),) float32 measurements; offsets in
     px at the work size (`scale` of the picture's). `spec`: see native_fringe_spec (None: defaults)."""
-    spec = native_fringe_spec(True if spec is None else spec)
-    pixels, scale = work_image(image, spec["work_side"])
-    with one_blas_thread():
-        *offsets, blocks = block_offsets(pixels, spec)
-    return summarise(*offsets, blocks, pixels.shape[:2], scale)
+    return measure_native(image, spec)[0]
