@@ -13,6 +13,8 @@ It makes its own data (make_synthetic_data.py) and its own random ViT-L/14-336-s
 - classify.py's crops/s with its defaults and with `--crop-on device` (the GPU cuts the views), the
   ratio to the raw fp16 figure, how busy the GPU was over the whole run (start-up included) and its
   "time:" line (the wait for the first batch, for decoded images, for the model);
+  with `--models DIR ...` (trained models, e.g. one with native-resolution streams), each one's data
+  path alone, classify.py's img/s and GPU busy % on the same data, and its precision agreement;
   then with its default crops on the collection `--repeat` times over (hard links): the rate once
   the pipeline is full (the extra crops over the extra seconds) and the fixed seconds; with
   `--baseline DIR`, another checkout's classify.py first, on the same data and model (a
@@ -140,6 +142,10 @@ def parse_args():
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                         help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`) whose classify.py runs "
                              "on the same data and model first, for a before/after in one run")
+    parser.add_argument("--models", type=Path, nargs="*", default=[], metavar="DIR",
+                        help="trained model folders also measured on the same data: the data path alone, "
+                             "classify.py's img/s and GPU busy %%, and the precision agreement (JSON keys "
+                             "<key>_<folder name>)")
     parser.add_argument("--dry-run", action="store_true", help="tiny, on the CPU: checks every path, under 2 minutes")
     args = parser.parse_args()
     if args.dry_run:
@@ -170,11 +176,12 @@ def ratio(run, crops_per_s):
     return crops_per_s / run.ceiling if run.ceiling and crops_per_s else None
 
 
-def classify(run, *extra, copies=1, root=ROOT):
+def classify(run, *extra, copies=1, root=ROOT, model_dir=None):
     """classify.py on the data (`copies` times over), its rates against the ceiling."""
     files, tmp = run.files, run.tmp
     folder = tmp / "data" / "train" if copies == 1 else repeated_folder(files, tmp / f"x{copies}", copies)
-    seconds, busy, phases = classify_run(folder, run.model_dir, tmp / "scores.jsonl", run.device, extra, root)
+    seconds, busy, phases = classify_run(folder, model_dir or run.model_dir, tmp / "scores.jsonl", run.device, extra,
+                                         root)
     return {"crops_per_s": copies * run.crops / seconds, "images_per_s": copies * len(files) / seconds,
             "ratio_to_raw": ratio(run, copies * run.crops / seconds), "gpu_busy_percent": busy,
             "options": " ".join(extra), "seconds": seconds, "time": phases}
@@ -225,6 +232,21 @@ def repeated(report, run, base, extra):
         report.write()
 
 
+def models_phase(report, run):
+    """Each `--models` folder on the same data: the data path alone (what the CPUs feed: decoding and,
+    for a model with native-resolution streams, its measurements), classify.py (img/s, GPU busy %),
+    the precision agreement. No ratio: the ceiling is ViT-L's."""
+    data = run.tmp / "data" / "train"
+    for model_dir in run.args.models:
+        name = model_dir.name
+        report.measure(f"data_path_crop_workers_{name}", data_path, data, model_dir, run.device, "workers")
+        report.measure(f"classify_{name}", lambda model_dir=model_dir: {
+            **{k: v for k, v in classify(run, model_dir=model_dir).items() if k != "ratio_to_raw"},
+            "model": str(model_dir)})
+        report.measure(f"precision_agreement_{name}", agreement, run.files[: min(len(run.files), 100)], run.device,
+                       model_dir)
+
+
 def training_phase(report, run):
     """Head-only training's embedding pass and recipes, batch-1 head steps, full-mode training."""
     args, tmp, device = run.args, run.tmp, run.device
@@ -273,6 +295,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
         classify_phase(report, run)
+        models_phase(report, run)
         training_phase(report, run)
     print(json.dumps(report.data, indent=2))
     log(f"wrote {args.out}" + (f"; failed: {', '.join(report.failed)}" if report.failed else ""))

@@ -57,7 +57,10 @@ def run_route(command, out):
     _, err, rss = run_measured([sys.executable, str(ROOT / "classify.py"), *command, "--out", str(out),
                                 "--no-resume"])
     wall = time.perf_counter() - start
-    summary = [line for line in err.splitlines() if " scored, " in line][-1]
+    summary = [line for line in err.splitlines() if " scored, " in line and " img/s)" in line]
+    if not summary:
+        raise RuntimeError(f"classify.py {' '.join(command)} printed no summary:\n{err[-3000:]}")
+    summary = summary[-1]
     return float(summary.split("(")[1].split(" img/s")[0]), wall, rss
 
 

@@ -376,8 +376,8 @@ def host_waits(files, device):
     return report
 
 
-def agreement(files, device):
-    """The shipped model's scores in every precision against CPU float32: each dtype on `device`
+def agreement(files, device, model_dir=ROOT):
+    """A model's scores (the shipped one's by default) in every precision against CPU float32: each dtype on `device`
     (auto's choice among them), and on a GPU its views cut by the GPU against cut by the decoding
     workers (the same bytes: only batching differs). `agrees`: every precision within 1e-2 and no
     decision flipped at 0.5, what tests/test_precision.py asks on a CPU."""
@@ -387,11 +387,12 @@ def agreement(files, device):
     from citytools.scorer import Scorer
 
     def scores(where, dtype, crop="auto"):
-        scorer = Scorer([str(ROOT)], device=where, dtype=dtype, crop=crop)
+        scorer = Scorer([str(model_dir)], device=where, dtype=dtype, crop=crop)
         out = []
         for start in range(0, len(files), 8):
             items = [(None, scorer.preprocess(load_image(path))) for path in files[start : start + 8]]
-            out += [row["default:Chromatic Aberration"] for row in scorer.score(collate(items)[1])]
+            out += [next(v for k, v in row.items() if k.endswith(":Chromatic Aberration"))
+                    for row in scorer.score(collate(items)[1])]
         return np.array(out)
 
     def compare(a, b):

@@ -28,14 +28,17 @@ RETRY_SECONDS = 2.0
 
 class DatasetSource:
     """What a dataset route run reads: the split's data files (its shards), the image column(s), the
-    key columns, and the samples of one rank (`samples`). Picklable: it goes with `SampleStream` to the
-    decoding workers when they walk it themselves (one worker)."""
+    key columns, and the samples of one rank (`samples`). Picklable as what it was opened with (it goes
+    with `SampleStream` to decoding workers that are spawned, not forked, and opens the dataset again
+    there): `datasets` hashes it with `samples`' generator's arguments, and the opened stream's objects
+    need not pickle (with transformers 5.17 one did not, and the route failed on a GPU machine)."""
 
     def __init__(self, name, split="train", data_files=None, image_column=None, id_column=None, config=None):
         import datasets
 
         self.name, self.split, self.data_files, self.config = name, split, list(data_files or []), config
         self.id_column = id_column
+        self.opened_with = (name, split, self.data_files, image_column, id_column, config)
         try:
             files = {split: self.data_files} if data_files else None
             builder = datasets.load_dataset_builder(name, config, data_files=files)
@@ -67,6 +70,9 @@ class DatasetSource:
         self.file_names = dict(zip(map(str, files), shard_names(list(map(str, files)), len(files)))) \
             if files and len(files) != stream.num_shards else {}
         self.id_type = features[id_column].pa_type if id_column and hasattr(features[id_column], "pa_type") else None
+
+    def __reduce__(self):
+        return DatasetSource, self.opened_with
 
     # ----------------------------------------------------------------------------------- the output
 

@@ -341,3 +341,22 @@ def test_an_id_column_with_repeats_scores_each_id_once_and_says_so(converted, pi
                "--model", converted["ca"], "--workers", 0) == 0
     assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["id-0", "id-1", "id-2"]
     assert f"note: {len(names) - 3} sample(s) had a key already seen in this run" in capsys.readouterr().err
+
+
+def test_a_source_pickles_as_what_it_was_opened_with_not_its_opened_stream(pictures, tmp_path):
+    """`datasets` hashes `samples`' generator arguments (the source among them) with dill: objects reachable
+    from the opened stream need not pickle. With transformers 5.17 one did not, and the webdataset route
+    failed on a GPU machine; here the stream is given an attribute no pickler takes (a generator)."""
+    import pickle
+
+    from datasets.fingerprint import Hasher
+
+    from citytools.streaming import DatasetSource
+
+    write_tars(tmp_path / "wds", pictures)
+    source = DatasetSource("webdataset", data_files=[str(p) for p in sorted((tmp_path / "wds").glob("*.tar"))])
+    source.stream.unpicklable = (n for n in range(3))
+    Hasher.hash({"shards": list(enumerate(source.shards)), "source": [source] * len(source.shards)})
+    again = pickle.loads(pickle.dumps(source))
+    assert (again.shards, again.image_columns, again.webdataset) == (source.shards, source.image_columns, True)
+    assert len(list(source.samples())) == len(pictures)
