@@ -14,6 +14,10 @@
 # $STREAM_LIMIT seconds (default 150; 0 skips it), bench_streaming.py: the datasets route (streamed
 # webdataset and parquet) against the folder route on the GPU, into $OUT/streaming.json. Exits as
 # bench_gpu.py (124: the time limit; the JSON keeps what was measured by then).
+# Sizing (run 5, an H200): with --head-steps 600 --raw-seconds 4 --models <one model> and a baseline,
+# everything before full-mode training took 430 s and the default LIMIT cut it there: to measure that
+# too, raise LIMIT (the call itself may run 600 s, streaming included) or leave recipes out
+# (--recipes 1:fp32 saves about 60 s).
 set -u
 out=${OUT:-bench/device-run}
 mkdir -p "$out"

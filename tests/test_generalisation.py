@@ -267,8 +267,12 @@ def test_benchmark_derives_size_and_clean_family_columns():
     assert rows[0]["megapixels"] == "4 MP and more" and rows[0]["clean family"] == "photo"
     assert "strength, 4 MP and more" not in rows[0]
     assert rows[1]["megapixels"] == "under 1 MP" and "clean family" not in rows[1]
+    assert [rows[i]["long side"] for i in (1, 0, 3)] == ["256-511 px", "1024 px and more", "1024 px and more"]
+    sizes = (("255", "90"), ("100", "256"), ("1023", "40"), ("512", "9"))
+    sides = [benchmark.derive_columns({"width": w, "height": h})["long side"] for w, h in sizes]
+    assert sides == ["under 256 px", "256-511 px", "512-1023 px", "512-1023 px"]
     assert "strength, 4 MP and more" not in rows[1]
-    assert "megapixels" not in rows[2]
+    assert "megapixels" not in rows[2] and "long side" not in rows[2]
     soft = [benchmark.derive_columns({"effect": "clean", "negative_blur": radius}) for radius in ("0.0", "1.2")]
     assert [r["clean, blurred"] for r in soft] == ["sharp", "blurred"] and "clean, blurred" not in rows[0]
     assert rows[3]["strength, 4 MP and more"] == "1.5" and rows[3]["megapixels"] == "4 MP and more"

@@ -124,10 +124,14 @@ def load_records(dataset, split, max_images=None):
 NOT_BREAKDOWNS = ("path", "image", "label", "negative_blur")  # negative_blur's breakdown: `clean, blurred`
 MAX_BREAKDOWN_VALUES = 40  # a metadata column with more distinct values (file names, pixel sizes) is not a breakdown
 MEGAPIXEL_BUCKETS = ((1.0, "under 1 MP"), (4.0, "1-4 MP"), (float("inf"), "4 MP and more"))
+# small pictures apart: under 1 MP holds most test pictures, and the native streams see least in the smallest
+LONG_SIDE_BUCKETS = ((256, "under 256 px"), (512, "256-511 px"), (1024, "512-1023 px"),
+                     (float("inf"), "1024 px and more"))
 
 
 def derive_columns(record):
-    """Adds breakdowns made of metadata columns: `megapixels` (a size bucket, from width and height),
+    """Adds breakdowns made of metadata columns: `megapixels` and `long side` (size buckets, from width
+    and height),
     `clean family` (the picture family of clean images only: their false-positive rate per family),
     `clean, blurred` (clean images blurred by make_synthetic_data --blurred-negatives or not),
     `shift strength` (the strength of plain channel shifts only) and `strength, 4 MP and more` (the
@@ -135,6 +139,8 @@ def derive_columns(record):
     try:
         pixels = float(record["width"]) * float(record["height"]) / 1e6
         record["megapixels"] = next(name for limit, name in MEGAPIXEL_BUCKETS if pixels < limit)
+        side = max(float(record["width"]), float(record["height"]))
+        record["long side"] = next(name for limit, name in LONG_SIDE_BUCKETS if side < limit)
     except (KeyError, TypeError, ValueError):
         pass
     if record.get("effect") == "clean" and record.get("family"):
