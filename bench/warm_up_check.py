@@ -10,6 +10,7 @@ and once on them three times over (hard links), in that order. Writes $OUT/warm.
   python bench/warm_up_check.py            # on a CUDA machine
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -46,7 +47,9 @@ def variant(tmp, name):
 
 
 def main():
-    dry = "--dry-run" in sys.argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="12 small images on the CPU: checks the paths only")
+    dry = parser.parse_args().dry_run
     out = Path(os.environ.get("OUT", "/tmp/warm-out"))
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")

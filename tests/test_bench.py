@@ -7,10 +7,17 @@ import sys
 from conftest import REPO
 
 
-def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
+def test_gpu_benchmark_dry_run_measures_every_path(converted, tmp_path):
+    """--models: a model that reads native inputs (stage 13's kind) measured on the same data too."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from bench_classify import with_native_streams
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    native = with_native_streams(converted["ca"], tmp_path / "native", patch_channels=4, patch_count=8)
     out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--dry-run", "--out", str(out),
+                           "--models", str(native)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     images, crops = report["data"]["images"], report["data"]["crops"]
@@ -44,6 +51,10 @@ def test_gpu_benchmark_dry_run_measures_every_path(tmp_path):
         assert precision["vs_cpu_float32"][dtype]["max_abs_diff"] <= 1e-2, precision
         assert precision["vs_cpu_float32"][dtype]["flips_at_0.5"] == 0, precision
     assert report["png_decoder"] in ("libspng", "pillow")
+    assert report["classify_native"]["images_per_s"] > 0 and "ratio_to_raw" not in report["classify_native"]
+    assert report["classify_native"]["model"] == str(native)
+    assert report["data_path_crop_workers_native"]["crops_per_s"] > 0
+    assert report["precision_agreement_native"]["images"] == 12 and report["precision_agreement_native"]["agrees"]
 
 
 def test_cpu_benchmark_compares_models_and_grid_tiling(converted, tmp_path):
