@@ -5,11 +5,20 @@ import numpy as np
 
 
 def sort_key(value):
-    """Metadata values in a natural order: numbers by value first, then text."""
+    """Metadata values in a natural order: numbers by value first, then size buckets by the number
+    they start at ("under 256 px" < "256-511 px" < "1024 px and more"; "under 1 MP" < "1-4 MP"), then
+    other text."""
     try:
         return (0, float(value), "")
     except ValueError:
-        return (1, 0.0, value)
+        pass
+    words = value.split()
+    under = len(words) > 1 and words[0] == "under"
+    lead = words[1 if under else 0].split("-")[0] if len(words) > under else ""
+    try:
+        return (1, float(lead) - (0.5 if under else 0.0), value)
+    except ValueError:
+        return (2, 0.0, value)
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -278,6 +278,16 @@ def test_benchmark_derives_size_and_clean_family_columns():
     assert rows[3]["strength, 4 MP and more"] == "1.5" and rows[3]["megapixels"] == "4 MP and more"
 
 
+def test_report_rows_come_in_a_natural_order():
+    from citytools.plots import sort_key
+
+    values = ["webp", "1024 px and more", "2.0", "under 256 px", "512-1023 px", "0.5", "256-511 px", "jpeg 4:2:0"]
+    assert sorted(values, key=sort_key) == ["0.5", "2.0", "under 256 px", "256-511 px", "512-1023 px",
+                                            "1024 px and more", "jpeg 4:2:0", "webp"]
+    assert sorted(["4 MP and more", "under 1 MP", "1-4 MP"], key=sort_key) == ["under 1 MP", "1-4 MP", "4 MP and more"]
+    assert sorted(["3D render", "", "under", "clip art"], key=sort_key) == ["", "3D render", "clip art", "under"]
+
+
 def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
     from citytools.cli import benchmark
 
