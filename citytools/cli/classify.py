@@ -316,7 +316,9 @@ def score_stream(args, scorer, route, done, journal, bar, rank, world, stopwatch
             except UsageError:  # the input cannot be read on (a shard out of reach): what was scored is kept
                 finish(in_flight.take())
                 raise
-            except (RuntimeError, ConnectionError) as error:  # a worker killed mid-handover resets its socket
+            except (RuntimeError, ConnectionError, EOFError) as error:
+                # a worker killed mid-handover resets its socket (ConnectionError), or closes it while
+                # the main process is still asking for the batch's shared memory (EOFError: seen under load)
                 if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
                     raise
                 finish(in_flight.take())  # scored before the death: written before the inputs done are read back
