@@ -384,15 +384,16 @@ def agreement(files, device, model_dir=ROOT):
     from citytools.devices import pick_dtype
     from citytools.images import load_image
     from citytools.loading import collate
+    from citytools.results import score_columns
     from citytools.scorer import Scorer
 
     def scores(where, dtype, crop="auto"):
         scorer = Scorer([str(model_dir)], device=where, dtype=dtype, crop=crop)
+        column = score_columns(scorer.models[0].key, ["Chromatic Aberration"])[0]
         out = []
         for start in range(0, len(files), 8):
             items = [(None, scorer.preprocess(load_image(path))) for path in files[start : start + 8]]
-            out += [next(v for k, v in row.items() if k.endswith(":Chromatic Aberration"))
-                    for row in scorer.score(collate(items)[1])]
+            out += [row[column] for row in scorer.score(collate(items)[1])]
         return np.array(out)
 
     def compare(a, b):

@@ -1,7 +1,11 @@
 """benchmark.py's plots: ROC and precision-recall curves, the confusion matrix, score histograms,
 detection by strength and ROC AUC by picture family, as PNG files beside report.md."""
 
+import re
+
 import numpy as np
+
+SIZE_BUCKET = re.compile(r"(under )?(\d+(?:\.\d+)?)[ -]")  # "under 256 px", "256-511 px", "4 MP and more"
 
 
 def sort_key(value):
@@ -12,13 +16,10 @@ def sort_key(value):
         return (0, float(value), "")
     except ValueError:
         pass
-    words = value.split()
-    under = len(words) > 1 and words[0] == "under"
-    lead = words[1 if under else 0].split("-")[0] if len(words) > under else ""
-    try:
-        return (1, float(lead) - (0.5 if under else 0.0), value)
-    except ValueError:
-        return (2, 0.0, value)
+    bucket = SIZE_BUCKET.match(value)
+    if bucket:
+        return (1, float(bucket[2]) - (0.5 if bucket[1] else 0.0), value)
+    return (2, 0.0, value)
 
 
 # ------------------------------------------------------------------------------------------ report

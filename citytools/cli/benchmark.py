@@ -137,10 +137,9 @@ def derive_columns(record):
     `shift strength` (the strength of plain channel shifts only) and `strength, 4 MP and more` (the
     aberration strength of the largest pictures only)."""
     try:
-        pixels = float(record["width"]) * float(record["height"]) / 1e6
-        record["megapixels"] = next(name for limit, name in MEGAPIXEL_BUCKETS if pixels < limit)
-        side = max(float(record["width"]), float(record["height"]))
-        record["long side"] = next(name for limit, name in LONG_SIDE_BUCKETS if side < limit)
+        width, height = float(record["width"]), float(record["height"])
+        record["megapixels"] = next(name for limit, name in MEGAPIXEL_BUCKETS if width * height / 1e6 < limit)
+        record["long side"] = next(name for limit, name in LONG_SIDE_BUCKETS if max(width, height) < limit)
     except (KeyError, TypeError, ValueError):
         pass
     if record.get("effect") == "clean" and record.get("family"):
