@@ -9,7 +9,9 @@ apart, both together against green, radially growing from the centre). The pictu
 radial aberration is largest, are always seen); in each, the gradient magnitudes of red and blue
 are cross-correlated with green's (DFT, Hann window, normalised) over shifts up to `max_shift` px,
 and the peak, refined to a twentieth of a pixel by interpolating the correlation between whole
-pixels (from its spectrum), is where red's and blue's edges sit against green's. The summaries in
+pixels (from its spectrum), is where red's and blue's edges sit against green's; where the
+correlation is flat (edges that all run one way say nothing of a shift along them) the peak nearest
+no shift is taken, so rounding, which differs between CPUs, decides nothing. The summaries in
 NATIVE_FRINGE_FEATURES describe the picture; `fringe_px` alone is the yardstick's score.
 """
 
@@ -158,12 +160,33 @@ def pick_blocks(edge, grid, per_cell, min_edge):
     return keep // cols, keep % cols
 
 
+# Values this close to a block's largest (relative to its largest magnitude) count as equal to it:
+# far above float64's rounding (about 1e-15 here), far below what the data decides (every real block's
+# margin in the test splits is either under 1e-14 or over 1e-9).
+TIE_TOLERANCE = 1e-9
+
+
+def nearest_peak(values, offsets):
+    """(k, n, n) values over a grid of `offsets` (px, each axis; centre = 0) -> (k,) flat index of the
+    largest, ties (within TIE_TOLERANCE) going to the offset nearest the centre, then to the first in
+    row-major order. A plateau is common: a block whose edges all run one way correlates equally at
+    every shift along them, and pixel art at whole-pixel shifts. A plain argmax would pick the value
+    that rounding happened to raise, so the same picture would measure differently with another
+    CPU's BLAS kernels (and another offset along the edge is no fringe that the data shows)."""
+    flat = values.reshape(len(values), -1)
+    top = flat.max(1, keepdims=True)
+    tied = flat >= top - TIE_TOLERANCE * np.abs(flat).max(1, keepdims=True)
+    grid = np.asarray(offsets, dtype=np.float64)
+    distance = (grid[:, None] ** 2 + grid[None, :] ** 2).ravel()
+    return np.where(tied, distance, np.inf).argmin(1)  # argmin: the first of equal distances
+
+
 def integer_peaks(corr, m):
-    """(k, 2m+1, 2m+1) correlations (centre = no shift) -> ((k, 2) whole-pixel (dy, dx) of the peak,
-    the peak's value, the value at no shift)."""
+    """(k, 2m+1, 2m+1) correlations (centre = no shift) -> ((k, 2) whole-pixel (dy, dx) of the peak
+    (`nearest_peak`), the peak's value, the value at no shift)."""
     k, side = corr.shape[0], 2 * m + 1
     flat = corr.reshape(k, -1)
-    index = flat.argmax(1)
+    index = nearest_peak(corr, tuple(range(-m, m + 1)))
     iy, ix = np.divmod(index, side)
     return np.stack([iy - m, ix - m], 1).astype(np.float64), flat[np.arange(k), index], corr[:, m, m]
 
@@ -252,13 +275,13 @@ def window_correlation_at(b, phases, offsets):
 def subpixel_peaks(cross, b, start):
     """Refines whole-pixel peaks `start` (k, 2) to a twentieth of a pixel: the correlation, divided by
     the window's own (which would pull every peak towards no shift), searched on a coarse then a fine
-    grid around the peak."""
+    grid around the peak (`nearest_peak`: along a plateau the peak stays where it was)."""
     best = start.astype(np.float64)
     for step, steps in SUBPIXEL_STEPS:
         offsets = tuple(float(o) for o in np.arange(-steps, steps + 1) * step)
         phases = centre_phases(b, best)
         values = correlation_at(cross, b, phases, offsets) / window_correlation_at(b, phases, offsets).clip(1e-12)
-        iy, ix = np.divmod(values.reshape(len(best), -1).argmax(1), len(offsets))
+        iy, ix = np.divmod(nearest_peak(values, offsets), len(offsets))
         best = best + np.stack([np.array(offsets)[iy], np.array(offsets)[ix]], 1)
     return best
 

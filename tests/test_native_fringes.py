@@ -484,3 +484,112 @@ def test_cached_training_views_are_keyed_by_the_measurements_code(monkeypatch, t
     old, reused, new = (np.frombuffer(d[0]["fringe_values"], dtype=np.float32) for d in (first, cached, measured))
     np.testing.assert_array_equal(reused, old)
     np.testing.assert_allclose(new, old + 1)
+
+
+def stripes(seed, width=320, height=256):
+    """Horizontal bands of random colours, 2-9 px tall: every edge runs across the picture, so a
+    block's correlation is the same at every horizontal shift (a plateau), and only the vertical one
+    is measurable."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(rng.integers(0, 256, (height, 3)), rng.integers(2, 10, height), axis=0)[:height]
+    return Image.fromarray(np.repeat(rows[:, None].astype(np.uint8), width, axis=1))
+
+
+def native_module():
+    import importlib
+
+    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
+
+    return importlib.import_module("cityclassifier.native_fringes")
+
+
+def test_a_plateau_gives_no_shift_along_the_edges_whatever_the_rounding(monkeypatch):
+    """Where the correlation is flat (edges that all run one way), the peak is the one nearest no shift,
+    not whichever value rounding raised: the products perturbed by a few units in the last place (what
+    another CPU's BLAS kernels do) give the same offsets, block for block, on stripes and on an
+    illustration; along the stripes the offset is exactly 0, across them the shift is recovered."""
+    native = native_module()
+    spec = native.native_fringe_spec(True)
+    exact = native.apply_last
+
+    def offsets(picture):
+        pixels, _ = native.work_image(picture, spec["work_side"])
+        red, blue, *_ = native.block_offsets(pixels, spec)
+        return red, blue
+
+    for picture in (moved(stripes(0), red=(0, 1), blue=(0, -1)), moved(illustration(3, 640, 480), red=(1.5, 0))):
+        red, blue = offsets(picture)
+        assert len(red) >= 20
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+
+            def rounded_otherwise(values, matrix, rng=rng):
+                product = exact(values, matrix)
+                return product * (1 + 4e-16 * rng.standard_normal(product.shape))
+
+            monkeypatch.setattr(native, "apply_last", rounded_otherwise)
+            again_red, again_blue = offsets(picture)
+            np.testing.assert_array_equal(again_red, red)
+            np.testing.assert_array_equal(again_blue, blue)
+        monkeypatch.setattr(native, "apply_last", exact)
+    red, blue = offsets(moved(stripes(0), red=(0, 1), blue=(0, -1)))
+    # (dy, dx): along the stripes, no shift beyond the coarse search's step (the interpolation's
+    # Nyquist term tilts the plateau by about 1e-5 off whole-pixel rows, which the data then decides)
+    assert np.abs(red[:, 1]).max() <= 0.25 and np.abs(blue[:, 1]).max() <= 0.25
+    assert abs(np.median(red[:, 0]) - 1) <= 0.2 and abs(np.median(blue[:, 0]) + 1) <= 0.2
+
+
+def test_nearest_peak_takes_the_largest_and_breaks_ties_towards_the_centre():
+    native = native_module()
+    offsets = (-1.0, 0.0, 1.0)
+    values = np.array([
+        [[0, 0, 0], [0, 0, 0], [0, 0, 5]],  # one peak, off centre
+        [[5, 0, 5], [0, 0, 0], [5, 0, 5]],  # four corners tied: the first
+        [[1, 2, 1], [2, 2, 2], [1, 2, 1]],  # a plateau through the centre: the centre
+        [[0, 1, 0], [1 + 1e-13, 0, 1], [0, 1, 0]],  # within the tolerance: nearest, then first
+        [[0, 1, 0], [1 + 1e-6, 0, 1], [0, 1, 0]],  # beyond it: the data decides
+        [[-3, -2, -3], [-2, -1, -2], [-3, -2, -3]],  # negative values
+        [[0, 0, 0], [0, 0, 0], [0, 0, 0]],  # flat: the centre
+    ], dtype=np.float64)
+    assert native.nearest_peak(values, offsets).tolist() == [8, 0, 4, 1, 3, 4, 4]
+
+
+def test_the_measurement_is_the_same_with_another_cpus_blas_kernels(tmp_path):
+    """OpenBLAS picks its kernels by CPU (an AVX2 EPYC, an AVX-512 Xeon): each sums a product in its own
+    order. The same pictures are measured in fresh processes with OpenBLAS forced to two kernels that
+    every CPU this project runs on has (SSE-only Nehalem, AVX2 Haswell) and, where the CPU has AVX-512,
+    the SkylakeX one: the features are bit for bit the same."""
+    import json
+    import subprocess
+    import sys
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    if not blas or blas[0]["internal_api"] != "openblas":
+        pytest.skip("numpy's BLAS is not OpenBLAS: its kernels cannot be forced here")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    kernels = ["Nehalem"] + (["Haswell"] if " avx2" in flags and " fma" in flags else []) + (
+        ["SkylakeX"] if " avx512f" in flags and " avx512bw" in flags else [])
+    if len(kernels) < 2:
+        pytest.skip("this CPU runs only one of the kernels compared")
+    pictures = [moved(stripes(1), red=(0, 1)), moved(stripes(2).rotate(90, expand=True), blue=(2, 0)),
+                moved(illustration(4, 480, 360), red=(1, 0.5), blue=(-1, 0))]
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{i}.png")
+    probe = ("import json, sys, threadpoolctl\n"
+             "from PIL import Image\n"
+             "from citytools.remote import measure_fringes\n"
+             f"files = [{', '.join(repr(str(tmp_path / f'{i}.png')) for i in range(len(pictures)))}]\n"
+             "kernel = [i['architecture'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'][0]\n"
+             "print(json.dumps([kernel, [measure_fringes(Image.open(f)).tolist() for f in files]]))\n")
+    seen = {}
+    for kernel in kernels:
+        env = {**__import__("os").environ, "OPENBLAS_CORETYPE": kernel}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parent.parent, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        used, values = json.loads(done.stdout.strip().splitlines()[-1])
+        assert used.lower() == kernel.lower(), (kernel, used)  # the kernel was forced
+        seen[kernel] = values
+    for kernel in kernels[1:]:
+        assert seen[kernel] == seen[kernels[0]], kernel
