@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .native_fringes import NATIVE_FRINGE_FEATURES, measure_native, native_fringe_spec, native_patch_spec
+from .native_fringes import measure_native, native_feature_names, native_fringe_spec, native_patch_spec
 from .tiling import NUM_TILES, TILING_MODES, grid_layout, is_tiled, tile_boxes, tiling_size, view_layout
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -226,7 +226,8 @@ class CityClassifierImageProcessor(BaseImageProcessor):
 
     def native_layout(self):
         """The model inputs `native_inputs` gives, in order: name -> (dtype, shape) of one picture's."""
-        layout = {"fringe_values": (np.float32, (len(NATIVE_FRINGE_FEATURES),))} if self.native_fringes else {}
+        layout = ({"fringe_values": (np.float32, (len(native_feature_names(self.native_fringes)),))}
+                  if self.native_fringes else {})
         if self.native_patches:
             spec = self.native_patches
             layout["fringe_patches"] = (np.uint8, (spec["count"], 3, spec["size"], spec["size"]))
@@ -235,8 +236,9 @@ class CityClassifierImageProcessor(BaseImageProcessor):
     def native_inputs(self, image):
         """What this processor reads of the whole picture at native resolution (up to the settings' work
         size), by name: `fringe_values`, its fringes measured over all of it
-        ((len(NATIVE_FRINGE_FEATURES),) float32), and with `native_patches` on, `fringe_patches`
-        ((count, 3, size, size) uint8); {} when `native_fringes` is off. `image` as `preprocess` takes
+        ((len(native_feature_names(self.native_fringes)),) float32: NATIVE_FRINGE_FEATURES, then the
+        NATIVE_SIZE_FEATURES when its settings have `size` on), and with `native_patches` on,
+        `fringe_patches` ((count, 3, size, size) uint8); {} when `native_fringes` is off. `image` as `preprocess` takes
         one, before any tiling or resize."""
         if not self.native_fringes:
             return {}
@@ -377,7 +379,7 @@ class CityClassifierImageProcessor(BaseImageProcessor):
             `BatchFeature` with `pixel_values` (batch, tiles, 3, crop, crop), tiles = 5 with tiling
             (grid tiling: the most any image has, at least 5) and 1 without, `tile_mask`
             (batch, tiles) int64, and with `native_fringes` on, `fringe_values` (batch,
-            len(NATIVE_FRINGE_FEATURES)) float32: each picture's fringes at native resolution, and
+            len(native_feature_names(native_fringes))) float32: each picture's fringes at native resolution, and
             with `native_patches` on, `fringe_patches` (batch, count, 3, size, size) uint8.
         """
         self._refuse_unsupported(kwargs, data_format, do_resize=do_resize, do_center_crop=do_center_crop,

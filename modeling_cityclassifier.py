@@ -12,7 +12,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .configuration_cityclassifier import CityClassifierConfig
 from .fringes import CPU_CHUNK_BYTES, FRINGE_FEATURES, CityClassifierFringe
 from .image_processing import to_device
-from .native_fringes import NATIVE_FRINGE_FEATURES, native_fringe_spec, native_patch_spec
+from .native_fringes import native_feature_names, native_fringe_spec, native_patch_spec
 from .tiling import TILE_COMBINES
 
 
@@ -242,8 +242,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         """The head's input size: CLIP's projection, plus the per-view fringe measurements, the
         picture's native-resolution ones and its patch stream's features when configured."""
         patches = getattr(config, "native_patches", None)
+        native = getattr(config, "native_fringes", None)
         return (config.vision_config.projection_dim + (len(FRINGE_FEATURES) if config.fringe_features else 0)
-                + (len(NATIVE_FRINGE_FEATURES) if getattr(config, "native_fringes", None) else 0)
+                + (len(native_feature_names(native)) if native else 0)
                 + (CityClassifierPatchStream.features(patches) if patches else 0))
 
     def add_native_fringes(self, spec=None):
@@ -273,14 +274,34 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         self._keep_fp32()
         return self
 
-    def _grow_head_inputs(self):
+    def add_native_size(self):
+        """Gives the head how much evidence the native measurements rest on (`native_fringes` with
+        `size` on: the picture's long side and the blocks measured, NATIVE_SIZE_FEATURES), so that it
+        can lean on the enlarged views where a picture is small: zero head weights for them, so the
+        model scores exactly as before until it is trained. Its processor must measure them too (the
+        same `native_fringes` settings)."""
+        spec = getattr(self.config, "native_fringes", None)
+        if not spec:
+            raise ValueError("the size features need native_fringes: add_native_fringes first")
+        if spec["size"]:
+            return self
+        at = self.head_inputs(self.config) - (CityClassifierPatchStream.features(self.config.native_patches)
+                                              if self.patch_stream is not None else 0)
+        self.config.native_fringes = native_fringe_spec({**spec, "size": True})
+        self._grow_head_inputs(at)
+        return self
+
+    def _grow_head_inputs(self, at=None):
         """A new first head layer for `head_inputs(config)` inputs: the old weights, zeros for the new
-        inputs (appended last)."""
+        inputs, which come at input `at` (None: last)."""
         old = self.head.up[0]
         new = nn.Linear(self.head_inputs(self.config), old.out_features).to(old.weight.device, old.weight.dtype)
+        at = old.in_features if at is None else at
+        added = new.in_features - old.in_features
         with torch.no_grad():
             new.weight.zero_()
-            new.weight[:, : old.in_features] = old.weight
+            new.weight[:, :at] = old.weight[:, :at]
+            new.weight[:, at + added :] = old.weight[:, at:]
             new.bias.copy_(old.bias)
         self.head.up[0] = new
 
@@ -377,7 +398,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
             tile_mask: (batch, tiles), 1 for real tiles and 0 for padding; all ones when omitted.
             image_embeds: (batch, tiles, dim) or (batch, dim) precomputed embeddings, instead of pixels.
             labels: (batch,) label ids for class models, or scores in [0, 1] for score models.
-            fringe_values: (batch, len(NATIVE_FRINGE_FEATURES)) from the processor, the picture's
+            fringe_values: (batch, len(native_feature_names(config.native_fringes))) from the processor, the picture's
                 fringes at native resolution: needed by a model with `config.native_fringes`, ignored
                 by one without (as a processor that measures them may serve either).
             fringe_patches: (batch, count, 3, size, size) uint8 from the processor, the picture's most
@@ -445,9 +466,10 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         if fringe_values is None:
             raise ValueError("this model reads the picture's fringes at native resolution: pass fringe_values "
                              "from its processor (CityClassifierImageProcessor with native_fringes)")
-        if fringe_values.shape != (x.shape[0], len(NATIVE_FRINGE_FEATURES)):
-            raise ValueError(f"fringe_values must be (batch, {len(NATIVE_FRINGE_FEATURES)}) = "
-                             f"({x.shape[0]}, {len(NATIVE_FRINGE_FEATURES)}), got {tuple(fringe_values.shape)}")
+        count = len(native_feature_names(self.config.native_fringes))
+        if fringe_values.shape != (x.shape[0], count):
+            raise ValueError(f"fringe_values must be (batch, {count}) = ({x.shape[0]}, {count}) for this model's "
+                             f"native_fringes settings, got {tuple(fringe_values.shape)}")
         native = fringe_values.to(x.device, torch.float32).clamp_min(0).log1p().to(x.dtype)
         if self.patch_stream is not None:
             native = torch.cat([native, self._patch_features(fringe_patches, x)], dim=-1)

@@ -27,7 +27,7 @@ except ImportError:  # without it numpy's BLAS keeps its own threads
     ThreadpoolController = None
 
 NATIVE_FRINGE_DEFAULTS = {"work_side": 2048, "block": 32, "max_shift": 8, "grid": 4, "per_cell": 8,
-                          "min_edge": 0.01, "min_peak": 0.5}
+                          "min_edge": 0.01, "min_peak": 0.5, "size": False}
 NATIVE_PATCH_DEFAULTS = {"count": 32, "size": 32, "channels": 16}
 NATIVE_FRINGE_FEATURES = (
     "fringe_px",  # mean over measured blocks of the largest of |red|, |blue|, |red - blue| offsets, px
@@ -44,6 +44,16 @@ NATIVE_FRINGE_FEATURES = (
     "edge_share",  # the share of blocks measured
     "scale",  # work size / picture size (1 when measured at native resolution)
 )
+# With `size` on (native_fringes={"size": true}), how much evidence the summaries above rest on, after them:
+NATIVE_SIZE_FEATURES = (
+    "long_side",  # the picture's long side at its own resolution, in units of 256 px
+    "measured",  # blocks measured, in units of 32 (a 171 x 128 picture has 20 blocks; large ones up to 128)
+)
+
+
+def native_feature_names(spec):
+    """The names of the values `measure_native` gives with these settings (a spec as stored), in order."""
+    return NATIVE_FRINGE_FEATURES + (NATIVE_SIZE_FEATURES if spec and spec.get("size") else ())
 
 
 def option_settings(value, defaults, name):
@@ -64,6 +74,8 @@ def native_fringe_spec(value):
     spec = option_settings(value, NATIVE_FRINGE_DEFAULTS, "native_fringes")
     if spec is None:
         return None
+    if not isinstance(spec["size"], bool):
+        raise ValueError(f"native_fringes size must be true or false, got {spec['size']!r}")
     for name in ("work_side", "block", "max_shift", "grid", "per_cell"):
         spec[name] = int(spec[name])
         if spec[name] < 1:
@@ -409,10 +421,12 @@ def measure_native(image, spec=None, patch_spec=None):
     with one_blas_thread():
         *offsets, blocks = block_offsets(pixels, spec, grids)
     values = summarise(*offsets, blocks, pixels.shape[:2], scale)
+    if spec["size"]:
+        values = np.append(values, np.array([max(image.size) / 256, len(offsets[0]) / 32], dtype=np.float32))
     return values, (edge_patches(pixels, spec, native_patch_spec(patch_spec), grids) if patch_spec else None)
 
 
 def measure_fringes(image, spec=None):
-    """One picture (PIL, any mode) -> (len(NATIVE_FRINGE_FEATURES),) float32 measurements; offsets in
+    """One picture (PIL, any mode) -> (len(native_feature_names(spec)),) float32 measurements; offsets in
     px at the work size (`scale` of the picture's). `spec`: see native_fringe_spec (None: defaults)."""
     return measure_native(image, spec)[0]

@@ -224,6 +224,56 @@ def test_patch_stream_contract(converted, tmp_path):
         assert torch.allclose(loaded(**inputs).scores, after, atol=0.02)  # only CLIP's tower in bf16
 
 
+def test_size_features_contract(converted, tmp_path):
+    """native_fringes' `size`: the processor appends the picture's long side (in 256 px) and the blocks
+    measured (in 32) to the measurements; `add_native_size` gives them zero head weights between the
+    measurements and the patch stream's features, so the model scores as before until trained; then
+    they count, a model without them is refused them, and the setting survives a save and load."""
+    import torch
+
+    from citytools.remote import NATIVE_FRINGE_FEATURES, CityClassifierForImageClassification
+
+    model, processor = tiny_native_model(tmp_path, converted)
+    with pytest.raises(ValueError, match="size features need native_fringes"):
+        model.add_native_size()
+    with pytest.raises(ValueError, match="size must be true or false"):
+        native_module().native_fringe_spec({"size": "yes"})
+    model.add_native_fringes()
+    spec = {"count": 4, "size": 16, "channels": 3}
+    model.add_native_patches(spec)
+    with torch.no_grad():
+        model.head.up[0].weight[:, -(len(NATIVE_FRINGE_FEATURES) + 24):] = 0.25  # measurements and stream count
+    pictures = [illustration(60, 171, 128), moved(illustration(61, 640, 400), red=(2.0, 0.0))]
+    plain = processor.with_options(native_fringes=True, native_patches=spec)(pictures, return_tensors="pt")
+    sized = processor.with_options(native_fringes={"size": True}, native_patches=spec)(pictures, return_tensors="pt")
+    n = len(NATIVE_FRINGE_FEATURES)
+    assert sized["fringe_values"].shape == (2, n + 2)
+    assert torch.equal(sized["fringe_values"][:, :n], plain["fringe_values"])
+    assert torch.equal(sized["fringe_patches"], plain["fringe_patches"])
+    # by hand: 171 px and 640 px long sides; blocks of 32 px: 5 x 4 and 20 x 12 in the picture, of which the
+    # measured ones are at most all of them (and at most 8 a cell of the 4 x 4 grid)
+    assert sized["fringe_values"][:, n].tolist() == pytest.approx([171 / 256, 640 / 256])
+    measured = (sized["fringe_values"][:, n + 1] * 32).tolist()
+    assert measured == [round(m) for m in measured] and 0 < measured[0] <= 20 and 20 < measured[1] <= 128
+    with torch.no_grad():
+        before = model(**plain).scores
+        with pytest.raises(ValueError, match=r"fringe_values must be \(batch, 13\)"):
+            model(**sized)
+        model.add_native_size()
+        assert model.config.native_fringes["size"] is True
+        assert torch.allclose(model(**sized).scores, before, atol=1e-6)  # zero weights in place: as before
+        with pytest.raises(ValueError, match=r"fringe_values must be \(batch, 15\)"):
+            model(**plain)
+        model.head.up[0].weight[:, -26:-24] = 1.0  # the size features' columns, before the stream's 24
+        after = model(**sized).scores
+        assert not torch.allclose(after, before)
+    model.save_pretrained(tmp_path / "m")
+    loaded = CityClassifierForImageClassification.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.native_fringes["size"] is True
+    with torch.no_grad():
+        assert torch.equal(loaded(**sized).scores, after)
+
+
 @pytest.mark.parametrize("patches", [False, True], ids=["measurements", "measurements+patches"])
 def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_path, patches):
     """A saved model with native fringes (and the patch stream): the pipeline by path, the Scorer
@@ -271,7 +321,7 @@ def test_pipeline_classify_and_the_engine_give_the_same_numbers(converted, tmp_p
         Scorer([str(folder)])
 
 
-@pytest.mark.parametrize("flag", ["--native_fringes", "--native_patches"])
+@pytest.mark.parametrize("flag", ["--native_fringes", "--native_patches", "--native_size"])
 def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, flag):
     import json
 
@@ -306,7 +356,9 @@ def test_train_hf_native_inputs_train_and_refuse_head_only(converted, tmp_path, 
     with pytest.raises(UsageError, match="reads native-resolution inputs: it needs full-mode training"):
         train_hf.main([*again, "--output_dir", str(tmp_path / "head-only")])
     model = CityClassifierForImageClassification.from_pretrained(out)
-    native = 13 + (64 if flag == "--native_patches" else 0)  # a stream 8 channels wide: 8 x 8 features
+    # a stream 8 channels wide: 8 x 8 features; the size features: 2
+    native = 13 + (64 if flag == "--native_patches" else 2 if flag == "--native_size" else 0)
+    assert config["native_fringes"]["size"] is (flag == "--native_size")
     assert model.head.up[0].weight[:, -native:].abs().sum(0).gt(0).all()  # trained away from the zero start
     assert torch.isfinite(model.head.up[0].weight).all()
     if flag == "--native_patches":

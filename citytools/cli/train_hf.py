@@ -139,6 +139,13 @@ class ModelArguments:
                           "picture's most edge-rich patches, unresized (config.native_patches, the processor's "
                           "fringe_patches). Implies --native_fringes; full mode only. A CityClassifier without it "
                           "gets it with zero head weights, so training starts from its exact scores."})
+    native_size: bool = field(
+        default=False,
+        metadata={"help": "Also give the head how much evidence the native measurements rest on: the picture's "
+                          "long side and the number of blocks measured (config.native_fringes' `size`), so that "
+                          "it can lean on the enlarged views where a picture is small. Implies --native_fringes; "
+                          "full mode only. A model without them gets them with zero weights. Stage 15's ablation "
+                          "found no gain from them (docs/model.md)."})
     native_patch_count: Optional[int] = field(
         default=None,
         metadata={"help": "With --native_patches: patches per picture (default 32). The stream's work grows "
@@ -299,8 +306,10 @@ def with_native_fringes(model, processor, train_backbone, model_args):
     patches: new head inputs with zero weights) and its processor makes them, with the same settings."""
     patches = patch_options(model_args)
     native = getattr(model.config, "native_fringes", None)
-    if (model_args.native_fringes or model_args.native_patches or native) and not train_backbone:
-        flag = ("--native_patches" if model_args.native_patches else "--native_fringes" if model_args.native_fringes
+    if (model_args.native_fringes or model_args.native_patches or model_args.native_size or native) \
+            and not train_backbone:
+        flag = ("--native_patches" if model_args.native_patches else "--native_size" if model_args.native_size
+                else "--native_fringes" if model_args.native_fringes
                 else f"{model_args.model_name_or_path} reads native-resolution inputs: it")
         raise UsageError(f"{flag} needs full-mode training (--train_backbone, or --vision_config): "
                          "head-only training's cached embeddings carry no native-resolution inputs")
@@ -308,10 +317,12 @@ def with_native_fringes(model, processor, train_backbone, model_args):
     if existing and isinstance(patches, dict) and any(existing[name] != value for name, value in patches.items()):
         raise UsageError(f"{model_args.model_name_or_path} already has a patch stream {existing}: "
                          "--native_patch_count and --native_patch_channels cannot change it")
-    if model_args.native_fringes or model_args.native_patches:
+    if model_args.native_fringes or model_args.native_patches or model_args.native_size:
         model.add_native_fringes()
         if model_args.native_patches:
             model.add_native_patches(patches)
+        if model_args.native_size:
+            model.add_native_size()
     if getattr(model.config, "native_fringes", None):
         processor = processor.with_options(native_fringes=model.config.native_fringes,
                                            native_patches=getattr(model.config, "native_patches", None))
