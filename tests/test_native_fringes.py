@@ -26,6 +26,23 @@ def moved(image, red=(0, 0), green=(0, 0), blue=(0, 0)):
     return Image.merge("RGB", channels)
 
 
+def stripes(seed, width=320, height=256):
+    """Horizontal bands of random colours, 2-9 px tall: every edge runs across the picture, so a
+    block's correlation is the same at every horizontal shift (a plateau), and only the vertical one
+    is measurable."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(rng.integers(0, 256, (height, 3)), rng.integers(2, 10, height), axis=0)[:height]
+    return Image.fromarray(np.repeat(rows[:, None].astype(np.uint8), width, axis=1))
+
+
+def native_module():
+    import importlib
+
+    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
+
+    return importlib.import_module("cityclassifier.native_fringes")
+
+
 def features(image, **spec):
     from citytools.remote import NATIVE_FRINGE_FEATURES, measure_fringes
 
@@ -377,11 +394,7 @@ def test_the_fast_passes_equal_their_plain_statements(size):
     """The measurement's whole-picture passes are written for speed (integer edge sums in uint8 and
     uint16, blocks ranked in one sort, the border columns zeroed where they are): each equals a plain
     statement of what it computes, written here with floats and loops."""
-    import importlib
-
-    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
-
-    fast = importlib.import_module("cityclassifier.native_fringes")
+    fast = native_module()
     block_edges, block_gradients, pick_blocks = fast.block_edges, fast.block_gradients, fast.pick_blocks
 
     rng = np.random.default_rng(size[0])
@@ -431,12 +444,8 @@ def test_the_measurement_runs_numpys_blas_on_one_thread(monkeypatch):
     """In one process beside a model (the pipeline), numpy's BLAS threads only spin on the measurement's
     small products and take the cores from torch's: the measurement runs them on one thread, whatever
     numpy is set to, and leaves numpy's setting as it was."""
-    import importlib
-
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
-
-    native = importlib.import_module("cityclassifier.native_fringes")
+    native = native_module()
     seen = []
     measured = native.block_offsets
 
@@ -460,11 +469,7 @@ def test_wide_blocks_sum_their_rows_without_overflow_and_no_threadpoolctl_still_
     """Both sides of the measurement's two branches: blocks wider than 128 px (a block's rows no longer
     fit uint16: summed in uint32) against a plain float statement, and a Python without threadpoolctl,
     where the measurement runs with numpy's BLAS as it is and gives the same numbers."""
-    import importlib
-
-    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
-
-    native = importlib.import_module("cityclassifier.native_fringes")
+    native = native_module()
     b = 160
     y, x = np.mgrid[: 2 * b, : 2 * b]
     green = (255 * ((x // 2 + y // 2) % 2)).astype(np.uint8)  # 2 px squares: every inner pixel adds 510
@@ -495,7 +500,6 @@ def test_cached_training_views_are_keyed_by_the_measurements_code(monkeypatch, t
     give the same key (and the cache is reused), a changed measurement (or processor setting, or
     seed) another, and the cache then holds the new code's numbers."""
     import functools
-    import importlib
     import inspect
     import sys
     from types import SimpleNamespace
@@ -505,7 +509,7 @@ def test_cached_training_views_are_keyed_by_the_measurements_code(monkeypatch, t
     from citytools.remote import CityClassifierImageProcessor
     from citytools.training_data import cache_random_views, views_cache_fingerprint
 
-    native = importlib.import_module("cityclassifier.native_fringes")
+    native = native_module()
     processor = CityClassifierImageProcessor(native_fringes=True)
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
     datasets.Dataset.from_dict({"image": [illustration(70, 200, 150)], "label": [0]},
@@ -538,28 +542,12 @@ def test_cached_training_views_are_keyed_by_the_measurements_code(monkeypatch, t
     np.testing.assert_allclose(new, old + 1)
 
 
-def stripes(seed, width=320, height=256):
-    """Horizontal bands of random colours, 2-9 px tall: every edge runs across the picture, so a
-    block's correlation is the same at every horizontal shift (a plateau), and only the vertical one
-    is measurable."""
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(rng.integers(0, 256, (height, 3)), rng.integers(2, 10, height), axis=0)[:height]
-    return Image.fromarray(np.repeat(rows[:, None].astype(np.uint8), width, axis=1))
-
-
-def native_module():
-    import importlib
-
-    import citytools.remote  # noqa: F401 - makes the remote-code files the `cityclassifier` package
-
-    return importlib.import_module("cityclassifier.native_fringes")
-
-
 def test_a_plateau_gives_no_shift_along_the_edges_whatever_the_rounding(monkeypatch):
     """Where the correlation is flat (edges that all run one way), the peak is the one nearest no shift,
     not whichever value rounding raised: the products perturbed by a few units in the last place (what
     another CPU's BLAS kernels do) give the same offsets, block for block, on stripes and on an
-    illustration; along the stripes the offset is exactly 0, across them the shift is recovered."""
+    illustration; along the stripes no offset beyond the coarse search's step, across them the shift
+    is recovered."""
     native = native_module()
     spec = native.native_fringe_spec(True)
     exact = native.apply_last
