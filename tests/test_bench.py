@@ -165,3 +165,75 @@ def test_stream_ablation_trains_each_stream_and_stacks_it_with_a_model(converted
     for figures in [report["yardstick (fringe_px)"], *report["roc_auc"].values()]:
         assert 0.0 <= figures["all"] <= 1.0
     assert "epoch 1/1" in done.stderr and report["machine"]["cpus"] >= 1
+
+
+def gate_report(folder, candidate, shipped, yardstick, *, dataset, flagged=None, strength=None, auc=0.999):
+    """A benchmark.py metrics.json with three models' headline entries: families -> ROC AUC per model."""
+    flagged = flagged or {"drawn": 0.0, "painted": 0.0}
+    strength = strength or {"0.0": (0.0, 40, 0), "1.0": (0.5, 10, 10), "2.0": (1.0, 10, 10), "4.0": (1.0, 10, 10)}
+
+    def entry(family_auc, clean, headline=True):
+        return {"headline": headline, "weights": "x",
+                "metrics": {"roc_auc": auc, "ece": 0.03},
+                "by": {"family": {**{f: {"n": 20, "positives": 10, "roc_auc": v} for f, v in family_auc.items()},
+                                  "sketch": {"n": 5, "positives": 0}},
+                       "clean family": {f: {"n": 20, "positives": 0, "flagged": v} for f, v in clean.items()},
+                       "strength": {k: {"n": n, "positives": p, "flagged": f} for k, (f, n, p) in strength.items()}}}
+
+    folder.mkdir(parents=True)
+    models = {"cand tiling-mean": entry(candidate, flagged), "cand tiling-max": entry(candidate, flagged, False),
+              "default tiling-mean": entry(shipped, {"drawn": 0.0, "painted": 0.0}),
+              "fringe-baseline": entry(yardstick, {"drawn": 0.0, "painted": 0.0})}
+    (folder / "metrics.json").write_text(json.dumps({"dataset": dataset, "images": 80, "models": models}))
+    return folder
+
+
+def run_gate(tmp_path, lossless, delivered, *extra):
+    out = tmp_path / "gate.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "ship_gate.py"), "--candidate", "runs/cand",
+                           "--lossless", str(lossless), "--delivered", str(delivered), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=60)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
+    """bench/ship_gate.py: a candidate higher than the shipped model and the yardstick in every family,
+    above every target, ships; a perfect score it only matches does not block it; a tie below 1, a
+    clean family flagged above 2%, or recall under the target blocks it, and the row says which."""
+    good = {"drawn": 0.999, "painted": 1.0}
+    lossless = gate_report(tmp_path / "l", good, {"drawn": 0.99, "painted": 1.0}, {"drawn": 0.98, "painted": 0.99},
+                           dataset="data/real-check-v")
+    delivered = gate_report(tmp_path / "d", good, {"drawn": 0.97, "painted": 0.96}, {"drawn": 0.95, "painted": 0.95},
+                            dataset="data/real-check-d")
+    done, verdict = run_gate(tmp_path, lossless, delivered)
+    assert done.returncode == 0, done.stderr
+    assert verdict["ships"] and verdict["failed"] == [] and verdict["entries"]["lossless"] == "cand tiling-mean"
+    level = [r for r in verdict["criteria"] if r["criterion"] == "ROC AUC, painted, against the shipped model"]
+    assert [r["note"] for r in level] == ["level at 1", "higher"]  # lossless: both perfect; delivered: higher
+    assert not any("sketch" in r["criterion"] for r in verdict["criteria"])  # one label: nothing to rank
+    # recall over the positives of 2 px and more: (1.0 * 10 + 1.0 * 10) / 20, the 1 px bucket left out
+    recall = [r for r in verdict["criteria"] if r["criterion"].startswith("recall")]
+    assert [r["value"] for r in recall] == [1.0, 1.0]
+    assert (tmp_path / "gate.md").read_text().startswith("# Issue #27's release rule")
+
+    # a tie below 1 (lossless drawn, as stage 15 against stage 5), a clean family at 3%, recall 0.8
+    tie = tmp_path / "tie"
+    gate_report(tie, {"drawn": 0.996, "painted": 1.0}, {"drawn": 0.996, "painted": 1.0}, {"drawn": 0.9, "painted": 0.9},
+                dataset="data/real-check-v", flagged={"drawn": 0.03, "painted": 0.0},
+                strength={"1.0": (0.0, 10, 10), "2.0": (0.6, 10, 10), "3.0": (1.0, 10, 10)})
+    done, verdict = run_gate(tmp_path, tie, delivered)
+    assert done.returncode == 0, done.stderr
+    assert not verdict["ships"]
+    assert set(verdict["failed"]) == {"lossless: ROC AUC, drawn, against the shipped model",
+                                      "lossless: clean drawn flagged",
+                                      "lossless: recall at the threshold, fringes >= 2 px"}
+    assert [r["value"] for r in verdict["criteria"] if r["criterion"].startswith("recall")][0] == 0.8  # (6 + 10) / 20
+
+
+def test_ship_gate_refuses_a_report_it_cannot_judge_in_one_line(tmp_path):
+    lossless = gate_report(tmp_path / "l", {"drawn": 1.0}, {"drawn": 1.0}, {"drawn": 1.0}, dataset="x")
+    done, verdict = run_gate(tmp_path, lossless, tmp_path / "missing")
+    assert done.returncode == 2 and verdict is None
+    assert done.stderr.count("\n") == 1 and "missing" in done.stderr and "metrics.json" in done.stderr
+    done, _ = run_gate(tmp_path, lossless, lossless, "--shipped", "runs/other")
+    assert done.returncode == 2 and "'runs/other'" in done.stderr and done.stderr.count("\n") == 1

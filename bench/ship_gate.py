@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Issue #27's release rule, checked from benchmark.py's metrics.json: does a candidate model meet
+every "Done when" figure, and does it beat the shipped model and the classical yardstick in every
+family? Reads two reports made by one `benchmark.py --passes tiling` run each (the candidate, the
+shipped model and the yardstick scored on the same pictures): the real-picture test split, lossless
+(`data/real-check-v`), and its JPEG/WebP-delivered version (`data/real-check-d`: the same pictures,
+each saved as a JPEG of quality 75-95 or a WebP; docs/benchmark.md).
+
+  python bench/ship_gate.py --candidate runs/default_model_stage16 \\
+      --lossless bench/stage16-real-check-v --delivered bench/stage16-real-check-d --out bench/gate-stage16.json
+
+The criteria, as #27 states them (each row of the output names its report, value and target):
+  lossless: ROC AUC >= 0.995, every family >= 0.985, recall at 0.5 >= 95% for fringes of 2 px and more;
+  delivered: ROC AUC >= 0.98, recall at 0.5 >= 90% for fringes of 2 px and more (every picture there
+    went through JPEG 75-95 or WebP);
+  both: at 0.5, at most 2% of the clean pictures of every family flagged; in every family a higher
+    ROC AUC than the shipped model's and the yardstick's. Where both score 1.000 no one can score
+    higher: that row says "level at 1" and does not block; a tie anywhere else blocks.
+The expected calibration error is shown, without a target (#27 asks that it be reported).
+Writes the verdict and every row as JSON (and the same table as Markdown beside it, .md); exits 0
+whether or not the candidate passes (the verdict is data), 2 on unusable input.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {"lossless_roc_auc": 0.995, "family_roc_auc": 0.985, "delivered_roc_auc": 0.98,
+           "clean_flagged": 0.02, "lossless_recall_2px": 0.95, "delivered_recall_2px": 0.90}
+
+
+class GateError(ValueError):
+    """A report that cannot be judged: missing, or without the model or breakdown asked for."""
+
+
+def load_report(folder):
+    path = Path(folder) / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise GateError(f"{path}: cannot read a benchmark.py metrics.json ({error})") from None
+
+
+def model_entry(report, name, folder):
+    """The report's entry for `name`: an exact key ("fringe-baseline"), or the headline variant of
+    a model given by its folder or its name in the report ("runs/stage15" -> "stage15 tiling-mean")."""
+    models = report["models"]
+    if name in models:
+        return name, models[name]
+    short = Path(name).name or "default"  # "." (the repo root) is the shipped model, "default" in reports
+    headline = [key for key, entry in models.items() if key.startswith(short + " ") and entry.get("headline")]
+    if len(headline) != 1:
+        raise GateError(f"{folder}: no single headline entry for {name!r} (entries: {', '.join(models)})")
+    return headline[0], models[headline[0]]
+
+
+def recall_from(entry, min_strength, folder):
+    """Recall at the report's threshold over the positives whose fringe is at least `min_strength` px
+    (the `strength` breakdown: one bucket per strength, its share flagged and its size)."""
+    buckets = entry["by"].get("strength")
+    if not buckets:
+        raise GateError(f"{folder}: no `strength` breakdown (a dataset without a strength column)")
+    chosen = [(b["flagged"], b["n"]) for key, b in buckets.items() if float(key) >= min_strength and b["positives"]]
+    if not chosen:
+        raise GateError(f"{folder}: no positives of {min_strength} px or more")
+    return sum(f * n for f, n in chosen) / sum(n for _, n in chosen), sum(n for _, n in chosen)
+
+
+def beats(value, other):
+    """(passes, how): higher passes; both exactly 1 is 'level at 1' and passes; anything else fails."""
+    if value == 1.0 and other == 1.0:
+        return True, "level at 1"
+    return value > other, "higher" if value > other else ("level" if value == other else "lower")
+
+
+def judge(reports, candidate, shipped, yardstick):
+    """reports: {"lossless": (folder, metrics), "delivered": (folder, metrics)} -> (rows, names):
+    one row per criterion: report, criterion, value, target (or the compared figure), passes."""
+    rows, names = [], {}
+    for kind, (folder, report) in reports.items():
+        name, entry = model_entry(report, candidate, folder)
+        _, ship = model_entry(report, shipped, folder)
+        _, yard = model_entry(report, yardstick, folder)
+        names[kind] = name
+        metrics = entry["metrics"]
+
+        def row(criterion, value, target, passes, note="", kind=kind):
+            rows.append({"report": kind, "criterion": criterion, "value": value, "target": target,
+                         "passes": bool(passes), "note": note})
+
+        auc_target = TARGETS[f"{kind}_roc_auc"]
+        row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
+        recall, n = recall_from(entry, 2.0, folder)
+        recall_target = TARGETS[f"{kind}_recall_2px"]
+        row("recall at the threshold, fringes >= 2 px", recall, f">= {recall_target}", recall >= recall_target,
+            f"{n} positives")
+        row("expected calibration error", metrics["ece"], "reported", True)
+        families = entry["by"].get("family")
+        if not families:
+            raise GateError(f"{folder}: no `family` breakdown (a dataset without a family column)")
+        for family, figures in sorted(families.items()):
+            if "roc_auc" not in figures:  # one label only (sketches): no ranking to judge
+                continue
+            value = figures["roc_auc"]
+            if kind == "lossless":
+                row(f"ROC AUC, {family}", value, f">= {TARGETS['family_roc_auc']}", value >= TARGETS["family_roc_auc"])
+            for label, other in (("shipped model", ship), ("yardstick", yard)):
+                theirs = other["by"]["family"][family]["roc_auc"]
+                passes, how = beats(value, theirs)
+                row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how)
+        for family, figures in sorted(entry["by"].get("clean family", {}).items()):
+            row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
+                figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
+    return rows, names
+
+
+def markdown(verdict):
+    lines = [f"# Issue #27's release rule: {verdict['candidate']}", "",
+             f"**{'Ships' if verdict['ships'] else 'Does not ship'}**: {verdict['passed']} of {verdict['rows']} "
+             "criteria met.", "",
+             *[f"- {kind}: `{folder}` ({verdict['pictures'][kind][0]}, {verdict['pictures'][kind][1]} pictures)"
+               for kind, folder in verdict["reports"].items()],
+             "", "| report | criterion | value | target | met | note |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in verdict["criteria"]:
+        lines.append(f"| {r['report']} | {r['criterion']} | {r['value']:.4f} | {r['target']} | "
+                     f"{'yes' if r['passes'] else '**no**'} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidate", required=True,
+                        help="the candidate: its model folder as given to benchmark.py, or its report entry")
+    parser.add_argument("--lossless", required=True, help="benchmark.py report folder of the lossless test split")
+    parser.add_argument("--delivered", required=True, help="report folder of its JPEG/WebP-delivered version")
+    parser.add_argument("--shipped", default=".", help="the shipped model, as given to benchmark.py (default: .)")
+    parser.add_argument("--yardstick", default="fringe-baseline",
+                        help="the yardstick's report entry (default: fringe-baseline)")
+    parser.add_argument("--out", type=Path, help="write the verdict here as JSON (and as Markdown beside it, .md)")
+    args = parser.parse_args(argv)
+    try:
+        reports = {kind: (folder, load_report(folder)) for kind, folder in
+                   (("lossless", args.lossless), ("delivered", args.delivered))}
+        pictures = {kind: (r["dataset"], r["images"]) for kind, (_, r) in reports.items()}
+        rows, names = judge(reports, args.candidate, args.shipped, args.yardstick)
+    except (GateError, KeyError) as error:
+        print(f"ship_gate.py: error: {error}", file=sys.stderr)
+        return 2
+    verdict = {"candidate": args.candidate, "entries": names, "shipped": args.shipped, "yardstick": args.yardstick,
+               "reports": {kind: folder for kind, (folder, _) in reports.items()}, "pictures": pictures,
+               "ships": all(r["passes"] for r in rows), "rows": len(rows), "passed": sum(r["passes"] for r in rows),
+               "failed": [f"{r['report']}: {r['criterion']}" for r in rows if not r["passes"]], "criteria": rows}
+    text = markdown(verdict)
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(verdict, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
