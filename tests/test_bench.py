@@ -237,3 +237,42 @@ def test_ship_gate_refuses_a_report_it_cannot_judge_in_one_line(tmp_path):
     assert done.stderr.count("\n") == 1 and "missing" in done.stderr and "metrics.json" in done.stderr
     done, _ = run_gate(tmp_path, lossless, lossless, "--shipped", "runs/other")
     assert done.returncode == 2 and "'runs/other'" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_filter_dataset_links_all_but_the_dropped_kinds_and_writes_nothing_in_the_source(tmp_path):
+    """bench/filter_dataset.py: the filtered splits lose exactly the images of the dropped effects (rows
+    and files), the other splits are linked whole, every link reads its source's bytes, the source is
+    byte for byte as before, and an existing destination is refused in one line."""
+    import hashlib
+
+    src = tmp_path / "src"
+    rows = {"train": [("0_jpeg/a.png", "jpeg"), ("0_clean/b.png", "clean"), ("1_shift/c.png", "shift"),
+                      ("0_webp/d.png", "webp")],
+            "validation": [("0_jpeg/e.png", "jpeg"), ("1_shift/f.png", "shift")]}
+    for split, files in rows.items():
+        for name, _ in files:
+            (src / split / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / split / name).write_bytes(f"{split}/{name}".encode())
+        lines = ["file_name,label,effect"] + [f"{n},{int(n[0])},{e}" for n, e in files]
+        (src / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+    def contents(root):
+        return sorted(hashlib.sha256(p.read_bytes()).hexdigest() + str(p.relative_to(root))
+                      for p in root.rglob("*") if p.is_file())
+
+    before = contents(src)
+    dst = tmp_path / "dst"
+    script = [sys.executable, str(REPO / "bench" / "filter_dataset.py")]
+    done = subprocess.run([*script, str(src), str(dst), "--drop-effects", "jpeg,webp"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "train: 2 images linked, 2 left out" in done.stdout
+    assert "validation: 2 images linked, 0 left out" in done.stdout
+    kept = sorted(p.relative_to(dst / "train").as_posix() for p in (dst / "train").rglob("*.png"))
+    assert kept == ["0_clean/b.png", "1_shift/c.png"]
+    rows_kept = (dst / "train" / "metadata.csv").read_text().splitlines()[1:]
+    assert rows_kept == ["0_clean/b.png,0,clean", "1_shift/c.png,1,shift"]
+    assert (dst / "validation" / "0_jpeg" / "e.png").read_bytes() == b"validation/0_jpeg/e.png"  # not filtered
+    assert all(p.is_symlink() for p in dst.rglob("*.png"))
+    assert contents(src) == before  # nothing written in the source
+    again = subprocess.run([*script, str(src), str(dst), "--drop-effects", "jpeg"], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists" in again.stderr
