@@ -17,10 +17,15 @@ from pathlib import Path
 import pandas as pd
 
 
+def split_dirs(src):
+    """The dataset's split folders: those holding a metadata.csv."""
+    return sorted(p for p in src.iterdir() if (p / "metadata.csv").is_file()) if src.is_dir() else []
+
+
 def filter_dataset(src, dst, drop, splits):
     """-> {split: (images kept, images dropped)}."""
     counts = {}
-    for split_dir in sorted(p for p in Path(src).iterdir() if (p / "metadata.csv").is_file()):
+    for split_dir in split_dirs(Path(src)):
         meta = pd.read_csv(split_dir / "metadata.csv")
         keep = ~meta["effect"].isin(drop) if split_dir.name in splits else pd.Series(True, index=meta.index)
         out = Path(dst) / split_dir.name
@@ -45,7 +50,7 @@ def main(argv=None):
     if args.dst.exists():
         print(f"filter_dataset.py: error: {args.dst}: exists; choose a new folder", file=sys.stderr)
         return 2
-    splits = [p for p in args.src.iterdir() if (p / "metadata.csv").is_file()] if args.src.is_dir() else []
+    splits = split_dirs(args.src)
     if not splits:
         print(f"filter_dataset.py: error: {args.src}: no split folder with a metadata.csv", file=sys.stderr)
         return 2

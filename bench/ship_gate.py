@@ -79,40 +79,46 @@ def judge(reports, candidate, shipped, yardstick):
     one row per criterion: report, criterion, value, target (or the compared figure), passes."""
     rows, names = [], {}
     for kind, (folder, report) in reports.items():
-        name, entry = model_entry(report, candidate, folder)
-        _, ship = model_entry(report, shipped, folder)
-        _, yard = model_entry(report, yardstick, folder)
-        names[kind] = name
-        metrics = entry["metrics"]
-
-        def row(criterion, value, target, passes, note="", kind=kind):
-            rows.append({"report": kind, "criterion": criterion, "value": value, "target": target,
-                         "passes": bool(passes), "note": note})
-
-        auc_target = TARGETS[f"{kind}_roc_auc"]
-        row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
-        recall, n = recall_from(entry, 2.0, folder)
-        recall_target = TARGETS[f"{kind}_recall_2px"]
-        row("recall at the threshold, fringes >= 2 px", recall, f">= {recall_target}", recall >= recall_target,
-            f"{n} positives")
-        row("expected calibration error", metrics["ece"], "reported", True)
-        families = entry["by"].get("family")
-        if not families:
-            raise GateError(f"{folder}: no `family` breakdown (a dataset without a family column)")
-        for family, figures in sorted(families.items()):
-            if "roc_auc" not in figures:  # one label only (sketches): no ranking to judge
-                continue
-            value = figures["roc_auc"]
-            if kind == "lossless":
-                row(f"ROC AUC, {family}", value, f">= {TARGETS['family_roc_auc']}", value >= TARGETS["family_roc_auc"])
-            for label, other in (("shipped model", ship), ("yardstick", yard)):
-                theirs = other["by"]["family"][family]["roc_auc"]
-                passes, how = beats(value, theirs)
-                row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how)
-        for family, figures in sorted(entry["by"].get("clean family", {}).items()):
-            row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
-                figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
+        names[kind], report_rows = judge_report(kind, folder, report, candidate, shipped, yardstick)
+        rows += report_rows
     return rows, names
+
+
+def judge_report(kind, folder, report, candidate, shipped, yardstick):
+    """One report ("lossless" or "delivered") -> (the candidate's entry name, its rows)."""
+    name, entry = model_entry(report, candidate, folder)
+    _, ship = model_entry(report, shipped, folder)
+    _, yard = model_entry(report, yardstick, folder)
+    metrics, rows = entry["metrics"], []
+
+    def row(criterion, value, target, passes, note=""):
+        rows.append({"report": kind, "criterion": criterion, "value": value, "target": target,
+                     "passes": bool(passes), "note": note})
+
+    auc_target = TARGETS[f"{kind}_roc_auc"]
+    row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
+    recall, n = recall_from(entry, 2.0, folder)
+    recall_target = TARGETS[f"{kind}_recall_2px"]
+    row("recall at the threshold, fringes >= 2 px", recall, f">= {recall_target}", recall >= recall_target,
+        f"{n} positives")
+    row("expected calibration error", metrics["ece"], "reported", True)
+    families = entry["by"].get("family")
+    if not families:
+        raise GateError(f"{folder}: no `family` breakdown (a dataset without a family column)")
+    for family, figures in sorted(families.items()):
+        if "roc_auc" not in figures:  # one label only (sketches): no ranking to judge
+            continue
+        value = figures["roc_auc"]
+        if kind == "lossless":
+            row(f"ROC AUC, {family}", value, f">= {TARGETS['family_roc_auc']}", value >= TARGETS["family_roc_auc"])
+        for label, other in (("shipped model", ship), ("yardstick", yard)):
+            theirs = other["by"]["family"][family]["roc_auc"]
+            passes, how = beats(value, theirs)
+            row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how)
+    for family, figures in sorted(entry["by"].get("clean family", {}).items()):
+        row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
+            figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
+    return name, rows
 
 
 def markdown(verdict):
