@@ -221,24 +221,37 @@ def spectrum_axes(b):
     return freq_y, freq_x, weight, np.exp(-2j * np.pi * np.outer(freq_y, n)), np.exp(-2j * np.pi * np.outer(n, freq_x))
 
 
-def apply_last(values, matrix):
-    """values (..., n) @ matrix (n, p), as one matrix product over every leading axis."""
-    return (values.reshape(-1, values.shape[-1]) @ matrix).reshape(*values.shape[:-1], matrix.shape[1])
+def product(a, b):
+    """a @ b, stacked over leading axes (numpy's matmul): every matrix product of the measurement
+    goes through here (a test rounds it as another CPU's BLAS kernels would)."""
+    return np.matmul(a, b)
 
 
-def apply_rows(matrix, values):
-    """matrix (p, n) applied along axis -2 of values (..., n, c) -> (..., p, c), as one matrix product."""
-    moved = np.swapaxes(values, -1, -2)
-    return np.swapaxes(apply_last(moved, matrix.T), -1, -2)
+@functools.lru_cache(maxsize=8)
+def forward_x_pairs(b):
+    """The x-transform as one real (b, 2 * (b//2 + 1)) matrix whose columns are each bin's real and
+    imaginary parts side by side: a real block times it, viewed as complex numbers, is the block's
+    transform along x, with no copy."""
+    forward_x = spectrum_axes(b)[4]
+    pairs = np.empty((b, 2 * forward_x.shape[1]))
+    pairs[:, 0::2], pairs[:, 1::2] = forward_x.real, forward_x.imag
+    return pairs
 
 
 def block_spectra(blocks):
     """(..., b, b) real blocks -> their rfft2 (..., b, b//2 + 1), as matrix products (numpy's FFT is
-    slow on many small blocks)."""
-    _, _, _, forward_y, forward_x = spectrum_axes(blocks.shape[-1])
-    half = forward_x.shape[1]
-    parts = apply_last(blocks, np.concatenate([forward_x.real, forward_x.imag], 1))  # one product: real, imaginary
-    return apply_rows(forward_y, parts[..., :half] + 1j * parts[..., half:])
+    slow on many small blocks): real along x, complex along y."""
+    b = blocks.shape[-1]
+    along_x = product(np.ascontiguousarray(blocks), forward_x_pairs(b)).view(np.complex128)
+    return product(spectrum_axes(b)[3], along_x)
+
+
+def real_part_rows(matrix):
+    """(..., p, n) complex -> (..., 2p, n) real, each row's real part and minus its imaginary part in
+    turn: z (..., p) complex viewed as floats, times it, is the real part of z @ matrix."""
+    rows = np.empty((*matrix.shape[:-2], 2 * matrix.shape[-2], matrix.shape[-1]))
+    rows[..., 0::2, :], rows[..., 1::2, :] = matrix.real, -matrix.imag
+    return rows
 
 
 @functools.lru_cache(maxsize=16)
@@ -262,10 +275,13 @@ def correlation_at(cross, b, phases, offsets):
     """The circular cross-correlation whose half spectrum (rfft2) is `cross` (k, b, b//2 + 1), at the
     shifts centre + offsets (a tuple, px, each axis), the centres given by their `centre_phases` ->
     (k, n, n): the band-limited interpolation of its whole-pixel values. The spectrum is moved by each
-    block's centre (None: no move), then one pair of matrix products serves every block."""
-    moved = cross if phases is None else cross * phases[0][:, :, None] * phases[1][:, None, :]
+    block's centre (None: no move), folded into that block's matrices; then two matrix products,
+    along y and, for the real part only, along x."""
     along_y, along_x = shift_matrices(b, offsets)
-    return apply_rows(along_y, apply_last(moved, along_x)).real / (b * b)
+    if phases is not None:  # each block's move folded into its own matrices, smaller than its spectrum
+        along_y, along_x = along_y * phases[0][:, None, :], phases[1][:, :, None] * along_x
+    rows = product(along_y, cross)  # (k, n, b//2 + 1): along y, complex
+    return product(rows.view(np.float64), real_part_rows(along_x)) / (b * b)  # along x, only the real part
 
 
 @functools.lru_cache(maxsize=8)

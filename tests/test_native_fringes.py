@@ -241,6 +241,30 @@ def test_patch_stream_contract(converted, tmp_path):
         assert torch.allclose(loaded(**inputs).scores, after, atol=0.02)  # only CLIP's tower in bf16
 
 
+def test_patch_stream_pools_as_its_docstring_says():
+    """The patch stream against a plain statement of it: red - green and blue - green (x4) and green,
+    its layers, then each map's mean and largest value over the patch, then the mean and the largest
+    over the patches. Channels-last maps and a whole-map max-pool (its speed) must give these numbers."""
+    import torch
+
+    from citytools.remote import CityClassifierPatchStream
+
+    torch.manual_seed(0)
+    stream = CityClassifierPatchStream({"count": 5, "size": 16, "channels": 4}).eval()
+    patches = torch.randint(0, 256, (3, 5, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        x = patches.flatten(0, 1).double() / 255
+        x = torch.stack([(x[:, 0] - x[:, 1]) * 4, (x[:, 2] - x[:, 1]) * 4, x[:, 1]], dim=1)
+        maps = stream.layers.double()(x)  # (15, 8, 16, 16), plain layout, float64
+        flat = maps.reshape(3, 5, 8, -1)
+        per_patch = torch.cat([flat.mean(-1), flat.max(-1).values], dim=-1)  # (3, 5, 16)
+        expected = torch.cat([per_patch.mean(1), per_patch.max(1).values], dim=1)
+        got = stream.float()(patches)
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[:, 8:16], expected[:, :8])  # the largest values are not the means
+
+
 def test_size_features_contract(converted, tmp_path):
     """native_fringes' `size`: the processor appends the picture's long side (in 256 px) and the blocks
     measured (in 32) to the measurements; `add_native_size` gives them zero head weights between the
@@ -440,6 +464,39 @@ def test_the_fast_passes_equal_their_plain_statements(size):
         np.testing.assert_array_equal(gradients[i], whole[:, r * b : (r + 1) * b, c * b : (c + 1) * b])
 
 
+def test_the_spectral_passes_equal_numpys_fft_and_the_plain_sum():
+    """The blocks' transforms and correlations are matrix products laid out for speed (real parts and
+    imaginary parts side by side, each block's move folded into its matrices): the spectra equal
+    numpy's rfft2, the correlation at whole shifts numpy's inverse transform, and at moved,
+    fractional shifts the interpolating sum written out term by term."""
+    native = native_module()
+    rng = np.random.default_rng(5)
+    b, k = 16, 4
+    blocks = rng.standard_normal((k, 3, b, b))
+    spectra = native.block_spectra(blocks)
+    np.testing.assert_allclose(spectra, np.fft.rfft2(blocks), rtol=0, atol=1e-12)
+    cross = spectra[:, 0] * np.conj(spectra[:, 1])
+
+    whole = tuple(float(d) for d in range(-3, 4))
+    circular = np.fft.irfft2(cross, s=(b, b))  # c[d] at d mod b
+    index = np.arange(-3, 4) % b
+    np.testing.assert_allclose(native.correlation_at(cross, b, None, whole), circular[:, index[:, None], index],
+                               rtol=0, atol=1e-12)
+
+    centre = rng.uniform(-2, 2, (k, 2))
+    offsets = (-0.25, 0.0, 0.3)
+    got = native.correlation_at(cross, b, native.centre_phases(b, centre), offsets)
+    freq_y, freq_x = np.fft.fftfreq(b), np.fft.rfftfreq(b)
+    weight = np.where((freq_x == 0) | (freq_x == 0.5), 1.0, 2.0)  # a half spectrum's bins stand for two
+    for i in range(k):
+        for a, dy in enumerate(offsets):
+            for c, dx in enumerate(offsets):
+                y, x = centre[i, 0] + dy, centre[i, 1] + dx
+                total = sum(weight[kx] * cross[i, ky, kx] * np.exp(2j * np.pi * (freq_y[ky] * y + freq_x[kx] * x))
+                            for ky in range(b) for kx in range(len(freq_x)))
+                assert abs(got[i, a, c] - total.real / b**2) < 1e-10
+
+
 def test_the_measurement_runs_numpys_blas_on_one_thread(monkeypatch):
     """In one process beside a model (the pipeline), numpy's BLAS threads only spin on the measurement's
     small products and take the cores from torch's: the measurement runs them on one thread, whatever
@@ -550,7 +607,7 @@ def test_a_plateau_gives_no_shift_along_the_edges_whatever_the_rounding(monkeypa
     is recovered."""
     native = native_module()
     spec = native.native_fringe_spec(True)
-    exact = native.apply_last
+    exact = native.product
 
     def offsets(picture):
         pixels, _ = native.work_image(picture, spec["work_side"])
@@ -563,15 +620,15 @@ def test_a_plateau_gives_no_shift_along_the_edges_whatever_the_rounding(monkeypa
         for seed in range(3):
             rng = np.random.default_rng(seed)
 
-            def rounded_otherwise(values, matrix, rng=rng):
-                product = exact(values, matrix)
+            def rounded_otherwise(a, b, rng=rng):
+                product = exact(a, b)
                 return product * (1 + 4e-16 * rng.standard_normal(product.shape))
 
-            monkeypatch.setattr(native, "apply_last", rounded_otherwise)
+            monkeypatch.setattr(native, "product", rounded_otherwise)
             again_red, again_blue = offsets(picture)
             np.testing.assert_array_equal(again_red, red)
             np.testing.assert_array_equal(again_blue, blue)
-        monkeypatch.setattr(native, "apply_last", exact)
+        monkeypatch.setattr(native, "product", exact)
     red, blue = offsets(moved(stripes(0), red=(0, 1), blue=(0, -1)))
     # (dy, dx): along the stripes, no shift beyond the coarse search's step (the interpolation's
     # Nyquist term tilts the plateau by about 1e-5 off whole-pixel rows, which the data then decides)
