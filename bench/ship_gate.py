@@ -1,24 +1,27 @@
 #!/usr/bin/env python
-"""Issue #27's release rule, checked from benchmark.py's metrics.json: does a candidate model meet
-every "Done when" figure, and does it beat the shipped model and the classical yardstick in every
-family? Reads two reports made by one `benchmark.py --passes tiling` run each (the candidate, the
-shipped model and the yardstick scored on the same pictures): the real-picture test split, lossless
-(`data/real-check-v`), and its JPEG/WebP-delivered version (`data/real-check-d`: the same pictures,
-each saved as a JPEG of quality 75-95 or a WebP; docs/benchmark.md).
+"""Issue #27's release rule and its "Done when", checked from benchmark.py's metrics.json. Reads two
+reports made by one `benchmark.py --passes tiling` run each (the candidate, the shipped model and the
+yardstick scored on the same pictures): the real-picture test split, lossless (`data/real-check-v`),
+and its JPEG/WebP-delivered version (`data/real-check-d`: the same pictures, each saved as a JPEG of
+quality 75-95 or a WebP; docs/benchmark.md).
 
   python bench/ship_gate.py --candidate runs/default_model_stage16 \\
       --lossless bench/stage16-real-check-v --delivered bench/stage16-real-check-d --out bench/gate-stage16.json
 
-The criteria, as #27 states them (each row of the output names its report, value and target):
-  lossless: ROC AUC >= 0.995, every family >= 0.985, recall at 0.5 >= 95% for fringes of 2 px and more;
-  delivered: ROC AUC >= 0.98, recall at 0.5 >= 90% for fringes of 2 px and more (every picture there
-    went through JPEG 75-95 or WebP);
-  both: at 0.5, at most 2% of the clean pictures of every family flagged; in every family a higher
-    ROC AUC than the shipped model's and the yardstick's. Where both score 1.000 no one can score
-    higher: that row says "level at 1" and does not block; a tie anywhere else blocks.
+Two verdicts, as #27 states them:
+  ships (the release rule: "the new default ships only if it beats stage 5 and the yardstick in every
+    family"): in every family of both reports a higher ROC AUC than the shipped model's and the
+    yardstick's. Where both score 1.000 no one can score higher: that row says "level at 1" and does
+    not block; a tie anywhere else blocks.
+  done (#27's "Done when"): those rows and every figure besides:
+    lossless: ROC AUC >= 0.995, every family >= 0.985, recall at 0.5 >= 95% for fringes of 2 px and more;
+    delivered: ROC AUC >= 0.98, recall at 0.5 >= 90% for fringes of 2 px and more (every picture there
+      went through JPEG 75-95 or WebP);
+    both: at 0.5, at most 2% of the clean pictures of every family flagged.
 The expected calibration error is shown, without a target (#27 asks that it be reported).
-Writes the verdict and every row as JSON (and the same table as Markdown beside it, .md); exits 0
-whether or not the candidate passes (the verdict is data), 2 on unusable input.
+Writes both verdicts and every row (each naming its report, value, target and which verdict it
+counts for) as JSON, and the same table as Markdown beside it (.md); exits 0 whether or not the
+candidate passes (the verdict is data), 2 on unusable input.
 """
 
 import argparse
@@ -91,9 +94,9 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick):
     _, yard = model_entry(report, yardstick, folder)
     metrics, rows = entry["metrics"], []
 
-    def row(criterion, value, target, passes, note=""):
+    def row(criterion, value, target, passes, note="", rule="done"):
         rows.append({"report": kind, "criterion": criterion, "value": value, "target": target,
-                     "passes": bool(passes), "note": note})
+                     "passes": bool(passes), "note": note, "rule": rule})
 
     auc_target = TARGETS[f"{kind}_roc_auc"]
     row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
@@ -114,7 +117,7 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick):
         for label, other in (("shipped model", ship), ("yardstick", yard)):
             theirs = other["by"]["family"][family]["roc_auc"]
             passes, how = beats(value, theirs)
-            row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how)
+            row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how, rule="ships")
     for family, figures in sorted(entry["by"].get("clean family", {}).items()):
         row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
             figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
@@ -122,9 +125,14 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick):
 
 
 def markdown(verdict):
-    lines = [f"# Issue #27's release rule: {verdict['candidate']}", "",
-             f"**{'Ships' if verdict['ships'] else 'Does not ship'}**: {verdict['passed']} of {verdict['rows']} "
-             "criteria met.", "",
+    ship_rows = [r for r in verdict["criteria"] if r["rule"] == "ships"]
+    ships = (f"**Ships** as the new default: it beats the shipped model and the yardstick in every family "
+             f"({len(ship_rows)} rows)." if verdict["ships"] else
+             f"**Does not ship**: {sum(not r['passes'] for r in ship_rows)} of the {len(ship_rows)} rows against the "
+             "shipped model and the yardstick fail.")
+    done = (f"#27's \"Done when\": {'**met**' if verdict['done'] else 'not met'}, {verdict['passed']} of "
+            f"{verdict['rows']} criteria.")
+    lines = [f"# Issue #27's release rule: {verdict['candidate']}", "", ships, "", done, "",
              *[f"- {kind}: `{folder}` ({verdict['pictures'][kind][0]}, {verdict['pictures'][kind][1]} pictures)"
                for kind, folder in verdict["reports"].items()],
              "", "| report | criterion | value | target | met | note |", "| --- | --- | --- | --- | --- | --- |"]
@@ -155,7 +163,8 @@ def main(argv=None):
         return 2
     verdict = {"candidate": args.candidate, "entries": names, "shipped": args.shipped, "yardstick": args.yardstick,
                "reports": {kind: folder for kind, (folder, _) in reports.items()}, "pictures": pictures,
-               "ships": all(r["passes"] for r in rows), "rows": len(rows), "passed": sum(r["passes"] for r in rows),
+               "ships": all(r["passes"] for r in rows if r["rule"] == "ships"), "done": all(r["passes"] for r in rows),
+               "rows": len(rows), "passed": sum(r["passes"] for r in rows),
                "failed": [f"{r['report']}: {r['criterion']}" for r in rows if not r["passes"]], "criteria": rows}
     text = markdown(verdict)
     print(text, end="")

@@ -197,9 +197,10 @@ def run_gate(tmp_path, lossless, delivered, *extra):
 
 
 def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
-    """bench/ship_gate.py: a candidate higher than the shipped model and the yardstick in every family,
-    above every target, ships; a perfect score it only matches does not block it; a tie below 1, a
-    clean family flagged above 2%, or recall under the target blocks it, and the row says which."""
+    """bench/ship_gate.py: a candidate higher than the shipped model and the yardstick in every family
+    ships, and above every target it is done; a perfect score it only matches does not block it; a tie
+    below 1 blocks both verdicts; a clean family flagged above 2% or recall under the target leaves it
+    shipping but not done; each row says which."""
     good = {"drawn": 0.999, "painted": 1.0}
     lossless = gate_report(tmp_path / "l", good, {"drawn": 0.99, "painted": 1.0}, {"drawn": 0.98, "painted": 0.99},
                            dataset="data/real-check-v")
@@ -207,7 +208,8 @@ def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
                             dataset="data/real-check-d")
     done, verdict = run_gate(tmp_path, lossless, delivered)
     assert done.returncode == 0, done.stderr
-    assert verdict["ships"] and verdict["failed"] == [] and verdict["entries"]["lossless"] == "cand tiling-mean"
+    assert verdict["ships"] and verdict["done"] and verdict["failed"] == []
+    assert verdict["entries"]["lossless"] == "cand tiling-mean"
     level = [r for r in verdict["criteria"] if r["criterion"] == "ROC AUC, painted, against the shipped model"]
     assert [r["note"] for r in level] == ["level at 1", "higher"]  # lossless: both perfect; delivered: higher
     assert not any("sketch" in r["criterion"] for r in verdict["criteria"])  # one label: nothing to rank
@@ -215,6 +217,14 @@ def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
     recall = [r for r in verdict["criteria"] if r["criterion"].startswith("recall")]
     assert [r["value"] for r in recall] == [1.0, 1.0]
     assert (tmp_path / "gate.md").read_text().startswith("# Issue #27's release rule")
+    assert "**Ships** as the new default" in (tmp_path / "gate.md").read_text()
+
+    # higher everywhere, but a clean family at 3%: ships (the release rule), not done
+    noisy = tmp_path / "noisy"
+    gate_report(noisy, good, {"drawn": 0.99, "painted": 1.0}, {"drawn": 0.98, "painted": 0.99},
+                dataset="data/real-check-v", flagged={"drawn": 0.03, "painted": 0.0})
+    done, verdict = run_gate(tmp_path, noisy, delivered)
+    assert verdict["ships"] and not verdict["done"] and verdict["failed"] == ["lossless: clean drawn flagged"]
 
     # a tie below 1 (lossless drawn, as stage 15 against stage 5), a clean family at 3%, recall 0.8
     tie = tmp_path / "tie"
@@ -223,7 +233,8 @@ def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
                 strength={"1.0": (0.0, 10, 10), "2.0": (0.6, 10, 10), "3.0": (1.0, 10, 10)})
     done, verdict = run_gate(tmp_path, tie, delivered)
     assert done.returncode == 0, done.stderr
-    assert not verdict["ships"]
+    assert not verdict["ships"] and not verdict["done"]
+    assert "**Does not ship**: 1 of the 8 rows" in (tmp_path / "gate.md").read_text()
     assert set(verdict["failed"]) == {"lossless: ROC AUC, drawn, against the shipped model",
                                       "lossless: clean drawn flagged",
                                       "lossless: recall at the threshold, fringes >= 2 px"}
