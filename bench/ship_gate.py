@@ -19,15 +19,23 @@ Two verdicts, as #27 states them:
       went through JPEG 75-95 or WebP);
     both: at 0.5, at most 2% of the clean pictures of every family flagged.
 The expected calibration error is shown, without a target (#27 asks that it be reported).
+Beside each row against the shipped model or the yardstick, where the report's scores.csv names each
+picture's source: how sure that comparison is. The family's source pictures are drawn again with
+replacement (`--resamples` times; a source's variants, clean and aberrated, move together) and the
+difference in ROC AUC recomputed; the note gives its 95% interval. It decides nothing (the rule asks
+for a higher figure); it says when a family rests on so few sources that no ranking can be told apart.
 Writes both verdicts and every row (each naming its report, value, target and which verdict it
 counts for) as JSON, and the same table as Markdown beside it (.md); exits 0 whether or not the
 candidate passes (the verdict is data), 2 on unusable input.
 """
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 TARGETS = {"lossless_roc_auc": 0.995, "family_roc_auc": 0.985, "delivered_roc_auc": 0.98,
            "clean_flagged": 0.02, "lossless_recall_2px": 0.95, "delivered_recall_2px": 0.90}
@@ -77,21 +85,71 @@ def beats(value, other):
     return value > other, "higher" if value > other else ("level" if value == other else "lower")
 
 
-def judge(reports, candidate, shipped, yardstick):
+def roc_auc(labels, scores):
+    """ROC AUC as the chance that a positive scores above a negative, ties counting half (average ranks)."""
+    order = np.argsort(scores, kind="mergesort")
+    _, counts = np.unique(scores[order], return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based, the average within a tie
+    positives = labels.sum()
+    negatives = len(labels) - positives
+    return (ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def read_scores(folder):
+    """The report's scores.csv as columns ({name: list of strings}), or None without one."""
+    path = Path(folder) / "scores.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}
+
+
+def source_interval(table, family, candidate, other, resamples, seed=0):
+    """(low, high, sources): the 95% interval of the candidate's ROC AUC minus `other`'s over the
+    `family`'s pictures, their sources drawn again with replacement `resamples` times (draws with one
+    label only are skipped); None without a source column or with fewer than two sources."""
+    if table is None or not {"source", "family", "label", candidate, other} <= set(table):
+        return None
+    keep = [i for i, f in enumerate(table["family"]) if f == family]
+    sources = np.array([table["source"][i] for i in keep])
+    names = np.unique(sources)
+    if len(names) < 2:
+        return None
+    labels = np.array([int(table["label"][i]) for i in keep])
+    ours = np.array([float(table[candidate][i]) for i in keep])
+    theirs = np.array([float(table[other][i]) for i in keep])
+    members = [np.flatnonzero(sources == name) for name in names]
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        index = np.concatenate([members[j] for j in rng.integers(0, len(names), len(names))])
+        if 0 < labels[index].sum() < len(index):
+            differences.append(roc_auc(labels[index], ours[index]) - roc_auc(labels[index], theirs[index]))
+    if not differences:
+        return None
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return float(low), float(high), len(names)
+
+
+def judge(reports, candidate, shipped, yardstick, resamples=0):
     """reports: {"lossless": (folder, metrics), "delivered": (folder, metrics)} -> (rows, names):
     one row per criterion: report, criterion, value, target (or the compared figure), passes."""
     rows, names = [], {}
     for kind, (folder, report) in reports.items():
-        names[kind], report_rows = judge_report(kind, folder, report, candidate, shipped, yardstick)
+        names[kind], report_rows = judge_report(kind, folder, report, candidate, shipped, yardstick, resamples)
         rows += report_rows
     return rows, names
 
 
-def judge_report(kind, folder, report, candidate, shipped, yardstick):
+def judge_report(kind, folder, report, candidate, shipped, yardstick, resamples=0):
     """One report ("lossless" or "delivered") -> (the candidate's entry name, its rows)."""
     name, entry = model_entry(report, candidate, folder)
-    _, ship = model_entry(report, shipped, folder)
-    _, yard = model_entry(report, yardstick, folder)
+    ship_name, ship = model_entry(report, shipped, folder)
+    yard_name, yard = model_entry(report, yardstick, folder)
+    table = read_scores(folder) if resamples else None
     metrics, rows = entry["metrics"], []
 
     def row(criterion, value, target, passes, note="", rule="done"):
@@ -114,10 +172,16 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick):
         value = figures["roc_auc"]
         if kind == "lossless":
             row(f"ROC AUC, {family}", value, f">= {TARGETS['family_roc_auc']}", value >= TARGETS["family_roc_auc"])
-        for label, other in (("shipped model", ship), ("yardstick", yard)):
+        for label, other, other_name in (("shipped model", ship, ship_name), ("yardstick", yard, yard_name)):
             theirs = other["by"]["family"][family]["roc_auc"]
             passes, how = beats(value, theirs)
+            interval = source_interval(table, family, name, other_name, resamples)
+            if interval is not None:
+                how += f"; 95% over {interval[2]} sources: {interval[0]:+.4f} to {interval[1]:+.4f}"
             row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how, rule="ships")
+            if interval is not None:
+                rows[-1]["interval"] = list(interval[:2])
+                rows[-1]["sources"] = interval[2]
     for family, figures in sorted(entry["by"].get("clean family", {}).items()):
         row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
             figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
@@ -151,13 +215,15 @@ def main(argv=None):
     parser.add_argument("--shipped", default=".", help="the shipped model, as given to benchmark.py (default: .)")
     parser.add_argument("--yardstick", default="fringe-baseline",
                         help="the yardstick's report entry (default: fringe-baseline)")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="draws of each family's sources for the 95%% intervals (0: none; default: 1000)")
     parser.add_argument("--out", type=Path, help="write the verdict here as JSON (and as Markdown beside it, .md)")
     args = parser.parse_args(argv)
     try:
         reports = {kind: (folder, load_report(folder)) for kind, folder in
                    (("lossless", args.lossless), ("delivered", args.delivered))}
         pictures = {kind: (r["dataset"], r["images"]) for kind, (_, r) in reports.items()}
-        rows, names = judge(reports, args.candidate, args.shipped, args.yardstick)
+        rows, names = judge(reports, args.candidate, args.shipped, args.yardstick, args.resamples)
     except (GateError, KeyError) as error:
         print(f"ship_gate.py: error: {error}", file=sys.stderr)
         return 2

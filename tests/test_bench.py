@@ -241,6 +241,49 @@ def test_ship_gate_applies_issue_27s_release_rule(tmp_path):
     assert [r["value"] for r in verdict["criteria"] if r["criterion"].startswith("recall")][0] == 0.8  # (6 + 10) / 20
 
 
+def test_ship_gate_says_how_sure_each_comparison_is_over_the_families_sources(tmp_path):
+    """Beside each row against another model, the 95% interval of the ROC AUC difference with the
+    family's sources drawn again: a candidate that ranks every draw perfectly against a model at
+    chance differs by exactly 0.5 in every draw; a candidate scoring as the other differs by 0; a
+    family of one source gets no interval. Ties count half in the ROC AUC (worked out by hand)."""
+    import csv
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("ship_gate", REPO / "bench" / "ship_gate.py")
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    # pairs (positive, negative): 0.9 vs 0.9 half, 0.9 vs 0.1 one, 0.2 vs 0.9 none, 0.2 vs 0.1 one: 2.5 / 4
+    assert gate.roc_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.9, 0.2, 0.1])) == 0.625
+
+    families = {"drawn": 0.999, "painted": 0.999, "photo": 0.999}
+    folders = {}
+    for kind in ("lossless", "delivered"):
+        folders[kind] = gate_report(tmp_path / kind, families, {f: 0.5 for f in families}, {f: 0.5 for f in families},
+                                    dataset=f"data/{kind}")
+        with (folders[kind] / "scores.csv").open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["path", "label", "family", "source", "cand tiling-mean", "default tiling-mean",
+                          "fringe-baseline"])
+            for i in range(10):
+                for label in (0, 1):
+                    out.writerow([f"d{i}{label}", label, "drawn", f"s{i}", label, 0.5, 0.5])  # perfect vs chance
+                    out.writerow([f"p{i}{label}", label, "painted", f"s{i}", 0.3 + 0.1 * i, 0.3 + 0.1 * i,
+                                  0.3 + 0.1 * i])  # the same scores
+                    out.writerow([f"h{i}{label}", label, "photo", "one source", 0.5, 0.5, 0.5])
+    done, verdict = run_gate(tmp_path, folders["lossless"], folders["delivered"], "--resamples", "200")
+    assert done.returncode == 0, done.stderr
+    rows = {(r["report"], r["criterion"]): r for r in verdict["criteria"]}
+    drawn = rows[("lossless", "ROC AUC, drawn, against the shipped model")]
+    assert drawn["interval"] == [0.5, 0.5] and drawn["sources"] == 10 and "over 10 sources: +0.5000" in drawn["note"]
+    assert rows[("delivered", "ROC AUC, painted, against the yardstick")]["interval"] == [0.0, 0.0]
+    photo = rows[("lossless", "ROC AUC, photo, against the shipped model")]
+    assert "interval" not in photo and "95%" not in photo["note"]
+    done, verdict = run_gate(tmp_path, folders["lossless"], folders["delivered"], "--resamples", "0")
+    assert not any("interval" in r for r in verdict["criteria"])
+
+
 def test_ship_gate_refuses_a_report_it_cannot_judge_in_one_line(tmp_path):
     lossless = gate_report(tmp_path / "l", {"drawn": 1.0}, {"drawn": 1.0}, {"drawn": 1.0}, dataset="x")
     done, verdict = run_gate(tmp_path, lossless, tmp_path / "missing")
