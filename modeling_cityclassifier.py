@@ -133,7 +133,7 @@ class CityClassifierPatchStream(nn.Module):
         x = torch.stack([(x[:, 0] - x[:, 1]) * 4, (x[:, 2] - x[:, 1]) * 4, x[:, 1]], dim=1)
         y = self.layers(x.contiguous(memory_format=torch.channels_last))
         # The largest value of each map as a max-pool over the whole map: the same numbers as
-        # y.amax((2, 3)), which on a CPU reduces channels-last maps ten times slower (bench/bench_classify.py --profile)
+        # y.amax((2, 3)), which torch reduces far more slowly over channels-last maps on a CPU (docs/speed.md)
         peak = nn.functional.max_pool2d(y, y.shape[-2:]).flatten(1)
         y = torch.cat([y.mean((2, 3)), peak], dim=1).view(batch, count, -1)
         return torch.cat([y.mean(1), y.amax(1)], dim=1)
