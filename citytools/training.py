@@ -1,6 +1,6 @@
 """What train_hf.py adds to Trainer: the head-only trainer that sets the frozen backbone aside, the
-loss history and plots, metrics, the "find the mislabelled image" list, and resuming only from a
-complete checkpoint."""
+distilling trainer that also learns frozen teachers' scores, the loss history and plots, metrics,
+the "find the mislabelled image" list, and resuming only from a complete checkpoint."""
 
 import csv
 import json
@@ -56,6 +56,50 @@ class HeadOnlyTrainer(Trainer):
             return super()._save(*args, **kwargs)
         finally:
             self.model._modules.update(dict.fromkeys(self._aside))
+
+
+class DistillingTrainer(Trainer):
+    """Trainer whose training loss adds the cross-entropy of the model's combined scores against the
+    scores of frozen teachers on the same inputs (knowledge distillation; train_hf.py --distill_from).
+    The target is the teachers' weighted geometric mean, softmax(sum_i w_i log p_i): for two labels,
+    the weighted sum of their calibrated log-odds. It teaches one model what an ensemble of models
+    scores, without the ensemble's cost when it classifies. Evaluation losses are the labels' only."""
+
+    def __init__(self, *args, teachers=(), teacher_weights=(), distill_loss_weight=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len(teachers) != len(teacher_weights):
+            raise ValueError(f"{len(teachers)} teachers, {len(teacher_weights)} weights")
+        self.teachers = [teacher.eval().requires_grad_(False) for teacher in teachers]
+        self.teacher_weights = list(teacher_weights)
+        self.distill_loss_weight = distill_loss_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.teachers:
+            target = teacher_scores(self.teachers, self.teacher_weights, inputs, outputs.scores.device)
+            loss = loss + self.distill_loss_weight * distillation_loss(outputs.scores, target)
+        return (loss, outputs) if return_outputs else loss
+
+
+TEACHER_INPUTS = ("pixel_values", "tile_mask", "fringe_values", "fringe_patches")
+
+
+def teacher_scores(teachers, weights, inputs, device):
+    """The teachers' combined scores on `inputs` (batch, labels), pooled as softmax(sum_i w_i log p_i)."""
+    pooled = 0.0
+    with torch.no_grad():
+        for teacher, weight in zip(teachers, weights):
+            if teacher.device != device:
+                teacher.to(device)
+            scores = teacher(**{k: v for k, v in inputs.items() if k in TEACHER_INPUTS}).scores.float()
+            pooled = pooled + weight * scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
+    return pooled.softmax(-1)
+
+
+def distillation_loss(scores, target):
+    """Cross-entropy of the model's combined scores (batch, labels) against target probabilities."""
+    log_scores = scores.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return -(target * log_scores).sum(-1).mean()
 
 
 def write_loss_history(log_history, output_dir):

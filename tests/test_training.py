@@ -500,3 +500,99 @@ def test_checkpoints_hold_the_processor_and_load_in_a_pipeline(synthetic, tmp_pa
     assert (checkpoint / "preprocessor_config.json").is_file()
     pipe = pipeline("image-classification", model=str(checkpoint), trust_remote_code=True)
     assert {r["label"] for r in pipe(make_image(120, 90), top_k=None)} == {"Pass", "Chromatic Aberration"}
+
+
+def tiny_class_model(seed, size=30):
+    """A random tiny CityClassifier (class model, no dropout, no stem) and a processor for it."""
+    from transformers import CLIPVisionConfig
+
+    from citytools.remote import (
+        CityClassifierConfig,
+        CityClassifierForImageClassification,
+        CityClassifierImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(**(json.loads(TINY_VISION) | {"image_size": size}))
+    config = CityClassifierConfig(vision_config=vision, arch="class", head_hidden_size=16, head_dropout=0.0,
+                                  id2label={0: "Pass", 1: "Chromatic Aberration"}, label_loss_weights=[1.0, 0.5])
+    processor = CityClassifierImageProcessor(tiling=True, size={"shortest_edge": size},
+                                             crop_size={"height": size, "width": size})
+    return CityClassifierForImageClassification(config), processor
+
+
+def test_distillation_adds_the_cross_entropy_against_the_teachers_pooled_log_odds(tmp_path):
+    """Restated by hand: label loss (weighted NLL) + weight x the cross-entropy against
+    sigmoid(sum_i w_i log-odds_i) of the teachers; evaluation keeps the labels' loss only."""
+    from transformers import TrainingArguments
+
+    from citytools.training import DistillingTrainer
+
+    student, _ = tiny_class_model(0)
+    teachers = [tiny_class_model(seed)[0] for seed in (1, 2)]
+    for teacher, temperature in zip(teachers, (1.0, 3.0)):  # a calibrated teacher's temperature applies
+        teacher.config.score_temperature = temperature
+    weights, distill = [0.25, 0.75], 2.0
+    trainer = DistillingTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+                                teachers=teachers, teacher_weights=weights, distill_loss_weight=distill)
+    torch.manual_seed(5)
+    inputs = {"pixel_values": torch.randn(4, 2, 3, 30, 30), "tile_mask": torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0]]),
+              "labels": torch.tensor([0, 1, 1, 0])}
+    student.train()
+    loss = trainer.compute_loss(student, dict(inputs)).item()
+
+    def ca_score(model):  # the combined score of label 1: tile probabilities at the temperature, averaged
+        with torch.no_grad():
+            z = model(pixel_values=inputs["pixel_values"], tile_mask=inputs["tile_mask"]).tile_scores
+        return np.array([z[i, : int(inputs["tile_mask"][i].sum()), 1].mean().item() for i in range(4)], np.float64)
+
+    s = ca_score(student)
+    label_weight = np.where(inputs["labels"].numpy() == 1, 0.5, 1.0)
+    nll = -(label_weight * np.log(np.where(inputs["labels"].numpy() == 1, s, 1 - s))).sum() / label_weight.sum()
+    log_odds = sum(w * np.log(t / (1 - t)) for w, t in zip(weights, map(ca_score, teachers)))
+    p = 1 / (1 + np.exp(-log_odds))
+    cross_entropy = -(p * np.log(s) + (1 - p) * np.log(1 - s)).mean()
+    assert loss == pytest.approx(nll + distill * cross_entropy, rel=1e-5)
+    assert abs(distill * cross_entropy) > 0.1  # the distillation term is not negligible here
+    student.eval()
+    assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(nll, rel=1e-5)
+
+
+def test_train_hf_distils_from_teachers_that_read_the_same_inputs(synthetic, tmp_path, caplog):
+    teacher, processor = tiny_class_model(1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    processor.save_pretrained(tmp_path / "teacher")
+    caplog.set_level("INFO", logger="train_hf")
+    out = train(tmp_path, synthetic, "--vision_config", TINY_VISION, "--cache_views", "1",
+                "--distill_from", f"{tmp_path / 'teacher'},{tmp_path / 'teacher'}", "--distill_weights", "0.5,0.2")
+    check_trained_folder(out)
+    assert "distilling from" in caplog.text and "weights 0.5, 0.2" in caplog.text
+    assert not any("teacher" in key for key in json.loads((out / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--distill_from", "{teacher42}"], "reads other inputs than the model being trained (size, crop_size differ)"),
+    (["--distill_from", "{teacher}", "--distill_weights", "1,2"], "one number per teacher (1)"),
+    (["--distill_weights", "1"], "--distill_weights needs --distill_from"),
+    (["--distill_from", "{teacher}", "--train_backbone", "false"], "class models in full mode only"),
+])
+def test_train_hf_refuses_teachers_it_cannot_use(synthetic, tmp_path, extra, message):
+    from citytools.toolkit import UsageError
+
+    for name, size in (("teacher", 30), ("teacher42", 42)):
+        teacher, processor = tiny_class_model(1, size)
+        teacher.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    extra = [a.format(teacher=tmp_path / "teacher", teacher42=tmp_path / "teacher42") for a in extra]
+    with pytest.raises(UsageError) as error:
+        train(tmp_path, synthetic, "--vision_config", TINY_VISION, *extra)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.json")))
+def test_every_documented_config_parses(config):
+    """Each configs/*.json is a train_hf.py command line: every key an option it knows."""
+    from citytools.cli import train_hf
+
+    data, model, training = train_hf.parse_args([str(REPO / "configs" / config)])
+    assert data.dataset_name and training.output_dir.startswith("runs/")

@@ -42,6 +42,7 @@ from citytools.toolkit import (
     first_line,
 )
 from citytools.training import (
+    DistillingTrainer,
     HeadOnlyTrainer,
     checkpoint_to_resume,
     compute_metrics_fn,
@@ -155,6 +156,18 @@ class ModelArguments:
         metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 has a quarter of the "
                           "arithmetic in its two widest convolutions, but ran only a fifth faster on a CPU: "
                           "docs/speed.md)."})
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated CityClassifier folders or Hub ids (teachers) whose combined score the "
+                          "model also learns on every training view: knowledge distillation, e.g. of an ensemble "
+                          "of the shipped model and a newer one into one model of the newer one's cost. Class "
+                          "models, full mode; the teachers must read the inputs this model's processor makes."})
+    distill_weights: str | None = field(
+        default=None,
+        metadata={"help": "With --distill_from: one weight per teacher on its calibrated log-probabilities "
+                          "(the target is softmax(sum of weight x log p)); default equal shares summing to 1."})
+    distill_loss_weight: float = field(
+        default=1.0, metadata={"help": "With --distill_from: weight of the distillation loss beside the labels' loss."})
 
 
 def parse_args(argv=None):
@@ -234,20 +247,6 @@ def native_bf16():
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -383,29 +382,51 @@ def loss_weights(text, num_labels):
     return weights
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # -------------------------------------------------------------------------------------------- train
 
 
+# Processor settings that make pixel_values, fringe_values and fringe_patches: a teacher must share them.
+INPUT_SETTINGS = ("tiling", "size", "crop_size", "resample", "rescale_factor", "image_mean", "image_std")
 
 
-
-
-
-
-
-
+def load_teachers(model_args, model, processor, train_backbone):
+    """--distill_from: (teachers, weights), the teachers frozen, each checked to read the inputs that
+    `processor` makes for `model`; ([], []) without it."""
+    if not model_args.distill_from:
+        if model_args.distill_weights:
+            raise UsageError("--distill_weights needs --distill_from")
+        return [], []
+    if model_args.arch != "class" or not train_backbone:
+        raise UsageError("--distill_from: class models in full mode only (--train_backbone, or --vision_config): "
+                         "head-only training's cached embeddings are the student's, not the teachers'")
+    names = [name.strip() for name in model_args.distill_from.split(",") if name.strip()]
+    weights = ([1.0 / len(names)] * len(names) if not model_args.distill_weights else
+               [float(w) for w in model_args.distill_weights.split(",")])
+    if len(weights) != len(names) or not all(np.isfinite(w) for w in weights):
+        raise UsageError(f"--distill_weights {model_args.distill_weights}: one number per teacher ({len(names)})")
+    teachers = []
+    for name in names:
+        try:
+            teacher = CityClassifierForImageClassification.from_pretrained(name)
+            teacher_processor = CityClassifierImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as error:  # not a CityClassifier, or not all its weights
+            raise UsageError(f"--distill_from {name}: cannot load the model ({first_line(error)})") from None
+        if teacher.config.arch != "class" or teacher.config.num_labels != model.config.num_labels:
+            raise UsageError(f"--distill_from {name}: a {teacher.config.arch} model with "
+                             f"{teacher.config.num_labels} labels cannot teach a class model with "
+                             f"{model.config.num_labels}")
+        differ = [setting for setting in INPUT_SETTINGS
+                  if getattr(teacher_processor, setting) != getattr(processor, setting)]
+        for setting in ("native_fringes", "native_patches"):  # what a teacher reads must be what is made
+            wanted = getattr(teacher.config, setting, None)
+            if wanted and wanted != getattr(model.config, setting, None):
+                differ.append(setting)
+        if differ:
+            raise UsageError(f"--distill_from {name}: reads other inputs than the model being trained "
+                             f"({', '.join(differ)} differ)")
+        teachers.append(teacher)
+    logger.info("distilling from %s, weights %s", ", ".join(names), ", ".join(f"{w:g}" for w in weights))
+    return teachers, weights
 
 
 def check_before_work(model_args, training_args):
@@ -463,7 +484,11 @@ def main(argv=None):
         training_args.eval_strategy = "no"
         training_args.load_best_model_at_end = False
 
-    trainer = (Trainer if train_backbone else HeadOnlyTrainer)(
+    teachers, weights = load_teachers(model_args, model, processor, train_backbone)
+    distilling = {"teachers": teachers, "teacher_weights": weights,
+                  "distill_loss_weight": model_args.distill_loss_weight} if teachers else {}
+    trainer = (DistillingTrainer if teachers else Trainer if train_backbone else HeadOnlyTrainer)(
+        **distilling,
         model=model,
         args=training_args,
         train_dataset=train_rows,
@@ -488,21 +513,3 @@ def main(argv=None):
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return EXIT_SOME_FAILED if left_out else EXIT_OK
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
