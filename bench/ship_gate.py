@@ -22,8 +22,10 @@ The expected calibration error is shown, without a target (#27 asks that it be r
 Beside each row against the shipped model or the yardstick, where the report's scores.csv names each
 picture's source: how sure that comparison is. The family's source pictures are drawn again with
 replacement (`--resamples` times; a source's variants, clean and aberrated, move together) and the
-difference in ROC AUC recomputed; the note gives its 95% interval. It decides nothing (the rule asks
-for a higher figure); it says when a family rests on so few sources that no ranking can be told apart.
+difference in ROC AUC recomputed; the note gives its 95% interval. The same beside every share (clean
+pictures flagged, recall): its 95% interval with the sources drawn again. They decide nothing (the
+rule asks for a higher figure, the "Done when" for a share); they say when a family rests on so few
+sources, or a share on so few pictures, that no ranking or rate can be told apart.
 Writes both verdicts and every row (each naming its report, value, target and which verdict it
 counts for) as JSON, and the same table as Markdown beside it (.md); exits 0 whether or not the
 candidate passes (the verdict is data), 2 on unusable input.
@@ -106,6 +108,18 @@ def read_scores(folder):
     return pd.read_csv(path) if path.exists() else None
 
 
+def source_draws(rows, resamples, seed=0):
+    """(draws, sources): `resamples` index arrays into `rows`, each the pictures of as many sources as
+    `rows` has, drawn with replacement (a source's pictures move together); (None, n) under 2 sources."""
+    members = list(rows.groupby("source").indices.values())  # positions, sources in sorted order
+    if len(members) < 2:
+        return None, len(members)
+    rng = np.random.default_rng(seed)
+    draws = (np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+             for _ in range(resamples))
+    return draws, len(members)
+
+
 def source_interval(table, family, candidate, other, resamples, seed=0):
     """(low, high, sources): the 95% interval of the candidate's ROC AUC minus `other`'s over the
     `family`'s pictures, their sources drawn again with replacement `resamples` times (draws with one
@@ -113,20 +127,31 @@ def source_interval(table, family, candidate, other, resamples, seed=0):
     if table is None or not {"source", "family", "label", candidate, other} <= set(table.columns):
         return None
     rows = table[table["family"] == family]
-    members = list(rows.groupby("source").indices.values())  # positions, sources in sorted order
-    if len(members) < 2:
+    draws, sources = source_draws(rows, resamples, seed)
+    if draws is None:
         return None
     labels, ours, theirs = (rows[column].to_numpy() for column in ("label", candidate, other))
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(resamples):
-        index = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
-        if 0 < labels[index].sum() < len(index):
-            differences.append(roc_auc(labels[index], ours[index]) - roc_auc(labels[index], theirs[index]))
+    differences = [roc_auc(labels[index], ours[index]) - roc_auc(labels[index], theirs[index])
+                   for index in draws if 0 < labels[index].sum() < len(index)]
     if not differences:
         return None
     low, high = np.percentile(differences, [2.5, 97.5])
-    return float(low), float(high), len(members)
+    return float(low), float(high), sources
+
+
+def share_interval(rows, candidate, threshold, resamples, seed=0):
+    """(low, high, sources): the 95% interval of the share of `rows` the candidate flags (score at or
+    above `threshold`: a false-positive rate over clean pictures, a recall over positives), their
+    sources drawn again; None without the columns, with fewer than two sources, or for a share of 0 or 1
+    (every draw gives it again: resampling cannot tell how far it could be from the truth)."""
+    if not {"source", candidate} <= set(rows.columns):
+        return None
+    flagged = rows[candidate].to_numpy() >= threshold
+    draws, sources = source_draws(rows, resamples, seed)
+    if draws is None or flagged.all() or not flagged.any():
+        return None
+    low, high = np.percentile([flagged[index].mean() for index in draws], [2.5, 97.5])
+    return float(low), float(high), sources
 
 
 def judge(reports, candidate, shipped, yardstick, resamples):
@@ -153,10 +178,20 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick, resamples)
 
     auc_target = TARGETS[f"{kind}_roc_auc"]
     row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
+    def with_share_interval(rows_of_table):  # the last row's note and fields, where scores.csv allows
+        chosen = rows_of_table(table) if table is not None else None
+        if chosen is None:
+            return
+        interval = share_interval(chosen, name, report["threshold"], resamples)
+        if interval is not None:
+            rows[-1]["note"] += f"; 95% over {interval[2]} sources: {interval[0]:.3f} to {interval[1]:.3f}"
+            rows[-1]["interval"], rows[-1]["sources"] = list(interval[:2]), interval[2]
+
     recall, n = recall_from(entry, 2.0, folder)
     recall_target = TARGETS[f"{kind}_recall_2px"]
     row("recall at the threshold, fringes >= 2 px", recall, f">= {recall_target}", recall >= recall_target,
         f"{n} positives")
+    with_share_interval(lambda t: t[(t["label"] == 1) & (t["strength"] >= 2.0)] if "strength" in t else None)
     row("expected calibration error", metrics["ece"], "reported", True)
     families = entry["by"].get("family")
     if not families:
@@ -180,6 +215,7 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick, resamples)
     for family, figures in sorted(entry["by"].get("clean family", {}).items()):
         row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
             figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
+        with_share_interval(lambda t, f=family: t[t["clean family"] == f] if "clean family" in t else None)
     return name, rows
 
 

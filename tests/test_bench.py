@@ -184,7 +184,8 @@ def gate_report(folder, candidate, shipped, yardstick, *, dataset, flagged=None,
     models = {"cand tiling-mean": entry(candidate, flagged), "cand tiling-max": entry(candidate, flagged, False),
               "default tiling-mean": entry(shipped, {"drawn": 0.0, "painted": 0.0}),
               "fringe-baseline": entry(yardstick, {"drawn": 0.0, "painted": 0.0})}
-    (folder / "metrics.json").write_text(json.dumps({"dataset": dataset, "images": 80, "models": models}))
+    (folder / "metrics.json").write_text(json.dumps({"dataset": dataset, "images": 80, "threshold": 0.5,
+                                                     "models": models}))
     return folder
 
 
@@ -282,6 +283,39 @@ def test_ship_gate_says_how_sure_each_comparison_is_over_the_families_sources(tm
     assert "interval" not in photo and "95%" not in photo["note"]
     done, verdict = run_gate(tmp_path, folders["lossless"], folders["delivered"], "--resamples", "0")
     assert not any("interval" in r for r in verdict["criteria"])
+
+
+def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
+    """Beside the clean pictures flagged and the recall, the 95% interval of the share with the sources
+    drawn again: 2 of 20 clean pictures flagged, both from one of 10 sources, is k/10 with k ~
+    Binomial(10, 0.1) over the draws, whose 2.5th and 97.5th percentiles are 0 and 0.3 (drawing the 20
+    pictures instead would give 0.25); a share of 0 gets no interval (every draw repeats it)."""
+    import csv
+
+    families = {"drawn": 0.999, "painted": 0.999}
+    folders = {}
+    for kind in ("lossless", "delivered"):
+        folders[kind] = gate_report(tmp_path / kind, families, {f: 0.5 for f in families},
+                                    {f: 0.5 for f in families}, dataset=f"data/{kind}")
+        with (folders[kind] / "scores.csv").open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["path", "label", "family", "clean family", "strength", "source", "cand tiling-mean",
+                          "default tiling-mean", "fringe-baseline"])
+            for i in range(10):
+                for j in range(2):
+                    out.writerow([f"c{i}{j}", 0, "drawn", "drawn", 0.0, f"s{i}", 0.9 if i == 0 else 0.1, 0.5, 0.5])
+                    out.writerow([f"n{i}{j}", 0, "painted", "painted", 0.0, f"p{i}", 0.1, 0.5, 0.5])
+                    out.writerow([f"a{i}{j}", 1, "drawn", "", 2.0 + j, f"s{i}", 0.9 if i % 2 else 0.2, 0.5, 0.5])
+    done, verdict = run_gate(tmp_path, folders["lossless"], folders["delivered"], "--resamples", "2000")
+    assert done.returncode == 0, done.stderr
+    rows = {(r["report"], r["criterion"]): r for r in verdict["criteria"]}
+    drawn = rows[("lossless", "clean drawn flagged")]
+    assert drawn["interval"] == [0.0, 0.3] and drawn["sources"] == 10
+    assert "of 20; 95% over 10 sources: 0.000 to 0.300" in drawn["note"]
+    assert "interval" not in rows[("delivered", "clean painted flagged")]  # none flagged: no interval
+    recall = rows[("lossless", "recall at the threshold, fringes >= 2 px")]  # half the sources found
+    low, high = recall["interval"]
+    assert recall["sources"] == 10 and 0.0 < low < 0.5 < high < 1.0
 
 
 def test_ship_gate_refuses_a_report_it_cannot_judge_in_one_line(tmp_path):
