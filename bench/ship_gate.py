@@ -237,6 +237,53 @@ def markdown(verdict):
     return "\n".join(lines) + "\n"
 
 
+def plot(verdict, path):
+    """The verdict as a forest plot (PNG at `path`): left, every ROC AUC difference against the shipped
+    model and the yardstick with its 95% interval and zero marked; right, the clean pictures flagged
+    and the recall, each with its interval and a tick at its target. Rows that fail are red.
+    -> the rows drawn, as (panel, label, value, low, high)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    criteria = verdict["criteria"]
+    panels = [("ROC AUC minus the other's", [r for r in criteria if r["rule"] == "ships"]),
+              ("clean pictures flagged", [r for r in criteria if r["criterion"].endswith("flagged")]),
+              ("recall, fringes >= 2 px", [r for r in criteria if r["criterion"].startswith("recall")])]
+    figure = plt.figure(figsize=(12, 1.5 + 0.22 * max(len(panels[0][1]), len(panels[1][1]) + len(panels[2][1]), 4)))
+    grid = figure.add_gridspec(2, 2, height_ratios=[max(len(panels[1][1]), 1), max(len(panels[2][1]), 1) + 2])
+    axes = [figure.add_subplot(grid[:, 0]), figure.add_subplot(grid[0, 1]), figure.add_subplot(grid[1, 1])]
+    drawn = []
+    for panel, (axis, (title, chosen)) in enumerate(zip(axes, panels)):
+        labels = []
+        for y, r in enumerate(reversed(chosen)):
+            labels.append(f"{r['report']}: {r['criterion'].replace('ROC AUC, ', '').replace(', fringes >= 2 px', '')}")
+            if panel == 0:  # the difference from the figure it had to beat ("> 0.9969")
+                value = r["value"] - float(r["target"].removeprefix("> "))
+            else:  # a share, its target ("<= 0.02", ">= 0.9") ticked
+                value = r["value"]
+                target = float(r["target"].split()[-1])
+                axis.plot([target, target], [y - 0.4, y + 0.4], color="0.2", linewidth=1.5)
+            low, high = r.get("interval", (value, value))
+            colour = "tab:blue" if r["passes"] else "tab:red"
+            axis.plot([low, high], [y, y], color=colour, linewidth=2, alpha=0.6)
+            axis.plot([value], [y], "o", color=colour, markersize=4)
+            drawn.append((panel, labels[-1], value, low, high))
+        axis.set_yticks(range(len(chosen)), labels, fontsize=7)
+        axis.set_ylim(-0.7, len(chosen) - 0.3)
+        axis.set_title(title, fontsize=9)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].axvline(0, color="0.2", linewidth=1)
+    figure.suptitle(f"{verdict['candidate']}: {'ships' if verdict['ships'] else 'does not ship'}, "
+                    f"{'done' if verdict['done'] else 'not done'} ({verdict['passed']} of {verdict['rows']}); "
+                    "bars: 95% intervals, sources drawn again; red: fails", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return drawn
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", required=True,
@@ -248,7 +295,8 @@ def main(argv=None):
                         help="the yardstick's report entry (default: fringe-baseline)")
     parser.add_argument("--resamples", type=int, default=1000,
                         help="draws of each family's sources for the 95%% intervals (0: none; default: 1000)")
-    parser.add_argument("--out", type=Path, help="write the verdict here as JSON (and as Markdown beside it, .md)")
+    parser.add_argument("--out", type=Path, help="write the verdict here as JSON, and beside it as Markdown (.md) "
+                                                 "and as a forest plot of every interval (.png)")
     args = parser.parse_args(argv)
     try:
         reports = {kind: (folder, load_report(folder)) for kind, folder in
@@ -268,7 +316,9 @@ def main(argv=None):
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(verdict, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        picture = args.out.with_suffix(".png")
+        plot(verdict, picture)
+        args.out.with_suffix(".md").write_text(text + f"\n![{picture.stem}]({picture.name})\n")
     return 0
 
 

@@ -291,6 +291,7 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     Binomial(10, 0.1) over the draws, whose 2.5th and 97.5th percentiles are 0 and 0.3 (drawing the 20
     pictures instead would give 0.25); a share of 0 gets no interval (every draw repeats it)."""
     import csv
+    import importlib.util
 
     families = {"drawn": 0.999, "painted": 0.999}
     folders = {}
@@ -316,6 +317,22 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     recall = rows[("lossless", "recall at the threshold, fringes >= 2 px")]  # half the sources found
     low, high = recall["interval"]
     assert recall["sources"] == 10 and 0.0 < low < 0.5 < high < 1.0
+
+    # the forest plot beside the verdict: every row against another model as its difference from the
+    # figure it had to beat, every share as itself, each with its interval (or none: a point)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "gate.png").size[0] > 500 and "![gate](gate.png)" in (tmp_path / "gate.md").read_text()
+    spec = importlib.util.spec_from_file_location("ship_gate", REPO / "bench" / "ship_gate.py")
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    drawn = gate.plot(verdict, tmp_path / "again.png")
+    assert [sum(d[0] == panel for d in drawn) for panel in range(3)] == [8, 4, 2]  # families x models x reports
+    by_label = {(d[0], d[1]): d[2:] for d in drawn}
+    assert abs(by_label[(0, "lossless: drawn, against the shipped model")][0] - (0.999 - 0.5)) < 1e-9
+    assert by_label[(1, "lossless: clean drawn flagged")] == (0.0, 0.0, 0.3)
+    assert by_label[(1, "delivered: clean painted flagged")] == (0.0, 0.0, 0.0)
+    assert by_label[(2, "lossless: recall at the threshold")][1:] == tuple(recall["interval"])
 
 
 def test_ship_gate_refuses_a_report_it_cannot_judge_in_one_line(tmp_path):
