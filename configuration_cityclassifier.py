@@ -64,6 +64,10 @@ class CityClassifierConfig(PretrainedConfig):
         score_temperature: class models' tile logits are divided by it before the softmax (1.0, the
             original: exact). Fitted on validation by train_hf.py (`--calibrate`), so that a score of
             0.5 means even odds.
+        score_bias: None, or class models' per-label numbers added to the tile logits after the
+            temperature (the first label's 0): fitted with it by train_hf.py `--calibrate_bias`, for
+            a model whose even odds the temperature cannot reach (one trained with unequal
+            `label_loss_weights` puts its 0.5 where the odds are not even).
     """
 
     model_type = "cityclassifier"
@@ -84,6 +88,7 @@ class CityClassifierConfig(PretrainedConfig):
         native_fringes=None,
         native_patches=None,
         score_temperature=1.0,
+        score_bias=None,
         **kwargs,
     ):
         if arch not in ARCHES:
@@ -133,6 +138,17 @@ class CityClassifierConfig(PretrainedConfig):
         if self.native_patches and not self.native_fringes:
             raise ValueError("native_patches needs native_fringes (the patches are picked at its work size)")
         self.score_temperature = self.positive_number(score_temperature, "score_temperature")
+        self.score_bias = self.bias_spec(score_bias, arch, self.num_labels)
+
+    @staticmethod
+    def bias_spec(value, arch, num_labels):
+        """score_bias as a list of `num_labels` finite floats (a class model's), or None."""
+        if value is None:
+            return None
+        if arch != "class" or not isinstance(value, (list, tuple)) or len(value) != num_labels or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise ValueError(f"score_bias must be None or {num_labels} finite numbers of a class model, got {value!r}")
+        return [float(v) for v in value]
 
     @staticmethod
     def positive_number(value, name):

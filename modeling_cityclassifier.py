@@ -495,6 +495,8 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         temperature = getattr(self.config, "score_temperature", 1.0)
         if self.config.arch == "class" and temperature != 1.0:
             z = z / temperature
+        if self.config.arch == "class" and getattr(self.config, "score_bias", None):
+            z = z + self._constant("score_bias", z)
         tile_scores = z.softmax(-1) if self.config.arch == "class" else (z.tanh() + 1) / 2
         tile_scores = tile_scores.masked_fill(~tile_mask.bool()[..., None], float("nan"))
         scores = combine_tiles(tile_scores, tile_mask, how)
@@ -502,22 +504,24 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         s = scores.clamp(finfo.tiny, 1 - finfo.eps / 2)  # 0 and 1 would give infinite log-odds
         return tile_scores, scores, s.log() - (-s).log1p()  # (batch, labels) log-odds
 
-    def _loss_weight(self, like):
-        """config.label_loss_weights as a tensor on `like`'s device and dtype, made once: a tensor made
-        from a list on every step is a copy to the GPU that waits for it (a batch-1 head step is all
-        such fixed costs)."""
-        key = (like.device, like.dtype, tuple(self.config.label_loss_weights))
-        cached = getattr(self, "_loss_weight_cache", None)
-        if cached is None or cached[0] != key:
-            cached = self._loss_weight_cache = (key, like.new_tensor(key[2]))
-        return cached[1]
+    def _constant(self, name, like):
+        """config.`name` (a list of numbers) as a tensor on `like`'s device and dtype, made once: a tensor
+        made from a list on every step is a copy to the GPU that waits for it (a batch-1 head step is
+        all such fixed costs)."""
+        key = (like.device, like.dtype, tuple(getattr(self.config, name)))
+        cache = getattr(self, "_constants", None)
+        if cache is None:
+            cache = self._constants = {}
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, like.new_tensor(key[2]))
+        return cache[name][1]
 
     def _loss(self, scores, labels):
         """Class models: cross-entropy with the label weights on the combined probabilities; score
         models: squared error of the score."""
         labels = labels.to(scores.device)
         if self.config.arch == "class":
-            weight = self._loss_weight(scores)
+            weight = self._constant("label_loss_weights", scores)
             return nn.functional.nll_loss(scores.clamp_min(torch.finfo(scores.dtype).tiny).log(), labels.long(),
                                           weight=weight)
         return nn.functional.mse_loss(scores.squeeze(-1), labels.to(scores.dtype).view(-1))

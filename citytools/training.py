@@ -232,13 +232,16 @@ def checkpoint_problem(folder):
 # The grid searched, 0.1 to 50 (a model fine-tuned from a calibrated one learns logits scaled by the
 # temperature it was trained at, so the next one can be far from 1).
 TEMPERATURES = np.exp(np.linspace(np.log(0.1), np.log(50.0), 187))
+# The biases searched with --calibrate_bias, in log-odds: -6 to 6 by 0.05.
+BIASES = np.round(np.linspace(-6.0, 6.0, 241), 2)
 
 
 def tile_predictions(model, loader):
     """(tile log-probabilities (n, tiles, labels) with padding at 0, tile_mask (n, tiles), labels (n,))
-    of a class model on every batch of `loader`, at temperature 1."""
+    of a class model on every batch of `loader`, at temperature 1 and without a bias."""
     model.eval()
-    saved, model.config.score_temperature = getattr(model.config, "score_temperature", 1.0), 1.0
+    saved = getattr(model.config, "score_temperature", 1.0), getattr(model.config, "score_bias", None)
+    model.config.score_temperature, model.config.score_bias = 1.0, None
     logs, masks, labels = [], [], []
     try:
         with torch.no_grad():
@@ -249,48 +252,66 @@ def tile_predictions(model, loader):
                 masks.append(batch["tile_mask"].bool().cpu())
                 labels.append(batch["labels"].long().cpu())
     finally:
-        model.config.score_temperature = saved
+        model.config.score_temperature, model.config.score_bias = saved
     return torch.cat(logs), torch.cat(masks), torch.cat(labels)
 
 
-def combined_scores(log_probs, mask, temperature, how):
-    """Tile log-probabilities at temperature 1 -> the combined scores (n, labels) at `temperature`."""
+def combined_scores(log_probs, mask, temperature, how, bias=None):
+    """Tile log-probabilities at temperature 1 -> the combined scores (n, labels) at `temperature`, with
+    `bias` (one number per label) added to the scaled tile logits."""
     from citytools.remote import combine_tiles
 
-    tiles = (log_probs / temperature).softmax(-1).masked_fill(~mask[..., None], float("nan"))
+    logits = log_probs / temperature
+    if bias is not None:
+        logits = logits + torch.tensor(bias, dtype=logits.dtype)
+    tiles = logits.softmax(-1).masked_fill(~mask[..., None], float("nan"))
     return combine_tiles(tiles, mask, how)
 
 
-def calibration_loss(log_probs, mask, labels, temperature, how):
-    """Negative log-likelihood of the labels under the combined scores at `temperature`."""
-    scores = combined_scores(log_probs, mask, temperature, how)
+def calibration_loss(log_probs, mask, labels, temperature, how, bias=None):
+    """Negative log-likelihood of the labels under the combined scores at `temperature` (and `bias`)."""
+    scores = combined_scores(log_probs, mask, temperature, how, bias)
     return -scores.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
 
 
-def calibration_error(log_probs, mask, labels, temperature, how):
-    """The expected calibration error of the combined scores at `temperature`, as benchmark.py and
-    the training metrics report it (metrics/classification)."""
+def calibration_error(log_probs, mask, labels, temperature, how, bias=None):
+    """The expected calibration error of the combined scores at `temperature` (and `bias`), as
+    benchmark.py and the training metrics report it (metrics/classification)."""
     import evaluate
 
-    scores = combined_scores(log_probs, mask, temperature, how).numpy()
+    scores = combined_scores(log_probs, mask, temperature, how, bias).numpy()
     metric = evaluate.load(str(ROOT / "metrics" / "classification"))
     return metric.compute(predictions=scores.argmax(1), references=labels.numpy(), scores=scores)["ece"]
 
 
-def fit_temperature(model, loader):
+def fit_temperature(model, loader, bias=False):
     """Temperature scaling of a class model on a validation `loader`: the grid temperature with the
-    lowest negative log-likelihood of the combined scores (the tile combine of the model's config).
-    -> {"temperature", "nll", "ece", "nll_at_1", "ece_at_1", "images"}; the model is left unchanged."""
+    lowest negative log-likelihood of the combined scores (the tile combine of the model's config);
+    with `bias`, a bias per label too (the first label's 0; Platt scaling for two labels), searched
+    with the temperature one coordinate at a time over their grids until neither moves.
+    -> {"temperature", "bias" (None without), "nll", "ece", "nll_at_1", "ece_at_1", "images"}; the
+    model is left unchanged."""
     log_probs, mask, labels = tile_predictions(model, loader)
     how = model.config.tile_combine
-    losses = [calibration_loss(log_probs, mask, labels, t, how) for t in TEMPERATURES]
-    index = int(np.argmin(losses))
-    best = float(TEMPERATURES[index])
-    if index in (0, len(TEMPERATURES) - 1):
-        logger.warning("calibration: the best temperature, %.3g, is the edge of the grid searched (%.3g to %.3g): "
-                       "the scores are calibrated as far as the grid allows, not fully", best, TEMPERATURES[0],
-                       TEMPERATURES[-1])
-    return {"temperature": best, "nll": min(losses), "ece": calibration_error(log_probs, mask, labels, best, how),
-            "nll_at_1": calibration_loss(log_probs, mask, labels, 1.0, how),
-            "ece_at_1": calibration_error(log_probs, mask, labels, 1.0, how), "images": int(len(labels))}
 
+    def loss(temperature, shift):
+        return calibration_loss(log_probs, mask, labels, temperature, how, shift)
+
+    shift = [0.0] * log_probs.shape[-1] if bias else None
+    best = float(min(TEMPERATURES, key=lambda t: loss(t, shift)))
+    for _ in range(20 if bias else 0):  # coordinate descent; each step can only lower the loss
+        before = (best, list(shift))
+        for k in range(1, len(shift)):
+            shift[k] = float(min(BIASES, key=lambda v: loss(best, shift[:k] + [v] + shift[k + 1:])))
+        best = float(min(TEMPERATURES, key=lambda t: loss(t, shift)))
+        if (best, shift) == before:
+            break
+    for name, value, grid in [("temperature", best, TEMPERATURES)] + [("bias", v, BIASES) for v in (shift or [])[1:]]:
+        if value in (grid[0], grid[-1]):
+            logger.warning("calibration: the best %s, %.3g, is the edge of the grid searched (%.3g to %.3g): "
+                           "the scores are calibrated as far as the grid allows, not fully", name, value, grid[0],
+                           grid[-1])
+    return {"temperature": best, "bias": shift, "nll": loss(best, shift),
+            "ece": calibration_error(log_probs, mask, labels, best, how, shift),
+            "nll_at_1": loss(1.0, None), "ece_at_1": calibration_error(log_probs, mask, labels, 1.0, how),
+            "images": int(len(labels))}

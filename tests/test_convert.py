@@ -145,6 +145,11 @@ def test_average_models_interpolates_every_weight_and_refuses_another_architectu
     assert average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--out", str(tmp_path / "warm")]) == 0
     assert "calibrate it again" in capsys.readouterr().err
     assert CityClassifierForImageClassification.from_pretrained(tmp_path / "warm").config.score_temperature == 3.0
+    moved.config.score_temperature, moved.config.score_bias = 1.0, [0.0, 0.7]  # a bias only: the same
+    moved.save_pretrained(tmp_path / "moved")
+    assert average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--out", str(tmp_path / "biased")]) == 0
+    assert "different biases (None and [0.0, 0.7])" in capsys.readouterr().err
+    assert CityClassifierForImageClassification.from_pretrained(tmp_path / "biased").config.score_bias == [0.0, 0.7]
     with pytest.raises(UsageError, match="not between 0 and 1"):
         average_models.main([str(converted["ca"]), str(tmp_path / "moved"), "--weight", "2",
                              "--out", str(tmp_path / "x")])

@@ -6,8 +6,8 @@ and most of the old ones). The shipped model's stage 5 is stage 4 averaged with 
 The two must have the same configuration (labels, head, stem, fringe measurements, tiling) apart
 from training settings; the output takes SECOND's configuration and processor. Both load with the
 strict loader, so a folder with missing or unexpected weights is refused. Two models calibrated at
-different temperatures (`score_temperature`) are averaged all the same, keeping SECOND's, with a
-warning: calibrate the average again (`train_hf.py --num_train_epochs 0`, docs/training.md)."""
+different temperatures or biases (`score_temperature`, `score_bias`) are averaged all the same, keeping
+SECOND's, with a warning: calibrate the average again (`train_hf.py --num_train_epochs 0`, docs/training.md)."""
 
 import argparse
 import sys
@@ -19,7 +19,7 @@ from citytools.models import load_scoring_model
 from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir
 
 TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "use_cache", "_name_or_path", "transformers_version",
-                 "dtype", "score_temperature")  # a temperature is calibration: a warning in average(), not a refusal
+                 "dtype", "score_temperature", "score_bias")  # calibration: a warning in average(), not a refusal
 
 
 def parse_args(argv=None):
@@ -59,11 +59,12 @@ def average(first, second, weight):
         theirs, ours = architecture(first.config), architecture(second.config)
         differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise UsageError(f"the two models differ in {', '.join(differ)}: only one architecture can be averaged")
-    temperatures = [getattr(model.config, "score_temperature", None) for model in (first, second)]
-    if temperatures[0] != temperatures[1]:
-        print(f"warning: the two models were calibrated at different temperatures ({temperatures[0]} and "
-              f"{temperatures[1]}); the average keeps {temperatures[1]}: calibrate it again "
-              "(train_hf.py --model_name_or_path OUT --num_train_epochs 0, docs/training.md)", file=sys.stderr)
+    for name, what in (("score_temperature", "temperatures"), ("score_bias", "biases")):
+        values = [getattr(model.config, name, None) for model in (first, second)]
+        if values[0] != values[1]:
+            print(f"warning: the two models were calibrated at different {what} ({values[0]} and {values[1]}); "
+                  f"the average keeps {values[1]}: calibrate it again "
+                  "(train_hf.py --model_name_or_path OUT --num_train_epochs 0, docs/training.md)", file=sys.stderr)
     mine = first.state_dict()
     with torch.no_grad():
         for name, tensor in second.state_dict().items():

@@ -87,6 +87,11 @@ class DataArguments:
         default=True, metadata={"help": "Class models: after training, fit the temperature that makes the scores "
                                         "calibrated on the eval split (config.score_temperature; 0.5 means even odds) "
                                         "and write calibration.json (NLL and ECE before and after)."})
+    calibrate_bias: bool = field(
+        default=False, metadata={"help": "With --calibrate: fit a bias beside the temperature (Platt scaling), "
+                                         "so that 0.5 is even odds for a model trained with unequal "
+                                         "--label_loss_weights, which the temperature cannot move "
+                                         "(config.score_bias). It flags more pictures at 0.5: docs/model.md."})
     top_loss_images: int = field(default=15, metadata={"help": "List this many training images with the highest loss."})
     top_loss_scan: int = field(
         default=2000, metadata={"help": "In full mode, look for them among this many random training images."})
@@ -440,14 +445,17 @@ def check_before_work(model_args, training_args):
 
 
 def calibrate(trainer, data_args):
-    """--calibrate: the trained model's score_temperature fitted on the eval split -> fit_temperature's
+    """--calibrate: the trained model's score_temperature (and score_bias) fitted on the eval split -> fit_temperature's
     report, or None when switched off."""
     if not data_args.calibrate:
         return None
-    calibration = fit_temperature(trainer.model, trainer.get_eval_dataloader())
+    calibration = fit_temperature(trainer.model, trainer.get_eval_dataloader(), bias=data_args.calibrate_bias)
     trainer.model.config.score_temperature = calibration["temperature"]
-    logger.info("calibrated on %d %s images: temperature %.3f, ECE %.4f -> %.4f", calibration["images"],
-                data_args.eval_split, calibration["temperature"], calibration["ece_at_1"], calibration["ece"])
+    trainer.model.config.score_bias = calibration["bias"]  # None without --calibrate_bias: an old one goes
+    logger.info("calibrated on %d %s images: temperature %.3f%s, ECE %.4f -> %.4f", calibration["images"],
+                data_args.eval_split, calibration["temperature"],
+                f", bias {calibration['bias']}" if calibration["bias"] else "", calibration["ece_at_1"],
+                calibration["ece"])
     return calibration
 
 
