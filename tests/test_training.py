@@ -575,8 +575,9 @@ def test_train_hf_distils_from_teachers_that_read_the_same_inputs(synthetic, tmp
     (["--distill_from", "{teacher}", "--distill_weights", "1,2"], "one number per teacher (1)"),
     (["--distill_weights", "1"], "--distill_weights needs --distill_from"),
     (["--distill_from", "{teacher}", "--train_backbone", "false"], "class models in full mode only"),
+    (["--calibrate_bias", "true", "--calibrate", "false"], "it needs --calibrate"),
 ])
-def test_train_hf_refuses_teachers_it_cannot_use(synthetic, tmp_path, extra, message):
+def test_train_hf_refuses_teachers_and_calibration_it_cannot_use(synthetic, tmp_path, extra, message):
     from citytools.toolkit import UsageError
 
     for name, size in (("teacher", 30), ("teacher42", 42)):

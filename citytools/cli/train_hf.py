@@ -463,6 +463,8 @@ def main(argv=None):
     from transformers import set_seed
 
     data_args, model_args, training_args = parse_args(argv)
+    if data_args.calibrate_bias and not data_args.calibrate:
+        raise UsageError("--calibrate_bias fits a bias with the temperature: it needs --calibrate")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
     check_before_work(model_args, training_args)
