@@ -44,6 +44,9 @@ class CityClassifierConfig(PretrainedConfig):
             full-resolution convolutions see them and a max-pool keeps them.
         stem_aux_loss_weight: in training only, adds this weight times the loss of a linear probe on
             the stem's pooled features (deep supervision: gives the stem a direct signal early on).
+        native_dropout: in training only, the share of pictures whose native-resolution inputs (the
+            measurements and the patch stream's features) the head sees as zeros, so that the views
+            alone must also tell a fringe (modality dropout; 0, the default, drops none).
         fringe_features: None (the original), or measurements of how far red and blue edges sit from
             green ones in each view (`CityClassifierFringe`), appended to CLIP's embedding as the
             head's input: True for the defaults, or {"block": 48, "max_shift": 3, "min_edge": 0.02,
@@ -84,6 +87,7 @@ class CityClassifierConfig(PretrainedConfig):
         label_loss_weights=None,
         stem=None,
         stem_aux_loss_weight=0.0,
+        native_dropout=0.0,
         fringe_features=None,
         native_fringes=None,
         native_patches=None,
@@ -132,6 +136,9 @@ class CityClassifierConfig(PretrainedConfig):
             raise ValueError(f"stem_aux_loss_weight must be >= 0, got {stem_aux_loss_weight}")
         self.stem = stem
         self.stem_aux_loss_weight = float(stem_aux_loss_weight)
+        if not (isinstance(native_dropout, (int, float)) and 0.0 <= native_dropout < 1.0):
+            raise ValueError(f"native_dropout must be in [0, 1), got {native_dropout!r}")
+        self.native_dropout = float(native_dropout)
         self.fringe_features = self.fringe_spec(fringe_features)
         self.native_fringes = native_fringe_spec(native_fringes)
         self.native_patches = native_patch_spec(native_patches)

@@ -476,6 +476,9 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         native = fringe_values.to(x.device, torch.float32).clamp_min(0).log1p().to(x.dtype)
         if self.patch_stream is not None:
             native = torch.cat([native, self._patch_features(fringe_patches, x)], dim=-1)
+        dropout = getattr(self.config, "native_dropout", 0.0)
+        if self.training and dropout > 0:  # whole pictures' native inputs, unscaled: the views must tell alone
+            native = native * (torch.rand(native.shape[0], 1, device=native.device) >= dropout).to(native.dtype)
         return torch.cat([x, native[:, None].expand(-1, x.shape[1], -1)], dim=-1)
 
     def _patch_features(self, fringe_patches, x):

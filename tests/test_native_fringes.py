@@ -690,3 +690,31 @@ def test_the_measurement_is_the_same_with_another_cpus_blas_kernels(tmp_path):
         seen[kernel] = values
     for kernel in kernels[1:]:
         assert seen[kernel] == seen[kernels[0]], kernel
+
+
+def test_native_dropout_zeroes_whole_pictures_native_inputs_in_training_only(converted, tmp_path):
+    """config.native_dropout: in training, about that share of pictures reach the head with their
+    native inputs (measurements and patch features) all zero, the others with them untouched (not
+    rescaled); in evaluation none. Bad values are refused."""
+    import torch
+
+    from citytools.remote import NATIVE_FRINGE_FEATURES, CityClassifierConfig
+
+    model, _ = tiny_native_model(tmp_path, converted)
+    model.add_native_fringes()
+    model.config.native_dropout = 0.3
+    count = len(NATIVE_FRINGE_FEATURES)
+    embeds = torch.randn(2000, 1, model.config.vision_config.projection_dim)
+    values = torch.rand(2000, count) * 3 + 0.1  # every measurement above zero
+    expected = values.log1p()
+    torch.manual_seed(0)
+    model.train()
+    native = model._head_input(embeds, values)[:, 0, -count:]
+    dropped = (native == 0).all(1)
+    assert ((native == expected).all(1) | dropped).all()  # whole pictures, the rest unscaled
+    assert 0.26 < dropped.float().mean().item() < 0.34
+    model.eval()
+    assert torch.equal(model._head_input(embeds, values)[:, 0, -count:], expected)
+    for bad in (1.0, -0.1, "0.3"):
+        with pytest.raises(ValueError, match="native_dropout"):
+            CityClassifierConfig(native_dropout=bad)

@@ -576,6 +576,8 @@ def test_train_hf_distils_from_teachers_that_read_the_same_inputs(synthetic, tmp
     (["--distill_weights", "1"], "--distill_weights needs --distill_from"),
     (["--distill_from", "{teacher}", "--train_backbone", "false"], "class models in full mode only"),
     (["--calibrate_bias", "true", "--calibrate", "false"], "it needs --calibrate"),
+    (["--native_dropout", "0.3"], "--native_dropout needs a model with native-resolution inputs"),
+    (["--native_fringes", "true", "--native_dropout", "1.5"], "--native_dropout must be in [0, 1)"),
 ])
 def test_train_hf_refuses_teachers_and_calibration_it_cannot_use(synthetic, tmp_path, extra, message):
     from citytools.toolkit import UsageError

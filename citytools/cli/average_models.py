@@ -18,8 +18,9 @@ import torch
 from citytools.models import load_scoring_model
 from citytools.toolkit import UsageError, atomic_output_dir, check_output_dir
 
-TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "use_cache", "_name_or_path", "transformers_version",
-                 "dtype", "score_temperature", "score_bias")  # calibration: a warning in average(), not a refusal
+TRAINING_ONLY = ("label_loss_weights", "stem_aux_loss_weight", "native_dropout", "use_cache", "_name_or_path",
+                 "transformers_version", "dtype",
+                 "score_temperature", "score_bias")  # calibration: a warning in average(), not a refusal
 
 
 def parse_args(argv=None):

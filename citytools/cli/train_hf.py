@@ -161,6 +161,11 @@ class ModelArguments:
         metadata={"help": "With --native_patches: the patch stream's width (default 16; 8 has a quarter of the "
                           "arithmetic in its two widest convolutions, but ran only a fifth faster on a CPU: "
                           "docs/speed.md)."})
+    native_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "A model with native-resolution inputs: the share of training pictures whose native "
+                          "inputs the head sees as zeros, so that the views alone must also tell a fringe "
+                          "(config.native_dropout; training only, inference always reads them)."})
     distill_from: str | None = field(
         default=None,
         metadata={"help": "Comma-separated CityClassifier folders or Hub ids (teachers) whose combined score the "
@@ -327,6 +332,12 @@ def with_native_fringes(model, processor, train_backbone, model_args):
             model.add_native_patches(patches)
         if model_args.native_size:
             model.add_native_size()
+    if model_args.native_dropout is not None:
+        if not getattr(model.config, "native_fringes", None):
+            raise UsageError("--native_dropout needs a model with native-resolution inputs (--native_fringes)")
+        if not 0.0 <= model_args.native_dropout < 1.0:
+            raise UsageError(f"--native_dropout must be in [0, 1), got {model_args.native_dropout}")
+        model.config.native_dropout = model_args.native_dropout
     if getattr(model.config, "native_fringes", None):
         processor = processor.with_options(native_fringes=model.config.native_fringes,
                                            native_patches=getattr(model.config, "native_patches", None))
