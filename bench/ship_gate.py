@@ -110,8 +110,11 @@ def read_scores(folder):
 
 def source_draws(rows, resamples, seed=0):
     """(draws, sources): `resamples` index arrays into `rows`, each the pictures of as many sources as
-    `rows` has, drawn with replacement (a source's pictures move together); (None, n) under 2 sources."""
-    members = list(rows.groupby("source").indices.values())  # positions, sources in sorted order
+    `rows` has, drawn with replacement (a source's pictures move together; a picture without one is
+    a source of its own); (None, n) under 2 sources."""
+    sources = rows["source"].astype(object).where(rows["source"].notna(),
+                                                  [f"\0picture {i}" for i in range(len(rows))])
+    members = list(sources.groupby(sources).indices.values())  # positions, sources in sorted order
     if len(members) < 2:
         return None, len(members)
     rng = np.random.default_rng(seed)

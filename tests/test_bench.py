@@ -289,7 +289,8 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     """Beside the clean pictures flagged and the recall, the 95% interval of the share with the sources
     drawn again: 2 of 20 clean pictures flagged, both from one of 10 sources, is k/10 with k ~
     Binomial(10, 0.1) over the draws, whose 2.5th and 97.5th percentiles are 0 and 0.3 (drawing the 20
-    pictures instead would give 0.25); a share of 0 gets no interval (every draw repeats it)."""
+    pictures instead would give 0.25); a picture without a source is a source of its own; a share of 0
+    gets no interval (every draw repeats it)."""
     import csv
     import importlib.util
 
@@ -297,7 +298,8 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     folders = {}
     for kind in ("lossless", "delivered"):
         folders[kind] = gate_report(tmp_path / kind, families, {f: 0.5 for f in families},
-                                    {f: 0.5 for f in families}, dataset=f"data/{kind}")
+                                    {f: 0.5 for f in families}, dataset=f"data/{kind}",
+                                    flagged={"drawn": 0.0, "painted": 0.0, "photo": 0.0})
         with (folders[kind] / "scores.csv").open("w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["path", "label", "family", "clean family", "strength", "source", "cand tiling-mean",
@@ -307,13 +309,18 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
                     out.writerow([f"c{i}{j}", 0, "drawn", "drawn", 0.0, f"s{i}", 0.9 if i == 0 else 0.1, 0.5, 0.5])
                     out.writerow([f"n{i}{j}", 0, "painted", "painted", 0.0, f"p{i}", 0.1, 0.5, 0.5])
                     out.writerow([f"a{i}{j}", 1, "drawn", "", 2.0 + j, f"s{i}", 0.9 if i % 2 else 0.2, 0.5, 0.5])
+                out.writerow([f"h{i}{j}", 0, "photo", "photo", 0.0, f"h{i}", 0.1, 0.5, 0.5])
+            for k in range(4):  # generated pictures without a source: each one of its own, none left out
+                out.writerow([f"g{k}", 0, "painted", "painted", 0.0, "", 0.9 if k == 0 else 0.1, 0.5, 0.5])
     done, verdict = run_gate(tmp_path, folders["lossless"], folders["delivered"], "--resamples", "2000")
     assert done.returncode == 0, done.stderr
     rows = {(r["report"], r["criterion"]): r for r in verdict["criteria"]}
     drawn = rows[("lossless", "clean drawn flagged")]
     assert drawn["interval"] == [0.0, 0.3] and drawn["sources"] == 10
     assert "of 20; 95% over 10 sources: 0.000 to 0.300" in drawn["note"]
-    assert "interval" not in rows[("delivered", "clean painted flagged")]  # none flagged: no interval
+    assert "interval" not in rows[("delivered", "clean photo flagged")]  # none flagged: no interval
+    painted = rows[("delivered", "clean painted flagged")]  # 1 of 24 flagged: a picture without a source
+    assert painted["sources"] == 14 and painted["interval"][0] == 0.0 and painted["interval"][1] > 0.0
     recall = rows[("lossless", "recall at the threshold, fringes >= 2 px")]  # half the sources found
     low, high = recall["interval"]
     assert recall["sources"] == 10 and 0.0 < low < 0.5 < high < 1.0
@@ -327,11 +334,11 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     gate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gate)
     drawn = gate.plot(verdict, tmp_path / "again.png")
-    assert [sum(d[0] == panel for d in drawn) for panel in range(3)] == [8, 4, 2]  # families x models x reports
+    assert [sum(d[0] == panel for d in drawn) for panel in range(3)] == [8, 6, 2]  # families x models x reports
     by_label = {(d[0], d[1]): d[2:] for d in drawn}
     assert abs(by_label[(0, "lossless: drawn, against the shipped model")][0] - (0.999 - 0.5)) < 1e-9
     assert by_label[(1, "lossless: clean drawn flagged")] == (0.0, 0.0, 0.3)
-    assert by_label[(1, "delivered: clean painted flagged")] == (0.0, 0.0, 0.0)
+    assert by_label[(1, "delivered: clean painted flagged")][0] == 0.0  # metrics.json's figure, its interval
     assert by_label[(2, "lossless: recall at the threshold")][1:] == tuple(recall["interval"])
 
 
