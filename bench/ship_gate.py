@@ -175,26 +175,28 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick, resamples)
     table = read_scores(folder) if resamples else None
     metrics, rows = entry["metrics"], []
 
-    def row(criterion, value, target, passes, note="", rule="done"):
+    def row(criterion, value, target, passes, note="", rule="done", interval=None, form=".3f"):
+        """One criterion; with an interval (low, high, sources), its note and fields too."""
+        if interval is not None:
+            note += f"; 95% over {interval[2]} sources: {interval[0]:{form}} to {interval[1]:{form}}"
         rows.append({"report": kind, "criterion": criterion, "value": value, "target": target,
                      "passes": bool(passes), "note": note, "rule": rule})
+        if interval is not None:
+            rows[-1]["interval"], rows[-1]["sources"] = list(interval[:2]), interval[2]
+
+    def flagged_interval(select):
+        """The interval of the share the candidate flags among the pictures `select` picks from scores.csv
+        (None where it cannot: no scores.csv, or not the column `select` needs)."""
+        chosen = select(table) if table is not None else None
+        return None if chosen is None else share_interval(chosen, name, report["threshold"], resamples)
 
     auc_target = TARGETS[f"{kind}_roc_auc"]
     row("ROC AUC", metrics["roc_auc"], f">= {auc_target}", metrics["roc_auc"] >= auc_target)
-    def with_share_interval(rows_of_table):  # the last row's note and fields, where scores.csv allows
-        chosen = rows_of_table(table) if table is not None else None
-        if chosen is None:
-            return
-        interval = share_interval(chosen, name, report["threshold"], resamples)
-        if interval is not None:
-            rows[-1]["note"] += f"; 95% over {interval[2]} sources: {interval[0]:.3f} to {interval[1]:.3f}"
-            rows[-1]["interval"], rows[-1]["sources"] = list(interval[:2]), interval[2]
-
     recall, n = recall_from(entry, 2.0, folder)
     recall_target = TARGETS[f"{kind}_recall_2px"]
     row("recall at the threshold, fringes >= 2 px", recall, f">= {recall_target}", recall >= recall_target,
-        f"{n} positives")
-    with_share_interval(lambda t: t[(t["label"] == 1) & (t["strength"] >= 2.0)] if "strength" in t else None)
+        f"{n} positives",
+        interval=flagged_interval(lambda t: t[(t["label"] == 1) & (t["strength"] >= 2.0)] if "strength" in t else None))
     row("expected calibration error", metrics["ece"], "reported", True)
     families = entry["by"].get("family")
     if not families:
@@ -208,17 +210,12 @@ def judge_report(kind, folder, report, candidate, shipped, yardstick, resamples)
         for label, other, other_name in (("shipped model", ship, ship_name), ("yardstick", yard, yard_name)):
             theirs = other["by"]["family"][family]["roc_auc"]
             passes, how = beats(value, theirs)
-            interval = source_interval(table, family, name, other_name, resamples)
-            if interval is not None:
-                how += f"; 95% over {interval[2]} sources: {interval[0]:+.4f} to {interval[1]:+.4f}"
-            row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how, rule="ships")
-            if interval is not None:
-                rows[-1]["interval"] = list(interval[:2])
-                rows[-1]["sources"] = interval[2]
+            row(f"ROC AUC, {family}, against the {label}", value, f"> {theirs:.4f}", passes, how, rule="ships",
+                interval=source_interval(table, family, name, other_name, resamples), form="+.4f")
     for family, figures in sorted(entry["by"].get("clean family", {}).items()):
         row(f"clean {family} flagged", figures["flagged"], f"<= {TARGETS['clean_flagged']}",
-            figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}")
-        with_share_interval(lambda t, f=family: t[t["clean family"] == f] if "clean family" in t else None)
+            figures["flagged"] <= TARGETS["clean_flagged"], f"of {figures['n']}",
+            interval=flagged_interval(lambda t, f=family: t[t["clean family"] == f] if "clean family" in t else None))
     return name, rows
 
 
