@@ -189,6 +189,16 @@ def gate_report(folder, candidate, shipped, yardstick, *, dataset, flagged=None,
     return folder
 
 
+def ship_gate_module():
+    """bench/ship_gate.py as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship_gate", REPO / "bench" / "ship_gate.py")
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    return gate
+
+
 def run_gate(tmp_path, lossless, delivered, *extra):
     out = tmp_path / "gate.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "ship_gate.py"), "--candidate", "runs/cand",
@@ -248,13 +258,10 @@ def test_ship_gate_says_how_sure_each_comparison_is_over_the_families_sources(tm
     chance differs by exactly 0.5 in every draw; a candidate scoring as the other differs by 0; a
     family of one source gets no interval. Ties count half in the ROC AUC (worked out by hand)."""
     import csv
-    import importlib.util
 
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("ship_gate", REPO / "bench" / "ship_gate.py")
-    gate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gate)
+    gate = ship_gate_module()
     # pairs (positive, negative): 0.9 vs 0.9 half, 0.9 vs 0.1 one, 0.2 vs 0.9 none, 0.2 vs 0.1 one: 2.5 / 4
     assert gate.roc_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.9, 0.2, 0.1])) == 0.625
 
@@ -292,7 +299,6 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     pictures instead would give 0.25); a picture without a source is a source of its own; a share of 0
     gets no interval (every draw repeats it)."""
     import csv
-    import importlib.util
 
     families = {"drawn": 0.999, "painted": 0.999}
     folders = {}
@@ -330,9 +336,7 @@ def test_ship_gate_says_how_sure_each_share_is_over_its_sources(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "gate.png").size[0] > 500 and "![gate](gate.png)" in (tmp_path / "gate.md").read_text()
-    spec = importlib.util.spec_from_file_location("ship_gate", REPO / "bench" / "ship_gate.py")
-    gate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gate)
+    gate = ship_gate_module()
     drawn = gate.plot(verdict, tmp_path / "again.png")
     assert [sum(d[0] == panel for d in drawn) for panel in range(3)] == [8, 6, 2]  # families x models x reports
     by_label = {(d[0], d[1]): d[2:] for d in drawn}
