@@ -52,11 +52,20 @@ MORE_RULES = (  # the same table as DEBIAN_RULES: alike on purpose
 MIN_PICTURE_SIDE = 128  # smaller files are icons and sprites
 
 
+class MissingPackages(Exception):
+    """Debian packages a recipe's pictures come from are not installed (`packages`)."""
+
+    def __init__(self, packages):
+        super().__init__(", ".join(packages))
+        self.packages = packages
+
+
 def photo_sources():
-    """Real photos shipped inside installed packages (scikit-learn, matplotlib, scikit-image)."""
+    """Real photos shipped inside packages requirements.txt installs (scikit-learn, matplotlib). Not
+    scikit-image's, although ../shared/TRAINING_SOURCES.md allows them: nothing installs it, so whether
+    a machine happened to have it would change every split's photos (each photo is a group)."""
     found = []
-    for module, pattern in (("sklearn.datasets", "images/*.jpg"), ("matplotlib", "mpl-data/sample_data/*.jpg"),
-                            ("skimage", "data/*.png")):
+    for module, pattern in (("sklearn.datasets", "images/*.jpg"), ("matplotlib", "mpl-data/sample_data/*.jpg")):
         try:
             package = __import__(module, fromlist=["__file__"])
         except ImportError:
@@ -84,9 +93,10 @@ def package_files(package, install=False):
     return listed.stdout.splitlines() if listed.returncode == 0 else None
 
 
-def real_pictures(install=False, more_sources=False):
+def real_pictures(install=False, more_sources=False, allow_missing=True):
     """[(path, family, group)] of the allowed Debian packages' pictures (MORE_RULES' too with
-    `more_sources`), plus the packaged photos."""
+    `more_sources`), plus the packaged photos. A package not installed: its pictures are left out with
+    a warning, or, without `allow_missing`, MissingPackages (the pictures would not be the recipe's)."""
     found, missing = [], []
     table = DEBIAN_RULES + (MORE_RULES if more_sources else ())
     for package in dict.fromkeys(rule[0] for rule in table):
@@ -100,6 +110,8 @@ def real_pictures(install=False, more_sources=False):
             if family and usable_picture(path):
                 found.append((path, family, picture_group(path)))
     found += [(str(path), "photo", str(path)) for path in photo_sources()]
+    if missing and not allow_missing:
+        raise MissingPackages(missing)
     if missing:
         print(f"warning: Debian package(s) not installed, their pictures left out: {', '.join(missing)} "
               "(--install installs them)", file=sys.stderr)

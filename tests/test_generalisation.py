@@ -313,3 +313,23 @@ def test_benchmark_grid_pass_and_per_family_tables(converted, tmp_path):
     assert len(scored) == 8 and {"ca tiling-mean", "ca grid-mean", "family", "label"} <= set(scored[0])
     assert {row["label"] for row in scored} == {"0", "1"}
     assert "| photo | 4 | 2 |" in report
+
+
+def test_a_recipe_with_packages_missing_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    """Without its Debian packages a --real-pictures recipe makes another dataset: refused in one line
+    naming them, made (with a warning) only when asked."""
+    from citytools import pictures
+    from citytools.cli import make_synthetic_data as m
+
+    listed = {"naev-data": None}  # one package "not installed", the others installed (empty here)
+    monkeypatch.setattr(pictures, "package_files", lambda package, install=False: listed.get(package, []))
+    out = tmp_path / "data"
+    assert m.main(["--out", str(out), "--train", "2", "--validation", "0", "--test", "0", "--real-pictures", "0.5",
+                   "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "naev-data" in err and "--allow-missing-packages" in err
+    assert not out.exists()  # nothing written
+    with pytest.raises(pictures.MissingPackages):
+        pictures.real_pictures(allow_missing=False)
+    found = pictures.real_pictures(allow_missing=True)  # the warning path others use (bench/large_pictures.py)
+    assert "naev-data" in capsys.readouterr().err and all("naev" not in path for path, _, _ in found)

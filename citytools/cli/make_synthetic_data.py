@@ -4,7 +4,8 @@ Clean sources are procedurally drawn anime-like illustrations (flat cel-shaded f
 outlines, gradients, hair-like strokes, text) and crops of the few real photos that installed
 packages ship; with --real-pictures, also the pictures of the Debian packages that
 ../shared/TRAINING_SOURCES.md allows (photos, painted portraits, clip art, pixel art, 3D renders,
-cartoons: `--install` installs missing ones with apt-get), at their native resolution or scaled
+cartoons: `--install` installs missing ones with apt-get; without them it refuses, as the pictures
+would not be the recipe's), at their native resolution or scaled
 down, transparent ones composited on varied backgrounds. Each real picture belongs to one split
 for good, chosen by its source group (a wallpaper's folder, a stamp's or sprite's directory), so a
 test split never holds a crop, a resolution or a sibling of a training picture.
@@ -68,7 +69,7 @@ from citytools.drawing import (
     rough_sketch,
     soft_mask,
 )
-from citytools.pictures import DEBIAN_RULES, MORE_RULES, photo_sources, real_pictures, split_pictures
+from citytools.pictures import DEBIAN_RULES, MORE_RULES, MissingPackages, photo_sources, real_pictures, split_pictures
 from citytools.toolkit import fraction, non_negative_int, positive_int
 
 POSITIVES = ("shift", "radial", "partial")
@@ -331,6 +332,10 @@ def parse_args(argv=None):
                              "(default: 0, only generated images and crops of the packaged photos)")
     parser.add_argument("--install", action="store_true",
                         help="with --real-pictures, apt-get install the Debian packages that are missing")
+    parser.add_argument("--allow-missing-packages", action="store_true",
+                        help="with --real-pictures, leave out the pictures of packages that are not installed "
+                             "(a warning) instead of refusing: the dataset is then not the one its seed and "
+                             "options make on a machine that has them")
     parser.add_argument(
         "--hard-negatives", type=hard_negative_kinds, default=HARD_NEGATIVES,
         help="comma-separated hard-negative kinds to draw from, e.g. jpeg,webp to mine a model's false "
@@ -424,7 +429,14 @@ def main(argv=None):
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out}: output folder exists and is not empty", file=sys.stderr)
         return 2
-    pictures = split_pictures(real_pictures(args.install, args.more_sources)) if args.real_pictures > 0 else None
+    try:
+        pictures = (split_pictures(real_pictures(args.install, args.more_sources, args.allow_missing_packages))
+                    if args.real_pictures > 0 else None)
+    except MissingPackages as missing:
+        print(f"error: --real-pictures: Debian package(s) not installed: {missing} (--install installs them; "
+              "--allow-missing-packages makes a dataset without their pictures, unlike the recipe's)",
+              file=sys.stderr)
+        return 2
     # With real pictures, the packaged photos are real pictures too, each in one split only.
     photos = [] if args.no_photos or pictures is not None else photo_sources()
     if pictures is not None and not pictures["train"]:
