@@ -139,6 +139,22 @@ class CityClassifierPatchStream(nn.Module):
         return torch.cat([y.mean(1), y.amax(1)], dim=1)
 
 
+class Float32Convolution(nn.Conv2d):
+    """A convolution that computes in float32 whatever dtype its weights and input are in, also under
+    autocast, and hands back its input's dtype: the CLIP tower's patch embedding. Half-precision
+    convolution kernels are where CPUs differ most: oneDNN 3.12's AMX bf16 kernel
+    (brg_conv_fwd:avx10_1_512_amx, torch 2.13) returns wrong values for a kernel-sized stride over 16
+    input channels, the shipped model's patch embedding on its stem's features (docs/model.md,
+    precision). In float32 it is a small share of the tower's work; the tower's transformer layers,
+    nearly all of it, still run in the dtype asked for."""
+
+    def forward(self, input):
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(input.device.type, enabled=False):
+            out = self._conv_forward(input.float(), self.weight.float(), bias)
+        return out.to(input.dtype)
+
+
 def scatter_tiles(values, tile_mask):
     """(real tiles, d) values, in order -> (batch, tiles, d), zeros in the padding slots of `tile_mask`.
     The mask may stay on the CPU while the values are on a GPU: the real slots are then found on the
@@ -175,9 +191,9 @@ class CityClassifierPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CLIPEncoderLayer"]
     # The head (and the stem, where there is one: see CityClassifierForImageClassification.__init__)
     # stay float32 whatever dtype the model is loaded in; bf16 or fp16 put only the CLIP tower in that
-    # precision. The stem reads pixel differences of one grey level, which bf16's 8-bit mantissa cannot
-    # hold, and a head's rounding moves a score near 0.5 across the threshold: precision must never
-    # change a decision.
+    # precision, and its patch embedding computes in float32 all the same (Float32Convolution). The
+    # stem reads pixel differences of one grey level, which bf16's 8-bit mantissa cannot hold, and a
+    # head's rounding moves a score near 0.5 across the threshold: precision must never change a decision.
     _keep_in_fp32_modules_strict = ["head"]
     _supports_sdpa = True  # the CLIP tower supports it, and it is the fast attention on CPU and GPU
 
@@ -224,6 +240,7 @@ class CityClassifierForImageClassification(CityClassifierPreTrainedModel):
         self.stem = CityClassifierStem(config.stem, config.num_labels) if config.stem else None
         config.vision_config._attn_implementation = config._attn_implementation  # attn_implementation= reaches CLIP
         self.clip = CLIPVisionModelWithProjection(config.vision_config)
+        self.clip.vision_model.embeddings.patch_embedding.__class__ = Float32Convolution  # same weights, float32 sums
         self.fringe = CityClassifierFringe(config.fringe_features) if config.fringe_features else None
         patches = getattr(config, "native_patches", None)
         self.patch_stream = CityClassifierPatchStream(patches) if patches else None

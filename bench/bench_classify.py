@@ -13,6 +13,7 @@ a ratio between them is measured under the same conditions. Writes JSON and prin
   python bench/bench_classify.py --out bench/results.json # the README's figures
   python bench/bench_classify.py --profile 60              # adds where an image's time goes, stage by stage
   python bench/bench_classify.py --dtypes bfloat16         # adds classify.py --dtype bfloat16 on the same images
+                                                           # (and on the ViT-L's, with --vit-l-images)
   python bench/bench_classify.py --native-streams --compare .  # the architecture of stages 7-12 against stage 5
   python bench/bench_classify.py --compare runs/default_model_stage3 --large-images 12
       # also: classify.py with another model on the same images (the speed ratio of a new default
@@ -276,6 +277,17 @@ def profile(model, files, batch=8):
             "ms_per_image": stages, "total_ms_per_image": sum(stages.values())}
 
 
+def dtype_changes(runs, dtypes, workdir, label):
+    """runs[0] is `label` in float32, runs[1:] the same images in each of `dtypes`: each of those gets its
+    largest score change against float32, and the extras its speed against it."""
+    reference, extras = scores_of(workdir / f"{label}.jsonl"), {}
+    for dtype, run in zip(dtypes, runs[1:]):
+        changes = [abs(a - reference[path]) for path, a in scores_of(workdir / f"{label}-{dtype}.jsonl").items()]
+        run["max_score_change_vs_default"] = max(changes)
+        extras[f"{dtype}_vs_{label}_img_per_s"] = run["classify"]["images_per_s"] / runs[0]["classify"]["images_per_s"]
+    return extras
+
+
 def print_report(report, repeat):
     """The runs as a markdown table, then the ratios and the profile."""
     runs = report["runs"]
@@ -353,12 +365,7 @@ def main():
         jobs += [(args.model, files, f"default-{dtype}", ("--dtype", dtype)) for dtype in dtypes]
         jobs += [(args.compare, files, "compare", ())] if args.compare else []
         runs = bench_rounds(jobs, tmp, repeat=args.repeat)
-        default_scores = scores_of(tmp / "default.jsonl")
-        for dtype, run in zip(dtypes, runs[1:]):
-            changes = [abs(a - default_scores[path]) for path, a in scores_of(tmp / f"default-{dtype}.jsonl").items()]
-            run["max_score_change_vs_default"] = max(changes)
-            extras[f"{dtype}_vs_default_img_per_s"] = run["classify"]["images_per_s"] / runs[0]["classify"][
-                "images_per_s"]
+        extras.update(dtype_changes(runs, dtypes, tmp, "default"))
         if args.compare:
             extras["classify_vs_compare"] = runs[0]["classify"]["images_per_s"] / runs[-1]["classify"]["images_per_s"]
         if args.large_images:
@@ -373,9 +380,12 @@ def main():
             extras["grid_vs_five_img_per_s"] = grid / five
         if args.profile:
             extras["profile"] = profile(args.model, files[: args.profile])
-        if args.vit_l_images:
-            runs.append(bench(vit_l_model(tmp / "vit-l"), files[: args.vit_l_images], tmp, "vit-l-14-336",
-                              repeat=args.repeat))
+        if args.vit_l_images:  # in float32 and in each of --dtypes, as the shipped model
+            vit_l, few, label = vit_l_model(tmp / "vit-l"), files[: args.vit_l_images], "vit-l-14-336"
+            vit_runs = bench_rounds([(vit_l, few, label, ())] + [(vit_l, few, f"{label}-{dtype}", ("--dtype", dtype))
+                                                                 for dtype in dtypes], tmp, repeat=args.repeat)
+            extras.update(dtype_changes(vit_runs, dtypes, tmp, label))
+            runs += vit_runs
     report = {"machine": machine(), "models": models, "runs": runs, "date": time.strftime("%Y-%m-%d"), **extras}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

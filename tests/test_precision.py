@@ -118,6 +118,43 @@ def test_half_precision_puts_only_the_clip_tower_in_it(dtype):
         assert dtypes == {"stem": {torch.float32}, "clip": {dtype}, "head": {torch.float32}}, dtypes
 
 
+def test_a_wrong_half_precision_convolution_kernel_changes_no_score(monkeypatch):
+    """oneDNN 3.12's AMX bf16 convolution (Intel Xeons with AMX, torch 2.13) returns wrong values for
+    the CLIP tower's patch embedding over the stem's 16 channels: every clean example scored 0.77-0.98.
+    Such a kernel is injected here on any CPU, every convolution computed in bf16 or fp16 (cast, or
+    under autocast) coming back with its channels rotated: loaded in bf16 and under bf16 autocast (how
+    train_hf.py --bf16 trains), the shipped model must score the bundled examples as in float32."""
+    from PIL import Image
+
+    from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
+
+    conv2d = torch.nn.functional.conv2d
+
+    def wrong_in_half_precision(input, weight, *args, **kwargs):
+        out = conv2d(input, weight, *args, **kwargs)
+        half = out.dtype != torch.float32 or torch.is_autocast_enabled(input.device.type)
+        return out.roll(1, dims=1) if half else out
+
+    processor = CityClassifierImageProcessor.from_pretrained(str(REPO))
+    inputs = processor(images=[Image.open(p).convert("RGB") for p in sorted((REPO / "examples").glob("*.png"))],
+                       return_tensors="pt")
+    model = CityClassifierForImageClassification.from_pretrained(str(REPO)).eval()
+    with torch.inference_mode():
+        reference = model(**inputs).logits.float().sigmoid()[:, 1].numpy()
+    monkeypatch.setattr(torch.nn.functional, "conv2d", wrong_in_half_precision)
+    probe = torch.nn.Conv2d(16, 8, 6, stride=6).to(torch.bfloat16)  # the injected fault does bite a plain conv
+    x = torch.randn(1, 16, 12, 12, dtype=torch.bfloat16)
+    assert not torch.equal(probe(x), conv2d(x, probe.weight, probe.bias, stride=6))
+    half = CityClassifierForImageClassification.from_pretrained(str(REPO), dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        loaded = half(**inputs).logits.float().sigmoid()[:, 1].numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(**inputs).logits.float().sigmoid()[:, 1].numpy()
+    for scores in (loaded, autocast):
+        assert np.abs(scores - reference).max() <= TOLERANCE and ((scores >= 0.5) == (reference >= 0.5)).all(), (
+            scores, reference)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fringe_measurements_see_the_exact_pixels_in_every_precision(dtype):
     """The fringe measurements the head reads are the float32 model's to the bit, in any dtype: they
