@@ -122,8 +122,8 @@ def test_a_wrong_half_precision_convolution_kernel_changes_no_score(monkeypatch)
     """oneDNN 3.12's AMX bf16 convolution (Intel Xeons with AMX, torch 2.13) returns wrong values for
     the CLIP tower's patch embedding over the stem's 16 channels: every clean example scored 0.77-0.98.
     Such a kernel is injected here on any CPU, every convolution computed in bf16 or fp16 (cast, or
-    under autocast) coming back with its channels rotated: loaded in bf16 and under bf16 autocast (how
-    train_hf.py --bf16 trains), the shipped model must score the bundled examples as in float32."""
+    under autocast) coming back with its channels rotated: loaded in bf16 or fp16, and under bf16 autocast
+    (how train_hf.py --bf16 trains), the shipped model must score the bundled examples as in float32."""
     from PIL import Image
 
     from citytools.remote import CityClassifierForImageClassification, CityClassifierImageProcessor
@@ -145,12 +145,14 @@ def test_a_wrong_half_precision_convolution_kernel_changes_no_score(monkeypatch)
     probe = torch.nn.Conv2d(16, 8, 6, stride=6).to(torch.bfloat16)  # the injected fault does bite a plain conv
     x = torch.randn(1, 16, 12, 12, dtype=torch.bfloat16)
     assert not torch.equal(probe(x), conv2d(x, probe.weight, probe.bias, stride=6))
-    half = CityClassifierForImageClassification.from_pretrained(str(REPO), dtype=torch.bfloat16).eval()
+    runs = []
     with torch.inference_mode():
-        loaded = half(**inputs).logits.float().sigmoid()[:, 1].numpy()
+        for dtype in (torch.bfloat16, torch.float16):
+            half = CityClassifierForImageClassification.from_pretrained(str(REPO), dtype=dtype).eval()
+            runs.append(half(**inputs).logits.float().sigmoid()[:, 1].numpy())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = model(**inputs).logits.float().sigmoid()[:, 1].numpy()
-    for scores in (loaded, autocast):
+            runs.append(model(**inputs).logits.float().sigmoid()[:, 1].numpy())
+    for scores in runs:
         assert np.abs(scores - reference).max() <= TOLERANCE and ((scores >= 0.5) == (reference >= 0.5)).all(), (
             scores, reference)
 
