@@ -53,11 +53,7 @@ MIN_PICTURE_SIDE = 128  # smaller files are icons and sprites
 
 
 class MissingPackages(Exception):
-    """Debian packages a recipe's pictures come from are not installed (`packages`)."""
-
-    def __init__(self, packages):
-        super().__init__(", ".join(packages))
-        self.packages = packages
+    """Debian packages a recipe's pictures come from are not installed (the message lists them)."""
 
 
 def photo_sources():
@@ -111,7 +107,7 @@ def real_pictures(install=False, more_sources=False, allow_missing=True):
                 found.append((path, family, picture_group(path)))
     found += [(str(path), "photo", str(path)) for path in photo_sources()]
     if missing and not allow_missing:
-        raise MissingPackages(missing)
+        raise MissingPackages(", ".join(missing))
     if missing:
         print(f"warning: Debian package(s) not installed, their pictures left out: {', '.join(missing)} "
               "(--install installs them)", file=sys.stderr)
